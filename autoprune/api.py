@@ -1,0 +1,226 @@
+"""The Python API: ``search`` a model for a budget, ``load_pruned`` what it wrote.
+
+The CLI is a thin layer over these two functions.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import optuna
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .budget import Budget, check_reachable
+from .costmodel import CostModel
+from .counting import human
+from .data import Data, load_data
+from .errors import AutopruneError
+from .export import export
+from .files import command_line, fingerprint, save_torch, versions, write_text
+from .groups import ChannelGroups, apply_plan
+from .models import build_model, load_weights, read_state_dict
+from .plan import Plan
+from .sensitivity import GRID, bounds, equal_drop, scan
+from .study import Problem, Settings, best_trial, config_dict, open_study, run, trial_plan, trials_table
+from .training import evaluate, resolve_device, train
+
+DEFAULT_TRAIN_EPOCHS = 15.0
+
+
+@dataclass
+class Result:
+    """What a search hands back: the pruned model, its plan, the summary and the study."""
+
+    model: nn.Module
+    plan: Plan
+    summary: dict[str, Any]
+    study: optuna.Study
+    out: Path
+
+
+def _as_data(data: Data | str | Sequence[Dataset | DataLoader], **options: Any) -> Data:
+    if isinstance(data, Data):
+        return data
+    if isinstance(data, (str, Path)):
+        return load_data(str(data), **options)
+    if isinstance(data, (tuple, list)) and len(data) == 3:
+        train_set, val_set, test_set = (d.dataset if isinstance(d, DataLoader) else d for d in data)
+        sample, _ = train_set[0]
+        labels = {int(train_set[i][1]) for i in range(min(len(train_set), 20000))}
+        num_classes = getattr(train_set, "num_classes", max(labels) + 1)
+        return Data("user", train_set, val_set, test_set, int(num_classes), tuple(sample.shape))
+    raise AutopruneError("data must be a data set name, a Data, or (train, val, test) datasets or loaders")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "", text.replace("=", "").replace(",", "-"))
+
+
+def _base_model(model: nn.Module | str, weights: str | None, data: Data, out: Path,
+                train_epochs: float | None) -> tuple[nn.Module, float]:
+    """The base model with its weights, and how many epochs it still has to be trained."""
+    if isinstance(model, nn.Module):
+        if weights:
+            load_weights(model, weights)
+        return model, train_epochs or 0.0
+    saved = out / "base.pt"
+    if weights in (None, "DEFAULT") and saved.is_file():  # trained by an earlier run
+        return load_weights(build_model(model, data.num_classes), saved), 0.0
+    built = build_model(model, data.num_classes, pretrained=weights == "DEFAULT")
+    if weights and weights != "DEFAULT":
+        return load_weights(built, weights), train_epochs or 0.0
+    if train_epochs is not None:
+        return built, train_epochs
+    head_only = weights == "DEFAULT" and data.num_classes == 1000
+    return built, 0.0 if head_only else DEFAULT_TRAIN_EPOCHS
+
+
+def search(
+    model: nn.Module | str,
+    data: Data | str | Sequence[Dataset | DataLoader],
+    budget: str | Budget = "flops=0.3",
+    *,
+    weights: str | None = None,
+    trials: int = 12,
+    study: str | None = None,
+    storage: str | None = None,
+    out: str | Path | None = None,
+    new_study: bool = False,
+    train_epochs: float | None = None,
+    finetune_epochs: float = 1.0,
+    final_epochs: float = 5.0,
+    lr: float = 0.01,
+    batch_size: int = 64,
+    grid: Sequence[float] = GRID,
+    max_ratio: float = 0.9,
+    importance: str = "l1",
+    bn_batches: int = 8,
+    device: str = "auto",
+    seed: int = 0,
+    quiet: bool = False,
+    data_dir: str | Path = "data",
+    download: bool = False,
+) -> Result:
+    """Find per-group pruning ratios that meet ``budget`` and keep the most accuracy.
+
+    ``model`` is a trained ``nn.Module`` or a model name (torchvision name,
+    ``package.module:factory``, ``file.py:factory``); a named model without
+    ``weights`` is trained first (``train_epochs``) and kept in the run directory.
+    ``data`` is a data set name or ``(train, val, test)`` datasets or loaders.
+    Running it again resumes the study; ``trials`` is the total to reach.
+
+    Example:
+        >>> result = autoprune.search("resnet18", "digits", "flops=0.25", trials=12)
+        >>> result.summary["flops_share"] <= 0.25
+        True
+    """
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+    if trials < 1:
+        raise AutopruneError(f"--trials must be at least 1, not {trials}")
+    if not 0 < max_ratio < 1 or not grid or not all(0 < r < 1 for r in grid):
+        raise AutopruneError("ratios (grid and max ratio) must lie strictly between 0 and 1")
+    data = _as_data(data, data_dir=data_dir, download=download, seed=seed)
+    name = model if isinstance(model, str) else type(model).__name__
+    study_name = study or f"{_slug(Path(name).stem)}-{_slug(data.name)}-{_slug(str(budget))}"
+    out = Path(out) if out else Path("results") / study_name
+    storage = storage or f"sqlite:///{out / 'study.db'}"
+    device = resolve_device(device)
+    settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed)
+    base, epochs = _base_model(model, weights, data, out, train_epochs)
+    if epochs > 0:
+        torch.manual_seed(seed)
+        train(base, data.loader("train", batch_size, shuffle=True, seed=seed), epochs, device, lr=0.05,
+              desc="train base", quiet=quiet)
+        save_torch(base.state_dict(), out / "base.pt")
+    base = base.to(device).eval()
+    base_id = fingerprint(base.state_dict())
+    example = data.example_input()
+    groups = ChannelGroups(base, example, importance=importance, base_model=base_id)
+    if not len(groups):
+        raise AutopruneError(f"{name} has no prunable channel group; nothing to search")
+    costs = CostModel(groups)
+    limits = budget.limits(costs.base)
+    ceiling = np.full(len(groups), max_ratio)
+    check_reachable(costs, limits, ceiling)
+    config = config_dict(model=name, base_model=base_id, dataset=data.name, budget=str(budget),
+                         importance=importance, grid=[float(r) for r in grid], max_ratio=max_ratio,
+                         finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
+                         bn_batches=bn_batches, seed=seed)
+    the_study = open_study(study_name, storage, config, new=new_study)
+    if not (out / "base.pt").is_file():
+        save_torch(base.state_dict(), out / "base.pt")
+    base_val = evaluate(base, data.loader("val", 256), device)
+    if not quiet:
+        print(f"base {name} on {data.name}: val {base_val:.2%} | {costs.base} | {len(groups)} groups | "
+              f"budget {budget}: ≤ {human(limits.flops)} FLOPs, ≤ {human(limits.params)} params")
+    table = scan(groups, costs, base, data, base_val, device, out / "sensitivity.csv", grid,
+                 bn_batches, batch_size, quiet)
+    low = np.zeros(len(groups))
+    high = bounds(table, costs, limits, max_ratio)
+    problem = Problem(base, data, groups, costs, limits, low, high,
+                      equal_drop(table, costs, limits, low, high), base_val, device)
+    run(problem, the_study, settings, quiet)
+    chosen = best_trial(the_study)
+    plan = trial_plan(chosen)
+    meta = {"model": name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+            "dataset": data.name, "study": study_name, "trial": chosen.number}
+    plan = Plan(plan.kept, plan.channels, plan.importance, plan.base_model, meta)
+    write_text(out / "trials.csv", trials_table(the_study).to_csv(index=False))
+    summary = export(problem, plan, out, settings, quiet,
+                     budget=str(budget), budget_flops=limits.flops, budget_params=limits.params,
+                     trial=chosen.number, trial_val_accuracy=chosen.value, trials=len(the_study.trials),
+                     model=name, dataset=data.name, study=study_name, storage=storage, device=str(device),
+                     input_shape=list(data.input_shape), seconds=round(time.perf_counter() - started, 1),
+                     command=command_line(), versions=versions())
+    pruned = torch.load(out / "model.pt", weights_only=False)
+    return Result(pruned, plan, summary, the_study, out)
+
+
+def load_pruned(
+    plan: str | Path | Plan,
+    model: nn.Module | str | None = None,
+    weights: str | Path | None = "auto",
+) -> nn.Module:
+    """Rebuild a pruned model from its plan, without unpickling any code.
+
+    ``plan`` is a run directory, a ``plan.json`` or a :class:`Plan`; ``model`` the
+    base model (an ``nn.Module`` or a model name; by default the one the plan
+    records). ``weights="auto"`` loads the fine-tuned ``weights.pt`` beside the
+    plan; ``None`` keeps the base model's own weights, which must be those the
+    plan was made from.
+
+    Example:
+        >>> pruned = autoprune.load_pruned("results/resnet18-digits-flops0.25")
+    """
+    folder = None
+    if not isinstance(plan, Plan):
+        path = Path(plan)
+        folder = path if path.is_dir() else path.parent
+        plan = Plan.load(path / "plan.json" if path.is_dir() else path)
+    meta = plan.meta
+    if model is None or isinstance(model, str):
+        spec = model or meta.get("model")
+        if not spec or "num_classes" not in meta:
+            raise AutopruneError("the plan does not record its model; pass the base model as model=")
+        model = build_model(spec, int(meta["num_classes"]))
+    if weights == "auto":
+        weights = folder / "weights.pt" if folder and (folder / "weights.pt").is_file() else None
+    if weights is None and plan.base_model and fingerprint(model.state_dict()) != plan.base_model:
+        raise AutopruneError("the model's weights are not the base weights this plan was made from; "
+                             "load the base weights first or pass weights= for the pruned model")
+    shape = meta.get("input_shape")
+    if not shape:
+        raise AutopruneError("the plan does not record its input shape; it was not written by autoprune")
+    pruned = apply_plan(model, plan, torch.zeros(1, *shape))
+    if weights is not None:
+        pruned.load_state_dict(read_state_dict(weights))
+    return pruned.eval()

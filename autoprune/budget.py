@@ -1,0 +1,180 @@
+"""Budgets, and projecting any allocation of pruning ratios onto one.
+
+A budget caps FLOPs (thop MACs), params, or both: ``flops=0.3`` keeps 30 % of
+the base model's FLOPs, ``flops=120M`` and ``params=1.5M`` are absolute, and
+``flops=0.3,params=2M`` caps both.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from .costmodel import CostModel
+from .counting import Cost, count, human
+from .errors import AutopruneError
+from .groups import ChannelGroups
+from .plan import Plan
+
+_SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+_TERM = re.compile(r"^\s*(flops|params)\s*=\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(%|[KMGT])?\s*$", re.I)
+USAGE = "write it as flops=0.3 (a share of the base), flops=120M, params=1.5M, or both: flops=0.3,params=2M"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A cap on FLOPs and/or params; each is a share of the base (``relative``) or a count.
+
+    Example:
+        >>> Budget.parse("flops=0.25").limits(Cost(flops=100e6, params=1e6))
+        Cost(flops=25000000.0, params=inf)
+    """
+
+    flops: float | None = None
+    params: float | None = None
+    flops_relative: bool = True
+    params_relative: bool = True
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        values: dict[str, tuple[float, bool]] = {}
+        for term in str(text).split(","):
+            match = _TERM.match(term)
+            if not match:
+                raise AutopruneError(f"cannot read budget {text!r}: {USAGE}")
+            key, number, suffix = match.group(1).lower(), float(match.group(2)), (match.group(3) or "")
+            if key in values:
+                raise AutopruneError(f"budget {text!r} gives {key} twice; {USAGE}")
+            if suffix == "%":
+                value, relative = number / 100, True
+            elif suffix or number > 1:
+                value, relative = number * _SUFFIX[suffix.upper()], False
+            else:
+                value, relative = number, True
+            if value <= 0 or (relative and value > 1):
+                raise AutopruneError(f"budget {term.strip()!r} must keep more than 0 and at most all "
+                                     f"of the base model; {USAGE}")
+            values[key] = (value, relative)
+        flops, params = values.get("flops", (None, True)), values.get("params", (None, True))
+        return cls(flops[0], params[0], flops[1], params[1])
+
+    def limits(self, base: Cost) -> Cost:
+        """The absolute caps for a base model of cost ``base`` (``inf`` where uncapped)."""
+        def cap(value: float | None, relative: bool, full: float) -> float:
+            if value is None:
+                return math.inf
+            return value * full if relative else value
+        return Cost(cap(self.flops, self.flops_relative, base.flops),
+                    cap(self.params, self.params_relative, base.params))
+
+    def __str__(self) -> str:
+        parts = []
+        for key, value, relative in (("flops", self.flops, self.flops_relative),
+                                     ("params", self.params, self.params_relative)):
+            if value is not None:
+                parts.append(f"{key}={value:g}" if relative else f"{key}={human(value)}")
+        return ",".join(parts)
+
+
+def fits(cost: Cost | tuple[float, float], limits: Cost) -> bool:
+    flops, params = cost if isinstance(cost, tuple) else (cost.flops, cost.params)
+    return flops <= limits.flops and params <= limits.params
+
+
+def usage(cost: Cost, limits: Cost) -> float:
+    """How much of the budget ``cost`` uses: the larger share over the capped quantities."""
+    shares = [c / l for c, l in ((cost.flops, limits.flops), (cost.params, limits.params)) if l < math.inf]
+    return max(shares) if shares else 0.0
+
+
+def keep_counts(costs: CostModel, ratios: np.ndarray, round_to: int = 1) -> np.ndarray:
+    """Channels kept per group for pruning ``ratios``, rounded to multiples of ``round_to``."""
+    kept = costs.channels * (1.0 - ratios)
+    if round_to > 1:
+        kept = np.where(costs.channels >= round_to, np.round(kept / round_to) * round_to, kept)
+    return np.clip(np.round(kept), 1, costs.channels)
+
+
+def smallest(costs: CostModel, high: np.ndarray, round_to: int = 1) -> Cost:
+    """The cheapest model the bounds allow: every group pruned to its upper bound."""
+    return Cost(*costs.predict_vector(keep_counts(costs, high, round_to)))
+
+
+def check_reachable(costs: CostModel, limits: Cost, high: np.ndarray, round_to: int = 1) -> None:
+    """Refuse, before any search, a budget that no allocation within the bounds meets."""
+    least = smallest(costs, high, round_to)
+    if fits(least, limits):
+        return
+    base = costs.base
+    asks = [f"{key}={math.ceil(1000 * value / full) / 1000:g}"
+            for key, value, full, cap in (("flops", least.flops, base.flops, limits.flops),
+                                          ("params", least.params, base.params, limits.params))
+            if value > cap]
+    raise AutopruneError(
+        f"budget cannot be met: the smallest reachable model has {human(least.flops)} FLOPs "
+        f"(thop MACs, {least.flops / base.flops:.1%} of base) and {human(least.params)} params "
+        f"({least.params / base.params:.1%} of base); ask for at least {' and '.join(asks)}, "
+        "or widen the ratio bounds"
+    )
+
+
+def project(
+    costs: CostModel,
+    ratios: np.ndarray,
+    limits: Cost,
+    low: np.ndarray,
+    high: np.ndarray,
+    round_to: int = 1,
+    steps: int = 40,
+) -> np.ndarray:
+    """Scale an allocation of pruning ratios so the model fills the budget without passing it.
+
+    Channels kept per group are ``alpha * (1 - ratio)``, clipped to the bounds;
+    bisection finds the largest ``alpha`` whose rounded plan still fits, so the
+    result keeps the proportions of the proposal and uses the budget well.
+    Returns channels kept per group, in ``costs.ids`` order.
+    """
+    check_reachable(costs, limits, high, round_to)
+    keep_share = 1.0 - np.clip(ratios, low, high)
+
+    def kept_at(alpha: float) -> np.ndarray:
+        share = np.clip(alpha * keep_share, 1.0 - high, 1.0 - low)
+        return keep_counts(costs, 1.0 - share, round_to)
+
+    lo, hi = 0.0, float(1.0 / max(keep_share.min(), 1e-6))
+    if fits(costs.predict_vector(kept_at(hi)), limits):
+        return kept_at(hi)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if fits(costs.predict_vector(kept_at(mid)), limits):
+            lo = mid
+        else:
+            hi = mid
+    return kept_at(lo)
+
+
+def fit_plan(groups: ChannelGroups, costs: CostModel, ratios: np.ndarray, limits: Cost,
+             low: np.ndarray, high: np.ndarray, round_to: int = 1,
+             meta: dict | None = None) -> tuple[Plan, nn.Module, Cost]:
+    """Project ``ratios`` onto the budget, build the model and confirm it with thop.
+
+    The predictor matches thop closely but not to the last MAC; if the built
+    model is over budget the target is tightened by the overshoot and the
+    projection repeated, so what comes back always fits as thop counts it.
+    """
+    target = limits
+    for _ in range(6):
+        kept = project(costs, ratios, target, low, high, round_to)
+        plan = groups.plan(dict(zip(costs.ids, kept.astype(int).tolist())), meta)
+        model = groups.apply(plan)
+        cost = count(model, groups.example_input)
+        if fits(cost, limits):
+            return plan, model, cost
+        target = Cost(target.flops * min(1.0, limits.flops / cost.flops) * 0.999,
+                      target.params * min(1.0, limits.params / cost.params) * 0.999)
+    raise AutopruneError(f"could not fit a plan into the budget ({cost} measured); "
+                         "loosen the budget or the ratio bounds")

@@ -1,0 +1,142 @@
+"""Resolve ``--model`` and ``--weights`` into an ``nn.Module``.
+
+A model is a torchvision classification name (``resnet18``), an importable
+``package.module:factory``, or ``path/to/file.py:factory``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import AutopruneError
+
+EXTRA_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                "inception_v3": {"aux_logits": False, "init_weights": True}}
+
+
+def torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def load_factory(spec: str, what: str = "model") -> Callable[..., Any]:
+    """``package.module:factory`` or ``path/to/file.py:factory`` -> the callable."""
+    source, _, name = spec.rpartition(":")
+    if not source or not name:
+        raise AutopruneError(f"{what} factory {spec!r} must look like package.module:factory "
+                             "or path/to/file.py:factory")
+    if source.endswith(".py"):
+        path = Path(source)
+        if not path.is_file():
+            raise AutopruneError(f"{what} file {path} does not exist")
+        module_name = f"_autoprune_user_{path.stem}"
+        loader = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(loader)
+        sys.modules[module_name] = module  # so pickled models can find their classes
+        loader.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(source)
+        except ImportError as err:
+            raise AutopruneError(f"cannot import {source!r} for {what} {spec!r} ({err})") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise AutopruneError(f"{source} has no callable {name!r}; name a function that builds the {what}")
+    return factory
+
+
+def _call_factory(factory: Callable[..., nn.Module], num_classes: int) -> nn.Module:
+    try:
+        accepts = "num_classes" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    return factory(num_classes=num_classes) if accepts else factory()
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    """Swap a pretrained 1000-class head for one with ``num_classes`` outputs."""
+    for name, module in reversed(list(model.named_modules())):
+        if isinstance(module, nn.Linear) and module.out_features != num_classes:
+            new = nn.Linear(module.in_features, num_classes, bias=module.bias is not None)
+        elif isinstance(module, nn.Conv2d) and module.out_channels != num_classes:
+            new = nn.Conv2d(module.in_channels, num_classes, module.kernel_size, module.stride)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        return
+
+
+def build_model(spec: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """Build the base model for ``num_classes`` classes (weights random unless ``pretrained``).
+
+    Example:
+        >>> build_model("resnet18", num_classes=10).fc.out_features
+        10
+    """
+    if ":" in spec:
+        model = _call_factory(load_factory(spec, "model"), num_classes)
+        if not isinstance(model, nn.Module):
+            raise AutopruneError(f"model factory {spec} returned {type(model).__name__}, not an nn.Module")
+        return model
+    names = torchvision_names()
+    if spec not in names:
+        raise AutopruneError(f"unknown model {spec!r}; use a torchvision classification model "
+                             f"(e.g. {', '.join(n for n in names if n in ('resnet18', 'mobilenet_v2', 'vgg11_bn'))}), "
+                             "package.module:factory or path/to/file.py:factory")
+    import torchvision
+
+    extra = EXTRA_KWARGS.get(spec, {})
+    if pretrained:
+        model = torchvision.models.get_model(spec, weights="DEFAULT")
+        if num_classes != 1000:
+            _replace_head(model, num_classes)
+        return model
+    return torchvision.models.get_model(spec, num_classes=num_classes, **extra)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a state dict file, or a checkpoint holding one under ``state_dict``/``model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise AutopruneError(f"weights file {path} does not exist; pass a saved state_dict "
+                             "or leave out --weights to train the base model")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise AutopruneError(f"cannot read weights from {path} ({type(err).__name__}); save "
+                             "model.state_dict() with torch.save") from None
+    if isinstance(loaded, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(loaded.get(key), dict):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise AutopruneError(f"{path} holds no state dict; save model.state_dict() with torch.save")
+    return {k.removeprefix("module."): v for k, v in loaded.items()}
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load ``path`` into ``model``, refusing weights that do not fit it."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        detail = "; ".join(f"{label}: {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}"
+                           for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                               ("wrong shape", shapes)) if keys)
+        raise AutopruneError(f"weights in {path} do not fit the model ({detail}); "
+                             "pass the weights saved from this model and number of classes")
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,157 @@
+"""How much accuracy each group loses when pruned alone, and what that says about the search.
+
+For every group and every ratio on a grid, prune only that group, recalibrate
+BatchNorm on a few training batches and measure validation accuracy. The table
+is rewritten after every cell, so a scan that is killed resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .budget import fits, keep_counts, project, smallest
+from .costmodel import CostModel
+from .counting import Cost
+from .data import Data
+from .files import atomic_path
+from .groups import ChannelGroups
+from .training import evaluate, recalibrate_bn
+
+GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+COLUMNS = ["base_model", "importance", "group", "ratio", "channels", "kept", "flops_share",
+           "val_accuracy", "drop", "seconds"]
+
+
+def _read(path: Path) -> pd.DataFrame:
+    if path.is_file():
+        try:
+            return pd.read_csv(path)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError):
+            pass
+    return pd.DataFrame(columns=COLUMNS)
+
+
+def _write(table: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def scan(
+    groups: ChannelGroups,
+    costs: CostModel,
+    model: nn.Module,
+    data: Data,
+    base_accuracy: float,
+    device: torch.device,
+    path: str | Path,
+    grid: Sequence[float] = GRID,
+    bn_batches: int = 8,
+    batch_size: int = 64,
+    quiet: bool = False,
+) -> pd.DataFrame:
+    """Fill ``path`` (sensitivity.csv) with one row per (group, ratio); reuse finished rows.
+
+    Returns the rows for this base model and importance criterion.
+    """
+    path = Path(path)
+    table = _read(path)
+    mine = (table["base_model"].astype(str) == groups.base_model) & (table["importance"] == groups.importance)
+    done = {(g, round(float(r), 6)) for g, r in zip(table.loc[mine, "group"], table.loc[mine, "ratio"])}
+    cells = [(g, r) for g in groups for r in grid if (g.id, round(r, 6)) not in done]
+    train_loader = data.loader("train", batch_size=batch_size, shuffle=True)
+    val_loader = data.loader("val", batch_size=256)
+    for group, ratio in tqdm(cells, desc="sensitivity", disable=quiet or not cells, unit="cell"):
+        start = time.perf_counter()
+        kept = max(1, int(round(group.channels * (1 - ratio))))
+        keep = {group.id: kept}
+        pruned = groups.apply(groups.plan(keep)).to(device)
+        torch.manual_seed(0)
+        recalibrate_bn(pruned, train_loader, device, bn_batches)
+        accuracy = evaluate(pruned, val_loader, device)
+        row = {"base_model": groups.base_model, "importance": groups.importance, "group": group.id,
+               "ratio": ratio, "channels": group.channels, "kept": kept,
+               "flops_share": costs.predict(keep).flops / costs.base.flops,
+               "val_accuracy": accuracy, "drop": base_accuracy - accuracy,
+               "seconds": round(time.perf_counter() - start, 3)}
+        table = pd.concat([table, pd.DataFrame([row])], ignore_index=True) if len(table) else pd.DataFrame([row])
+        _write(table, path)
+    mine = (table["base_model"].astype(str) == groups.base_model) & (table["importance"] == groups.importance)
+    return table[mine].reset_index(drop=True)
+
+
+def curves(table: pd.DataFrame, ids: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per group, ratios (from 0) and the accuracy drop at each, made non-decreasing."""
+    found = {}
+    for gid in ids:
+        rows = table[table["group"] == gid].sort_values("ratio")
+        ratios = np.concatenate([[0.0], rows["ratio"].to_numpy(float)])
+        drops = np.maximum.accumulate(np.concatenate([[0.0], np.maximum(rows["drop"].to_numpy(float), 0)]))
+        found[gid] = (ratios, drops)
+    return found
+
+
+def ratio_at_drop(curve: tuple[np.ndarray, np.ndarray], drop: float) -> float:
+    """The largest ratio whose (interpolated) drop stays within ``drop``."""
+    ratios, drops = curve
+    if drop >= drops[-1]:
+        return float(ratios[-1])
+    above = int(np.argmax(drops > drop))
+    r0, r1, d0, d1 = ratios[above - 1], ratios[above], drops[above - 1], drops[above]
+    return float(r0 + (r1 - r0) * (drop - d0) / (d1 - d0)) if d1 > d0 else float(r0)
+
+
+def bounds(
+    table: pd.DataFrame,
+    costs: CostModel,
+    limits: Cost,
+    high: float,
+    room: float = 0.7,
+    round_to: int = 1,
+) -> np.ndarray:
+    """Upper ratio bound per group: as far as it can go before its accuracy collapses.
+
+    The tolerated drop is the smallest that still lets the budget be met with
+    room to spare (the cheapest model within the bounds costs at most ``room``
+    of the budget), so fragile groups are protected only as far as the budget allows.
+    """
+    found = curves(table, costs.ids)
+    ceiling = np.full(len(costs.ids), high)
+    roomy = Cost(limits.flops * room, limits.params * room)
+    for tolerance in sorted({0.0, *np.concatenate([d for _, d in found.values()])}):
+        caps = np.array([min(high, ratio_at_drop(found[g], tolerance)) for g in costs.ids])
+        caps = np.maximum(caps, min(0.1, high))
+        if fits(smallest(costs, caps, round_to), roomy):
+            return caps
+    return ceiling
+
+
+def equal_drop(
+    table: pd.DataFrame, costs: CostModel, limits: Cost, low: np.ndarray, high: np.ndarray, round_to: int = 1
+) -> np.ndarray:
+    """The allocation that gives every group the same accuracy drop and just meets the budget.
+
+    Bisects the common drop; each group is pruned as far as that drop allows.
+    Returns pruning ratios in ``costs.ids`` order.
+    """
+    found = curves(table, costs.ids)
+
+    def ratios(drop: float) -> np.ndarray:
+        return np.clip([ratio_at_drop(found[g], drop) for g in costs.ids], low, high)
+
+    lo, hi = 0.0, max(float(d.max()) for _, d in found.values()) + 1e-9
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if fits(costs.predict_vector(keep_counts(costs, ratios(mid), round_to)), limits):
+            hi = mid
+        else:
+            lo = mid
+    kept = project(costs, ratios(hi), limits, low, high, round_to)
+    return 1.0 - kept / costs.channels

@@ -1,0 +1,102 @@
+"""Training, fine-tuning, evaluation and BatchNorm recalibration."""
+
+from __future__ import annotations
+
+import math
+from itertools import islice
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .errors import AutopruneError
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when there is one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise AutopruneError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AutopruneError(f"device {spec!r} asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def _endless(loader: DataLoader) -> Iterator:
+    while True:
+        yield from loader
+
+
+def train(
+    model: nn.Module,
+    loader: DataLoader,
+    epochs: float,
+    device: torch.device,
+    lr: float = 0.01,
+    weight_decay: float = 5e-4,
+    desc: str = "train",
+    quiet: bool = False,
+) -> nn.Module:
+    """Train ``model`` for ``epochs`` passes over ``loader`` (fractions allowed).
+
+    SGD with Nesterov momentum and a cosine schedule: the recipe every method
+    autoprune compares gets, so differences come from the pruning, not the training.
+    """
+    steps = max(1, math.ceil(epochs * len(loader))) if epochs > 0 else 0
+    model.to(device).train()
+    if steps == 0:
+        return model.eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                                weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    loss_fn = nn.CrossEntropyLoss()
+    bar = tqdm(islice(_endless(loader), steps), total=steps, desc=desc, disable=quiet, leave=False,
+               unit="step")
+    for inputs, targets in bar:
+        inputs, targets = inputs.to(device), targets.to(device)
+        loss = loss_fn(model(inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Top-1 accuracy of ``model`` on ``loader``."""
+    model.to(device).eval()
+    correct = total = 0
+    for inputs, targets in loader:
+        predictions = model(inputs.to(device)).argmax(dim=1)
+        correct += (predictions == targets.to(device)).sum().item()
+        total += targets.numel()
+    return correct / max(total, 1)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, batches: int = 8) -> nn.Module:
+    """Re-estimate BatchNorm statistics on a few training batches.
+
+    Removing channels shifts the statistics every later BatchNorm sees; a cheap
+    pass over ``batches`` batches, with nothing trained, puts them right.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches <= 0:
+        return model.eval()
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a plain average over the batches seen
+    model.to(device).train()
+    for inputs, _ in islice(_endless(loader), batches):
+        model(inputs.to(device))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    return model.eval()

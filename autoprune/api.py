@@ -5,6 +5,7 @@ The CLI is a thin layer over these two functions.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -19,11 +20,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from .budget import Budget, check_reachable
 from .costmodel import CostModel
-from .counting import human
+from .counting import Cost, human
 from .data import Data, load_data
 from .errors import AutopruneError
 from .export import export
-from .files import command_line, fingerprint, save_torch, versions, write_text
+from .files import command_line, fingerprint, save_torch, versions, write_json, write_text
 from .groups import ChannelGroups, apply_plan
 from .models import build_model, load_weights, read_state_dict
 from .plan import Plan
@@ -135,22 +136,18 @@ def search(
     storage = storage or f"sqlite:///{out / 'study.db'}"
     device = resolve_device(device)
     settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed)
+    example = data.example_input()
     base, epochs = _base_model(model, weights, data, out, train_epochs)
     if epochs > 0:
+        _budget_limits(ChannelGroups(base, example), budget, max_ratio)  # refuse before training
         torch.manual_seed(seed)
         train(base, data.loader("train", batch_size, shuffle=True, seed=seed), epochs, device, lr=0.05,
               desc="train base", quiet=quiet)
         save_torch(base.state_dict(), out / "base.pt")
     base = base.to(device).eval()
     base_id = fingerprint(base.state_dict())
-    example = data.example_input()
     groups = ChannelGroups(base, example, importance=importance, base_model=base_id)
-    if not len(groups):
-        raise AutopruneError(f"{name} has no prunable channel group; nothing to search")
-    costs = CostModel(groups)
-    limits = budget.limits(costs.base)
-    ceiling = np.full(len(groups), max_ratio)
-    check_reachable(costs, limits, ceiling)
+    costs, limits = _budget_limits(groups, budget, max_ratio)
     config = config_dict(model=name, base_model=base_id, dataset=data.name, budget=str(budget),
                          importance=importance, grid=[float(r) for r in grid], max_ratio=max_ratio,
                          finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
@@ -160,8 +157,10 @@ def search(
         save_torch(base.state_dict(), out / "base.pt")
     base_val = evaluate(base, data.loader("val", 256), device)
     if not quiet:
+        caps = ", ".join(f"≤ {human(cap)} {what}" for cap, what in
+                         ((limits.flops, "FLOPs"), (limits.params, "params")) if cap < float("inf"))
         print(f"base {name} on {data.name}: val {base_val:.2%} | {costs.base} | {len(groups)} groups | "
-              f"budget {budget}: ≤ {human(limits.flops)} FLOPs, ≤ {human(limits.params)} params")
+              f"budget {budget}: {caps}")
     table = scan(groups, costs, base, data, base_val, device, out / "sensitivity.csv", grid,
                  bn_batches, batch_size, quiet)
     low = np.zeros(len(groups))
@@ -170,19 +169,45 @@ def search(
                       equal_drop(table, costs, limits, low, high), base_val, device)
     run(problem, the_study, settings, quiet)
     chosen = best_trial(the_study)
-    plan = trial_plan(chosen)
     meta = {"model": name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
             "dataset": data.name, "study": study_name, "trial": chosen.number}
-    plan = Plan(plan.kept, plan.channels, plan.importance, plan.base_model, meta)
+    found = trial_plan(chosen)
+    plan = Plan(found.kept, found.channels, found.importance, found.base_model, meta)
     write_text(out / "trials.csv", trials_table(the_study).to_csv(index=False))
-    summary = export(problem, plan, out, settings, quiet,
-                     budget=str(budget), budget_flops=limits.flops, budget_params=limits.params,
-                     trial=chosen.number, trial_val_accuracy=chosen.value, trials=len(the_study.trials),
-                     model=name, dataset=data.name, study=study_name, storage=storage, device=str(device),
-                     input_shape=list(data.input_shape), seconds=round(time.perf_counter() - started, 1),
-                     command=command_line(), versions=versions())
+    record = dict(budget=str(budget), budget_flops=limits.flops, budget_params=limits.params,
+                  trial=chosen.number, trial_val_accuracy=chosen.value, trials=len(the_study.trials),
+                  final_epochs=final_epochs, model=name, base_model=base_id, dataset=data.name,
+                  study=study_name, storage=storage, device=str(device), input_shape=list(data.input_shape))
+    summary = _export_once(problem, plan, out, settings, quiet, record)
+    summary.update(seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
+    write_json(out / "summary.json", summary)
     pruned = torch.load(out / "model.pt", weights_only=False)
     return Result(pruned, plan, summary, the_study, out)
+
+
+def _budget_limits(groups: ChannelGroups, budget: Budget, max_ratio: float) -> tuple[CostModel, Cost]:
+    """The cost predictor and the budget's absolute caps; refuses a budget out of reach."""
+    if not len(groups):
+        raise AutopruneError("the model has no prunable channel group; nothing to search")
+    costs = CostModel(groups)
+    limits = budget.limits(costs.base)
+    check_reachable(costs, limits, np.full(len(groups), max_ratio))
+    return costs, limits
+
+
+EXPORT_KEYS = ("study", "trial", "base_model", "final_epochs")
+
+
+def _export_once(problem: Problem, plan: Plan, out: Path, settings: Settings, quiet: bool,
+                 record: dict[str, Any]) -> dict[str, Any]:
+    """Export the chosen trial, unless this run directory already holds exactly that export."""
+    previous = out / "summary.json"
+    files = [out / f for f in ("model.pt", "weights.pt", "plan.json")]
+    if previous.is_file() and all(f.is_file() for f in files):
+        summary = json.loads(previous.read_text())
+        if all(summary.get(k) == record.get(k) for k in EXPORT_KEYS):
+            return {**summary, **record}
+    return export(problem, plan, out, settings, quiet, **record)
 
 
 def load_pruned(

@@ -154,7 +154,30 @@ def project(
             lo = mid
         else:
             hi = mid
-    return kept_at(lo)
+    return _fill(costs, kept_at(lo), limits, np.floor(costs.channels * (1.0 - low)), round_to)
+
+
+def _fill(costs: CostModel, kept: np.ndarray, limits: Cost, most: np.ndarray, round_to: int) -> np.ndarray:
+    """Give back channels one step at a time while the budget allows.
+
+    Rounding leaves budget unused, most on small models whose groups are a few
+    channels wide; the groups pruned hardest get their channels back first.
+    """
+    step = np.where(costs.channels >= round_to, round_to, 1)
+    kept = kept.copy()
+    for _ in range(4 * len(kept)):
+        grown = False
+        for i in np.argsort(kept / costs.channels):
+            if kept[i] + step[i] > most[i]:
+                continue
+            kept[i] += step[i]
+            if fits(costs.predict_vector(kept), limits):
+                grown = True
+            else:
+                kept[i] -= step[i]
+        if not grown:
+            break
+    return kept
 
 
 def fit_plan(groups: ChannelGroups, costs: CostModel, ratios: np.ndarray, limits: Cost,

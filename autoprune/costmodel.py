@@ -53,13 +53,12 @@ class CostModel:
         self.m_in, self.m_out = matrix(cmap.inputs), matrix(cmap.outputs)
         self.c_in = np.array([self._size(modules[n], cmap, n)[0] for n in names], dtype=np.float64)
         self.c_out = np.array([self._size(modules[n], cmap, n)[1] for n in names], dtype=np.float64)
-        # A module that only one side of a group touches (norms, pooling) has as
-        # many input as output channels: take whichever side the groups name.
-        one_sided = ~self.m_out.any(axis=1)
+        self.bilinear = np.array([self._kind(modules[n]) == "bilinear" for n in names])
+        # A channel-wise module (norm, pooling, depthwise conv) has as many input
+        # as output channels: take whichever side the groups name.
+        one_sided = ~self.bilinear & ~self.m_out.any(axis=1)
         self.m_out[one_sided] = self.m_in[one_sided]
         self.c_out[one_sided] = self.c_in[one_sided]
-        kinds = [self._kind(modules[n]) for n in names]
-        self.bilinear = np.array([k == "bilinear" for k in kinds])
         flops = np.array([base[n].flops for n in names])
         params = np.array([base[n].params for n in names])
         bias = np.array([self._bias(modules[n]) for n in names], dtype=np.float64)

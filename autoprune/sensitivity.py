@@ -126,7 +126,9 @@ def bounds(
     ceiling = np.full(len(costs.ids), high)
     roomy = Cost(limits.flops * room, limits.params * room)
     for tolerance in sorted({0.0, *np.concatenate([d for _, d in found.values()])}):
-        caps = np.array([min(high, ratio_at_drop(found[g], tolerance)) for g in costs.ids])
+        # A group that stays within the tolerance over the whole grid may go to ``high``.
+        caps = np.array([high if tolerance >= found[g][1][-1] else min(high, ratio_at_drop(found[g], tolerance))
+                         for g in costs.ids])
         caps = np.maximum(caps, min(0.1, high))
         if fits(smallest(costs, caps, round_to), roomy):
             return caps

@@ -1,0 +1,99 @@
+"""End to end through the command line: digits, a small residual model, a handful of trials."""
+
+import json
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+import torch
+
+import autoprune
+from autoprune.cli import main
+from autoprune.counting import count
+from conftest import TINY
+
+ARGS = ["search", "--model", f"{TINY}:tiny_resnet", "--dataset", "digits", "--budget", "flops=0.4",
+        "--trials", "3", "--train-epochs", "6", "--finetune-epochs", "0.5", "--final-epochs", "2",
+        "--grid", "0.25,0.5,0.75", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main([*ARGS, "--out", str(out)]) == 0
+    return out
+
+
+def test_search_writes_a_pruned_model_within_budget(run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("base_flops", "base_params", "flops", "params", "budget", "base_val_accuracy", "val_accuracy",
+                "base_test_accuracy", "test_accuracy", "trial", "seconds", "command", "versions"):
+        assert key in summary, key
+    model = torch.load(run_dir / "model.pt", weights_only=False)
+    measured = count(model, torch.zeros(1, 3, 32, 32))
+    assert measured.flops == summary["flops"] <= 0.4 * summary["base_flops"]
+    assert measured.flops >= 0.97 * 0.4 * summary["base_flops"]  # the budget is used, not wasted
+    assert summary["base_test_accuracy"] > 0.8 and summary["test_accuracy"] > 0.5  # chance is 10 %
+    for name in ("plan.json", "weights.pt", "base.pt", "sensitivity.csv", "trials.csv", "study.db"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_plan_and_model_give_the_same_outputs(run_dir):
+    model = torch.load(run_dir / "model.pt", weights_only=False)
+    rebuilt = autoprune.load_pruned(run_dir)  # plan.json + weights.pt, nothing unpickled
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+    assert rebuilt(x).shape == (4, 10)
+
+
+def test_running_again_adds_no_trials_and_trains_nothing(run_dir, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run trained again")
+
+    for module in ("api", "study", "export"):
+        monkeypatch.setattr(f"autoprune.{module}.train", no_training)
+    stamps = {f: (run_dir / f).stat().st_mtime_ns for f in ("base.pt", "sensitivity.csv", "model.pt")}
+    assert main([*ARGS, "--out", str(run_dir)]) == 0
+    study = optuna.load_study(study_name="tiny_models-digits-flops0.4", storage=f"sqlite:///{run_dir / 'study.db'}")
+    assert len(study.trials) == 3
+    assert stamps == {f: (run_dir / f).stat().st_mtime_ns for f in stamps}
+
+
+def test_more_trials_resume_the_study(run_dir):
+    args = [a if a != "3" else "4" for a in ARGS]
+    assert main([*args, "--out", str(run_dir)]) == 0
+    study = optuna.load_study(study_name="tiny_models-digits-flops0.4", storage=f"sqlite:///{run_dir / 'study.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4
+    assert all(t.user_attrs["flops_share"] <= 0.4 for t in complete)
+
+
+def test_changed_budget_on_the_same_study_is_refused(run_dir, capsys):
+    args = [*ARGS, "--out", str(run_dir), "--study", "tiny_models-digits-flops0.4", "--budget", "flops=0.5"]
+    assert main(args) == 2
+    assert "budget was 'flops=0.4', now 'flops=0.5'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "resnet1000"], "unknown model 'resnet1000'"),
+    (["--dataset", "nope"], "unknown data set 'nope'"),
+    (["--budget", "flops=lots"], "cannot read budget"),
+    (["--budget", "flops=0.0001"], "smallest reachable model"),
+    (["--weights", "missing.pt"], "weights file missing.pt does not exist"),
+])
+def test_bad_input_gets_one_clear_line(extra, message, tmp_path, capsys):
+    args = [*ARGS[:-1], "--train-epochs", "0", "--out", str(tmp_path), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("autoprune: error:") and message in err and "\n" not in err
+
+
+def test_the_console_command_exits_non_zero_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "autoprune", "search", "--budget", "params=7%,flops=x"],
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "CI": "1"})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "cannot read budget" in result.stderr

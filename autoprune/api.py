@@ -249,3 +249,93 @@ def load_pruned(
     if weights is not None:
         pruned.load_state_dict(read_state_dict(weights))
     return pruned.eval()
+
+
+def export_trial(
+    study: str,
+    trial: int | None = None,
+    *,
+    storage: str | None = None,
+    run_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    final_epochs: float = 5.0,
+    formats: Sequence[str] = (),
+    quantize: str | None = None,
+    latency_batches: Sequence[int] = (1, 32),
+    repeats: int = 30,
+    data_dir: str | Path = "data",
+    download: bool = False,
+    device: str = "auto",
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Rebuild trial ``trial`` (default: the best) of a stored study, fine-tune, test and write it.
+
+    Writes ``model.pt``, ``weights.pt``, ``plan.json`` and ``summary.json`` into
+    ``out`` (default ``RUN_DIR/trial-N``); ``formats`` adds ``model.onnx``
+    and/or ``model.torchscript.pt``, each checked against the PyTorch outputs;
+    ``quantize="dynamic"`` adds an int8 copy (``model-int8.pt``) with its size,
+    accuracy and latency. The summary holds the CPU latency (median of
+    ``repeats`` runs, ms) of base and pruned models at each of ``latency_batches``.
+
+    Example:
+        >>> summary = autoprune.export_trial("resnet18-digits-flops0.25", formats=["onnx"], quantize="dynamic")
+        >>> summary["latency_ms"]["pruned"]["1"] < summary["latency_ms"]["base"]["1"]
+        True
+    """
+    from . import deploy
+    from .runs import open_run, rebuild_problem
+
+    unknown = set(formats) - set(deploy.FORMATS)
+    if unknown:
+        raise AutopruneError(f"unknown format {sorted(unknown)[0]!r}; choose from {', '.join(deploy.FORMATS)}")
+    if quantize not in (None, "dynamic"):
+        raise AutopruneError(f"unknown quantization {quantize!r}; the one supported is 'dynamic' (int8)")
+    if repeats < 1 or not latency_batches or min(latency_batches) < 1:
+        raise AutopruneError("latency needs at least one repeat and batch sizes of at least 1")
+    started = time.perf_counter()
+    run = open_run(study, storage, run_dir)
+    chosen = best_trial(run.study, trial)
+    problem = rebuild_problem(run, data_dir, download, device)
+    config, data = run.config, problem.data
+    settings = Settings(0, config.get("finetune_epochs", 1.0), final_epochs, config.get("lr", 0.01),
+                        config.get("batch_size", 64), config.get("bn_batches", 8), config.get("seed", 0))
+    found = trial_plan(chosen)
+    meta = {"model": config["model"], "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+            "dataset": data.name, "study": run.name, "trial": chosen.number}
+    plan = Plan(found.kept, found.channels, found.importance, found.base_model, meta)
+    out = Path(out) if out else run.folder / f"trial-{chosen.number}"
+    record = dict(budget=config["budget"], budget_flops=problem.limits.flops, budget_params=problem.limits.params,
+                  trial=chosen.number, trial_val_accuracy=chosen.value, trials=len(run.study.trials),
+                  final_epochs=final_epochs, model=config["model"], base_model=config["base_model"],
+                  dataset=data.name, study=run.name, storage=run.storage, device=str(problem.device),
+                  input_shape=list(data.input_shape))
+    summary = export(problem, plan, out, settings, quiet, **record)
+    pruned = torch.load(out / "model.pt", weights_only=False).eval()
+    inputs = next(iter(data.loader("val", 16)))[0]
+    for name in formats:
+        path = out / ("model.onnx" if name == "onnx" else "model.torchscript.pt")
+        write = deploy.to_onnx if name == "onnx" else deploy.to_torchscript
+        summary[name] = write(pruned, inputs, path)
+    models = {"base": problem.model, "pruned": pruned}
+    if quantize:
+        models["quantized"] = deploy.quantize_dynamic(pruned)
+        summary["quantized"] = _quantized(models["quantized"], out, data)
+    latency = deploy.latency_ms(models, data.example_input(), latency_batches, repeats)
+    summary.update(out=str(out), latency_ms=latency, latency_threads=torch.get_num_threads(), latency_repeats=repeats,
+                   seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _quantized(quantized: nn.Module, out: Path, data: Data) -> dict[str, Any]:
+    """Write the int8 copy and measure its size and accuracy beside the float model's."""
+    from . import deploy
+
+    cpu = torch.device("cpu")
+    save_torch(quantized, out / "model-int8.pt")
+    return {"method": "dynamic int8 (torch.ao.quantization.quantize_dynamic)", "file": "model-int8.pt",
+            "quantized_layers": deploy.quantized_layers(quantized),
+            "state_dict_bytes": deploy.state_dict_bytes(quantized, out / "weights-int8.pt"),
+            "float_state_dict_bytes": (out / "weights.pt").stat().st_size,
+            "val_accuracy": evaluate(quantized, data.loader("val", 256), cpu),
+            "test_accuracy": evaluate(quantized, data.loader("test", 256), cpu)}

@@ -72,7 +72,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     groups = commands.add_parser("groups", help="list the prunable channel groups of a model")
     _common(groups)
+    _inspect_commands(commands)
     return parser
+
+
+def _stored(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", required=True, help="study name (as search named it)")
+    parser.add_argument("--storage", help="Optuna storage URL (default: sqlite:///RUN_DIR/study.db)")
+    parser.add_argument("--run-dir", help="the folder search wrote, with base.pt and sensitivity.csv "
+                        "(default: results/STUDY)")
+
+
+def _inspect_commands(commands: argparse._SubParsersAction) -> None:
+    pareto = commands.add_parser("pareto", help="the non-dominated trials: accuracy against FLOPs and params")
+    _stored(pareto)
+    pareto.add_argument("--csv", help="also save the front as CSV here")
+    pareto.add_argument("--json", help="also save the front as JSON here")
+
+    report = commands.add_parser("report", help="PNG plots and report.md for a study")
+    _stored(report)
+    report.add_argument("--trial", type=int, help="trial whose channels to show (default: the best)")
+    report.add_argument("--out", help="report folder (default: RUN_DIR/report)")
+
+    export = commands.add_parser("export", help="rebuild a trial, fine-tune, test and write it out")
+    _stored(export)
+    export.add_argument("--trial", type=int, help="trial number (default: the best)")
+    export.add_argument("--out", help="output folder (default: RUN_DIR/trial-N)")
+    export.add_argument("--final-epochs", type=_epochs, default=5.0, help="fine-tune epochs (default: 5)")
+    export.add_argument("--format", action="append", default=[], choices=["onnx", "torchscript"],
+                        help="also write this format, checked against PyTorch (repeatable)")
+    export.add_argument("--quantize", choices=["dynamic"], help="also write an int8 dynamically quantized copy")
+    export.add_argument("--latency-batch", type=int, default=32,
+                        help="the larger batch for CPU latency, besides batch 1 (default: 32)")
+    export.add_argument("--repeats", type=int, default=30, help="timed runs per latency (median; default: 30)")
+    export.add_argument("--data-dir", default="data", help="where torchvision data sets live (default: data)")
+    export.add_argument("--download", action="store_true", help="download the torchvision data set if missing")
+    export.add_argument("--device", default="auto", help="for the fine-tune: auto, cpu, cuda, cuda:N")
+    export.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    studies = commands.add_parser("studies", help="list studies with trial counts, budget and best accuracy")
+    studies.add_argument("--storage", help="Optuna storage URL (default: every results/*/study.db)")
 
 
 def _search(args: argparse.Namespace) -> None:
@@ -115,6 +154,66 @@ def _groups(args: argparse.Namespace) -> None:
         print(f"{group.id:32s} {group.channels:8d} {share:11.1%}  {', '.join(group.layers)}")
 
 
+def _pareto(args: argparse.Namespace) -> None:
+    from .files import write_json, write_text
+    from .pareto import pareto_front, to_text
+    from .runs import open_run
+
+    run = open_run(args.study, args.storage, args.run_dir)
+    front = pareto_front(run)
+    base = run.base_cost()
+    print(f"{run.name}: {len(front)} of {len(run.complete())} finished trials on the front "
+          f"(budget {run.config.get('budget')}; base {base})")
+    print(to_text(front))
+    if args.csv:
+        write_text(args.csv, front.to_csv(index=False))
+    if args.json:
+        write_json(args.json, front.to_dict(orient="records"))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import write_report
+    from .runs import open_run
+
+    print(f"wrote {write_report(open_run(args.study, args.storage, args.run_dir), args.out, args.trial)}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .api import export_trial
+    from .counting import human
+
+    s = export_trial(args.study, args.trial, storage=args.storage, run_dir=args.run_dir, out=args.out,
+                     final_epochs=args.final_epochs, formats=args.format, quantize=args.quantize,
+                     latency_batches=(1, args.latency_batch), repeats=args.repeats, data_dir=args.data_dir,
+                     download=args.download, device=args.device, quiet=args.quiet)
+    print(f"trial {s['trial']}: FLOPs {human(s['flops'])} ({s['flops_share']:.1%} of base, thop MACs), "
+          f"params {human(s['params'])} ({s['params_share']:.1%}); test accuracy {s['test_accuracy']:.2%} "
+          f"(base {s['base_test_accuracy']:.2%})")
+    for name, times in s["latency_ms"].items():
+        print(f"CPU latency {name}: " + ", ".join(f"batch {b} {ms:.2f} ms" for b, ms in times.items())
+              + f" (median of {s['latency_repeats']}, {s['latency_threads']} threads)")
+    for name in ("onnx", "torchscript"):
+        if name in s:
+            print(f"{s[name]['file']}: matches PyTorch (largest difference {s[name]['max_abs_diff']:.2g})")
+    if "quantized" in s:
+        q = s["quantized"]
+        print(f"int8: {q['state_dict_bytes'] / 1e6:.2f} MB on disk (float {q['float_state_dict_bytes'] / 1e6:.2f} MB), "
+              f"test accuracy {q['test_accuracy']:.2%}, {q['quantized_layers']} int8 layers")
+    print(f"wrote {s['out']}/: model.pt weights.pt plan.json summary.json"
+          + "".join(f" {s[k]['file']}" for k in ("onnx", "torchscript", "quantized") if k in s))
+
+
+def _studies(args: argparse.Namespace) -> None:
+    from .runs import list_studies
+
+    table = list_studies(args.storage)
+    if table.empty:
+        print("no studies found" + ("" if args.storage else " under results/; pass --storage URL"))
+        return
+    table["best_val_accuracy"] = table["best_val_accuracy"].map(lambda v: "" if v != v or v is None else f"{v:.2%}")
+    print(table.drop(columns=["storage"]).to_string(index=False))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -122,7 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        {"search": _search, "groups": _groups}[args.command](args)
+        commands = {"search": _search, "groups": _groups, "pareto": _pareto, "report": _report,
+                    "export": _export, "studies": _studies}
+        commands[args.command](args)
     except AutopruneError as err:
         print(f"autoprune: error: {err}", file=sys.stderr)
         return 2

@@ -12,6 +12,22 @@ from tiny_models import tiny_resnet  # noqa: E402
 from autoprune.data import digits  # noqa: E402
 
 TINY = str(Path(__file__).parent / "tiny_models.py")
+# A small real search (~10 s): digits, a residual model, three trials. Shared by the CLI tests and
+# the pareto/report/export tests, so the suite runs it once.
+SEARCH_ARGS = ["search", "--model", f"{TINY}:tiny_resnet", "--dataset", "digits", "--budget", "flops=0.4",
+               "--trials", "3", "--train-epochs", "6", "--finetune-epochs", "0.5", "--final-epochs", "2",
+               "--grid", "0.25,0.5,0.75", "--quiet"]
+TINY_STUDY = "tiny_models-digits-flops0.4"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The run directory of the small search (study.db, base.pt, sensitivity.csv, model.pt, ...)."""
+    from autoprune.cli import main
+
+    out = tmp_path_factory.mktemp("run")
+    assert main([*SEARCH_ARGS, "--out", str(out)]) == 0
+    return out
 
 
 @pytest.fixture(scope="session")

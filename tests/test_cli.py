@@ -12,18 +12,14 @@ import torch
 import autoprune
 from autoprune.cli import main
 from autoprune.counting import count
-from conftest import TINY
+from conftest import SEARCH_ARGS
 
-ARGS = ["search", "--model", f"{TINY}:tiny_resnet", "--dataset", "digits", "--budget", "flops=0.4",
-        "--trials", "3", "--train-epochs", "6", "--finetune-epochs", "0.5", "--final-epochs", "2",
-        "--grid", "0.25,0.5,0.75", "--quiet"]
+ARGS = SEARCH_ARGS
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    assert main([*ARGS, "--out", str(out)]) == 0
-    return out
+def run_dir(tiny_run):
+    return tiny_run
 
 
 def test_search_writes_a_pruned_model_within_budget(run_dir):

@@ -1,0 +1,124 @@
+"""Deployment copies of a pruned model: ONNX, TorchScript, int8, and their CPU latency.
+
+Each file is checked against the PyTorch model it came from (same inputs, the
+largest output difference recorded); a copy that disagrees is an error, not a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import AutopruneError
+from .files import atomic_path, save_torch
+
+FORMATS = ("onnx", "torchscript")
+# float32 through another runtime: differences of ~1e-6 are normal, 1e-3 of the output scale is not.
+RELATIVE_TOLERANCE = 1e-3
+
+
+def _check(name: str, got: np.ndarray, want: torch.Tensor) -> float:
+    want_np = want.detach().cpu().numpy()
+    diff = float(np.abs(got - want_np).max())
+    if got.shape != want_np.shape or diff > RELATIVE_TOLERANCE * max(1.0, float(np.abs(want_np).max())):
+        raise AutopruneError(f"the {name} copy does not reproduce the PyTorch model (shape {got.shape} vs "
+                             f"{want_np.shape}, largest difference {diff:.3g}); report this with the model")
+    return diff
+
+
+def to_onnx(model: nn.Module, inputs: torch.Tensor, path: Path) -> dict[str, Any]:
+    """Write ``model`` as ONNX (dynamic batch) and check it through onnxruntime on ``inputs``."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise AutopruneError("--format onnx needs onnx and onnxruntime: pip install onnx onnxruntime") from None
+    model = model.cpu().eval()
+    batch = torch.export.Dim("batch")
+    with atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (inputs[:2],), str(tmp), input_names=["input"], output_names=["logits"],
+                          dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": inputs.numpy()})[0]
+    with torch.inference_mode():
+        want = model(inputs)
+    return {"file": path.name, "bytes": path.stat().st_size, "max_abs_diff": _check("ONNX", got, want),
+            "checked_batch": len(inputs)}
+
+
+def to_torchscript(model: nn.Module, inputs: torch.Tensor, path: Path) -> dict[str, Any]:
+    """Write ``model`` traced as TorchScript and check the reloaded file on ``inputs``."""
+    model = model.cpu().eval()
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated upstream but still the portable C++ format
+        traced = torch.jit.trace(model, inputs[:2])
+        with atomic_path(path) as tmp:
+            torch.jit.save(traced, str(tmp))
+        got = torch.jit.load(str(path))(inputs).numpy()
+        want = model(inputs)
+    return {"file": path.name, "bytes": path.stat().st_size, "max_abs_diff": _check("TorchScript", got, want),
+            "checked_batch": len(inputs)}
+
+
+def quantize_dynamic(model: nn.Module) -> nn.Module:
+    """An int8 copy with dynamically quantized weights (Linear, LSTM, GRU, RNN cells).
+
+    PyTorch quantizes these layers' weights to int8 ahead of time and their
+    activations on the fly; convolutions have no dynamic int8 kernel and stay float.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao eager quantization is deprecated upstream, still shipped
+        return torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model).cpu().eval(), {nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell},
+            dtype=torch.qint8)
+
+
+def quantized_layers(model: nn.Module) -> int:
+    """How many modules of ``model`` run int8 kernels."""
+    return sum(1 for m in model.modules() if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic"))
+
+
+def state_dict_bytes(model: nn.Module, path: Path) -> int:
+    """Save ``model``'s state dict to ``path``; its size on disk."""
+    save_torch(model.state_dict(), path)
+    return path.stat().st_size
+
+
+@torch.inference_mode()
+def latency_ms(models: dict[str, nn.Module], example: torch.Tensor, batches: Sequence[int] = (1, 32),
+               repeats: int = 30, warmup: int = 3) -> dict[str, dict[str, float]]:
+    """Median CPU wall time of one forward pass, in milliseconds, per model and batch size.
+
+    The models take turns within each repeat, so a machine that gets busier
+    part-way slows them all alike and the comparison stays fair.
+
+    Example:
+        >>> latency_ms({"a": nn.Linear(4, 2)}, torch.zeros(1, 4), batches=(1, 8), repeats=5)["a"].keys()
+        dict_keys(['1', '8'])
+    """
+    models = {name: model.cpu().eval() for name, model in models.items()}
+    found: dict[str, dict[str, float]] = {name: {} for name in models}
+    for batch in batches:
+        inputs = torch.randn(batch, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+        for model in models.values():
+            for _ in range(warmup):
+                model(inputs)
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(inputs)
+                times[name].append(time.perf_counter() - start)
+        for name in models:
+            found[name][str(batch)] = round(statistics.median(times[name]) * 1000, 3)
+    return found

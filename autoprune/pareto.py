@@ -1,0 +1,81 @@
+"""The trade-off a study found: validation accuracy against FLOPs and params.
+
+Every trial records its plan, FLOPs (thop MACs), params and accuracy, so the
+front is read from the study alone. A trial is feasible when it meets the
+budget; it is on the front when no feasible trial is at least as accurate,
+at most as costly in FLOPs and in params, and better in one of them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .counting import human
+from .runs import Run
+
+COLUMNS = ["trial", "val_accuracy", "val_accuracy_before_finetune", "flops", "flops_share", "params",
+           "params_share", "seconds", "feasible", "on_front"]
+# Costs are projected onto the budget in whole channels; a relative slack this small is rounding.
+TOLERANCE = 1e-9
+
+
+def trials_frame(run: Run) -> pd.DataFrame:
+    """Every finished trial with its costs, accuracy, feasibility and whether it is on the front."""
+    limits = run.limits()
+    rows = [{"trial": t.number, "val_accuracy": t.user_attrs.get("val_accuracy", t.value),
+             "val_accuracy_before_finetune": t.user_attrs.get("val_accuracy_before_finetune", np.nan),
+             "flops": t.user_attrs["flops"], "flops_share": t.user_attrs["flops_share"],
+             "params": t.user_attrs["params"], "params_share": t.user_attrs["params_share"],
+             "seconds": t.user_attrs.get("seconds", np.nan)} for t in run.complete()]
+    frame = pd.DataFrame(rows, columns=COLUMNS[:-2])
+    frame["feasible"] = ((frame["flops"] <= limits.flops * (1 + TOLERANCE))
+                         & (frame["params"] <= limits.params * (1 + TOLERANCE)))
+    frame["on_front"] = frame["feasible"] & non_dominated(frame, frame["feasible"].to_numpy())
+    return frame.sort_values(["on_front", "val_accuracy", "flops"], ascending=[False, False, True],
+                             ignore_index=True)
+
+
+def non_dominated(frame: pd.DataFrame, among: np.ndarray | None = None) -> np.ndarray:
+    """Rows no other row (of those in ``among``) dominates: accuracy up, FLOPs and params down.
+
+    Example:
+        >>> t = pd.DataFrame({"val_accuracy": [0.9, 0.8, 0.95], "flops": [10, 5, 12], "params": [3, 3, 4]})
+        >>> non_dominated(t).tolist()
+        [True, True, True]
+        >>> non_dominated(t.assign(flops=[10, 5, 10], params=[3, 3, 3])).tolist()
+        [False, True, True]
+    """
+    points = np.column_stack([-frame["val_accuracy"].to_numpy(float), frame["flops"].to_numpy(float),
+                              frame["params"].to_numpy(float)])  # all three: smaller is better
+    among = np.ones(len(points), bool) if among is None else np.asarray(among, bool)
+    keep = np.zeros(len(points), bool)
+    for i, point in enumerate(points):
+        others = points[among]
+        keep[i] = not np.any(np.all(others <= point, axis=1) & np.any(others < point, axis=1))
+    return keep
+
+
+def pareto_front(run: Run) -> pd.DataFrame:
+    """The non-dominated feasible trials, most accurate first.
+
+    Example:
+        >>> front = pareto_front(open_run("resnet18-digits-flops0.25"))
+        >>> front[["trial", "val_accuracy", "flops_share", "params_share"]].head(1)
+    """
+    frame = trials_frame(run)
+    return frame[frame["on_front"]].drop(columns=["feasible", "on_front"]).reset_index(drop=True)
+
+
+def to_text(front: pd.DataFrame) -> str:
+    """The front as an aligned table, costs absolute and as a share of the base."""
+    shown = pd.DataFrame({
+        "trial": front["trial"],
+        "val acc": front["val_accuracy"].map("{:.2%}".format),
+        "before fine-tune": front["val_accuracy_before_finetune"].map("{:.2%}".format),
+        "FLOPs (thop MACs)": front["flops"].map(human),
+        "FLOPs share": front["flops_share"].map("{:.1%}".format),
+        "params": front["params"].map(human),
+        "params share": front["params_share"].map("{:.1%}".format),
+    })
+    return shown.to_string(index=False)

@@ -1,0 +1,175 @@
+"""A folder of PNG plots and a ``report.md`` that explains a study at a glance.
+
+Plots: the Pareto front (with the budget and the base model), the sensitivity
+curve of every group, the channels the chosen trial keeps per group, and the
+search's history. Drawn with matplotlib's object API on the Agg canvas, so no
+display and no global pyplot state are involved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .counting import human
+from .files import atomic_path, write_text
+from .pareto import trials_frame
+from .runs import Run
+from .study import best_trial, trial_plan
+
+PLOTS = {"front": "front.png", "sensitivity": "sensitivity.png", "channels": "channels.png",
+         "history": "history.png"}
+
+
+def _save(figure: Figure, path: Path) -> None:
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+
+
+def plot_front(frame: pd.DataFrame, run: Run, path: Path) -> None:
+    """Validation accuracy against FLOPs and against params; front, budget and base marked."""
+    base, limits, base_acc = run.base_cost(), run.limits(), run.base_val_accuracy()
+    figure = Figure(figsize=(10, 4))
+    for ax, key, label, cap, full in zip(figure.subplots(1, 2), ("flops", "params"),
+                                         ("FLOPs (thop MACs)", "params"), (limits.flops, limits.params),
+                                         (base.flops, base.params)):
+        rest, front = frame[~frame["on_front"]], frame[frame["on_front"]].sort_values(key)
+        ax.scatter(rest[key], rest["val_accuracy"], c="tab:gray", alpha=0.6, label="trials")
+        # The front is over accuracy, FLOPs and params at once, so its projection is not a curve: dots.
+        ax.scatter(front[key], front["val_accuracy"], c="tab:blue", label="Pareto front (acc, FLOPs, params)")
+        for _, point in front.iterrows():
+            ax.annotate(str(int(point["trial"])), (point[key], point["val_accuracy"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        if base_acc is not None:
+            ax.scatter([full], [base_acc], marker="*", s=160, c="tab:red", label="base model", zorder=3)
+        if math.isfinite(cap):
+            ax.axvline(cap, ls="--", c="tab:orange", label=f"budget ({human(cap)})")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.suptitle(f"{run.name}: accuracy against cost")
+    _save(figure, path)
+
+
+def plot_sensitivity(table: pd.DataFrame, path: Path) -> None:
+    """Validation accuracy per group as it alone is pruned further."""
+    figure = Figure(figsize=(8, 5))
+    ax = figure.subplots()
+    for gid, rows in table.groupby("group", sort=False):
+        rows = rows.sort_values("ratio")
+        ax.plot(rows["ratio"], rows["val_accuracy"], "o-", ms=3, label=gid)
+    ax.set_xlabel("share of the group's channels removed")
+    ax.set_ylabel("validation accuracy (group pruned alone)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    _save(figure, path)
+
+
+def plot_channels(plan_keep: dict[str, int], channels: dict[str, int], trial: int, path: Path) -> None:
+    """Channels kept per group by one trial, against the base model's."""
+    ids = list(channels)
+    figure = Figure(figsize=(8, max(3, 0.3 * len(ids) + 1)))
+    ax = figure.subplots()
+    ax.barh(ids, [channels[g] for g in ids], color="tab:gray", alpha=0.35, label="base")
+    ax.barh(ids, [plan_keep[g] for g in ids], color="tab:blue", label=f"trial {trial}")
+    ax.invert_yaxis()
+    ax.set_xlabel("channels")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend()
+    _save(figure, path)
+
+
+def plot_history(frame: pd.DataFrame, path: Path) -> None:
+    """Each trial's validation accuracy in the order run, with the best so far."""
+    ordered = frame.sort_values("trial")
+    figure = Figure(figsize=(8, 4))
+    ax = figure.subplots()
+    ax.scatter(ordered["trial"], ordered["val_accuracy"], label="after fine-tune")
+    ax.scatter(ordered["trial"], ordered["val_accuracy_before_finetune"], marker="x", c="tab:gray",
+               label="before fine-tune")
+    ax.step(ordered["trial"], ordered["val_accuracy"].cummax(), where="post", c="tab:green", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(figure, path)
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + " --- |" * len(frame.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def write_report(run: Run, out: str | Path | None = None, trial: int | None = None) -> Path:
+    """Write the plots and ``report.md`` into ``out`` (default ``RUN_DIR/report``); return its path.
+
+    Example:
+        >>> write_report(open_run("resnet18-digits-flops0.25"))
+        PosixPath('results/resnet18-digits-flops0.25/report/report.md')
+    """
+    out = Path(out) if out else run.folder / "report"
+    frame = trials_frame(run)
+    chosen = best_trial(run.study, trial)
+    plan = trial_plan(chosen)
+    plot_front(frame, run, out / PLOTS["front"])
+    plot_channels(plan.keep, plan.channels, chosen.number, out / PLOTS["channels"])
+    plot_history(frame, out / PLOTS["history"])
+    plots = ["front", "channels", "history"]
+    table = run.sensitivity() if (run.folder / "sensitivity.csv").is_file() else pd.DataFrame()
+    if len(table):
+        plot_sensitivity(table, out / PLOTS["sensitivity"])
+        plots.insert(1, "sensitivity")
+    write_text(out / "report.md", _report_text(run, frame, chosen.number, plots))
+    return out / "report.md"
+
+
+def _report_text(run: Run, frame: pd.DataFrame, trial: int, plots: list[str]) -> str:
+    config, base, limits = run.config, run.base_cost(), run.limits()
+    row = frame[frame["trial"] == trial].iloc[0]
+    base_acc = run.base_val_accuracy()
+    caps = ", ".join(f"≤ {human(cap)} {what}" for cap, what in ((limits.flops, "FLOPs"), (limits.params, "params"))
+                     if math.isfinite(cap))
+    lines = [f"# Study `{run.name}`", "",
+             f"- model `{config.get('model')}` on `{config.get('dataset')}`, budget `{config.get('budget')}` ({caps})",
+             f"- base: {human(base.flops)} FLOPs (thop MACs), {human(base.params)} params"
+             + (f", validation accuracy {base_acc:.2%}" if base_acc is not None else ""),
+             f"- trials: {len(frame)} finished, {int(frame['feasible'].sum())} within budget, "
+             f"{int(frame['on_front'].sum())} on the Pareto front",
+             f"- chosen trial {trial}: validation accuracy {row['val_accuracy']:.2%}, "
+             f"FLOPs {human(row['flops'])} ({row['flops_share']:.1%} of base), "
+             f"params {human(row['params'])} ({row['params_share']:.1%} of base)"]
+    lines += _export_lines(run.folder / "summary.json", trial)
+    front = frame[frame["on_front"]]
+    shown = pd.DataFrame({"trial": front["trial"], "val accuracy": front["val_accuracy"].map("{:.2%}".format),
+                          "FLOPs (thop MACs)": front["flops"].map(human),
+                          "FLOPs share": front["flops_share"].map("{:.1%}".format),
+                          "params": front["params"].map(human),
+                          "params share": front["params_share"].map("{:.1%}".format)})
+    lines += ["", "## Pareto front", "", _markdown(shown), ""]
+    captions = {"front": "Accuracy against cost: every trial, the front, the budget line and the base model",
+                "sensitivity": "Sensitivity: each group pruned alone (after BatchNorm recalibration)",
+                "channels": f"Channels kept per group by trial {trial}",
+                "history": "Search history: accuracy per trial and the best so far"}
+    for name in plots:
+        lines += [f"## {captions[name].split(':')[0]}", "", f"![{captions[name]}]({PLOTS[name]})", ""]
+    return "\n".join(lines)
+
+
+def _export_lines(path: Path, trial: int) -> list[str]:
+    """The test result of the search's export, when it exported this trial."""
+    if not path.is_file():
+        return []
+    summary: dict[str, Any] = json.loads(path.read_text())
+    if summary.get("trial") != trial or "test_accuracy" not in summary:
+        return []
+    return [f"- exported after {summary.get('final_epochs')} fine-tune epochs: test accuracy "
+            f"{summary['test_accuracy']:.2%} (base {summary['base_test_accuracy']:.2%})"]

@@ -1,0 +1,180 @@
+"""Open a finished (or running) search again: its study, its run directory, its problem.
+
+``pareto``, ``report``, ``export`` and ``studies`` read what ``search`` left:
+the Optuna study (plans, costs and accuracies live on the trials, the
+configuration on the study) and the run directory (``base.pt``,
+``sensitivity.csv``). Nothing here trains or changes the study.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+import torch
+
+from .budget import Budget
+from .costmodel import CostModel
+from .counting import Cost
+from .data import Data, load_data
+from .errors import AutopruneError
+from .files import fingerprint
+from .groups import ChannelGroups
+from .models import build_model, load_weights
+from .study import Problem, finished, storage_for
+from .training import evaluate, resolve_device
+
+RESULTS = Path("results")
+
+
+@dataclass
+class Run:
+    """A stored study with the run directory that holds its base model and sensitivity table."""
+
+    study: optuna.Study
+    storage: str
+    folder: Path
+
+    @property
+    def name(self) -> str:
+        return self.study.study_name
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.study.user_attrs.get("config", {})
+
+    def complete(self) -> list[optuna.trial.FrozenTrial]:
+        """Finished trials that carry what a search records (plan, costs, accuracy)."""
+        return [t for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if {"plan", "flops", "flops_share", "params", "params_share"} <= set(t.user_attrs)]
+
+    def base_cost(self) -> Cost:
+        """The base model's FLOPs (thop MACs) and params, read back from any finished trial."""
+        trials = self.complete()
+        if not trials:
+            raise AutopruneError(f"study {self.name!r} has no finished trial yet; run the search first")
+        attrs = trials[0].user_attrs
+        return Cost(attrs["flops"] / attrs["flops_share"], attrs["params"] / attrs["params_share"])
+
+    def limits(self) -> Cost:
+        """The budget's absolute caps (``inf`` where it sets none)."""
+        return Budget.parse(self.config["budget"]).limits(self.base_cost())
+
+    def sensitivity(self) -> pd.DataFrame:
+        """The sensitivity rows for this study's base model and importance criterion."""
+        path = self.folder / "sensitivity.csv"
+        if not path.is_file():
+            raise AutopruneError(f"{path} does not exist; pass --run-dir, the folder the search wrote")
+        table = pd.read_csv(path)
+        mine = ((table["base_model"].astype(str) == str(self.config.get("base_model")))
+                & (table["importance"] == self.config.get("importance", "l1")))
+        return table[mine].reset_index(drop=True)
+
+    def base_val_accuracy(self) -> float | None:
+        """The unpruned model's validation accuracy, as the sensitivity scan measured it."""
+        try:
+            table = self.sensitivity()
+        except AutopruneError:
+            return None
+        return float((table["val_accuracy"] + table["drop"]).iloc[0]) if len(table) else None
+
+
+def _storage(url: str) -> optuna.storages.BaseStorage | str:
+    """The study's storage, without Optuna's notices that heartbeats are experimental."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return storage_for(url)
+
+
+def default_storage(study: str, run_dir: str | Path | None = None) -> str:
+    """``sqlite:///results/STUDY/study.db`` (or the ``study.db`` in ``run_dir``)."""
+    return f"sqlite:///{Path(run_dir) if run_dir else RESULTS / study}/study.db"
+
+
+def open_run(study: str, storage: str | None = None, run_dir: str | Path | None = None) -> Run:
+    """The study ``study`` from ``storage`` (default: the one ``search`` writes for that name).
+
+    Example:
+        >>> run = open_run("resnet18-digits-flops0.25")
+        >>> run.config["budget"]
+        'flops=0.25'
+    """
+    folder = Path(run_dir) if run_dir else RESULTS / study
+    if storage is None:
+        if not (folder / "study.db").is_file():
+            raise AutopruneError(f"no study database at {folder / 'study.db'}; pass --storage URL "
+                                 "or --run-dir, the folder the search wrote")
+        storage = default_storage(study, folder)
+    try:
+        found = optuna.load_study(study_name=study, storage=_storage(storage))
+    except KeyError:
+        names = ", ".join(s.study_name for s in optuna.get_all_study_summaries(_storage(storage))) or "none"
+        raise AutopruneError(f"no study {study!r} in {storage} (studies there: {names})") from None
+    return Run(found, storage, folder)
+
+
+def rebuild_problem(run: Run, data_dir: str | Path = "data", download: bool = False,
+                    device: str = "auto") -> Problem:
+    """The search's :class:`Problem` again: base model from ``base.pt``, data, groups, costs.
+
+    The model and data set are those the study's configuration records; the
+    weights must be the ones it was searched on (their fingerprint is checked).
+    Sampling bounds are not needed to rebuild a trial and are left wide open.
+    """
+    config = run.config
+    if not config:
+        raise AutopruneError(f"study {run.name!r} was not made by autoprune search (no configuration)")
+    data = load_data(config["dataset"], data_dir, download, seed=int(config.get("seed", 0)))
+    base_file = run.folder / "base.pt"
+    if not base_file.is_file():
+        raise AutopruneError(f"{base_file} does not exist; pass --run-dir, the folder the search wrote")
+    base = load_weights(_model(config["model"], data), base_file)
+    if fingerprint(base.state_dict()) != config.get("base_model"):
+        raise AutopruneError(f"{base_file} holds other weights than study {run.name!r} was searched on")
+    torch_device = resolve_device(device)
+    base = base.to(torch_device).eval()
+    groups = ChannelGroups(base, data.example_input(), importance=config.get("importance", "l1"),
+                           base_model=config["base_model"])
+    costs = CostModel(groups)
+    limits = Budget.parse(config["budget"]).limits(costs.base)
+    n = len(groups)
+    return Problem(base, data, groups, costs, limits, np.zeros(n), np.full(n, config.get("max_ratio", 0.9)),
+                   np.zeros(n), evaluate(base, data.loader("val", 256), torch_device), torch_device)
+
+
+def _model(spec: str, data: Data) -> torch.nn.Module:
+    try:
+        return build_model(spec, data.num_classes)
+    except AutopruneError as err:
+        raise AutopruneError(f"cannot rebuild the study's model {spec!r} ({err}); a model passed to "
+                             "search() as an object cannot be rebuilt from its name") from None
+
+
+def list_studies(storage: str | None = None, root: str | Path = RESULTS) -> pd.DataFrame:
+    """Every study in ``storage`` (default: each ``study.db`` under ``results/``) with its trials,
+    budget and best validation accuracy.
+
+    Example:
+        >>> list_studies().columns.tolist()
+        ['study', 'storage', 'trials', 'complete', 'budget', 'model', 'dataset', 'best_val_accuracy', 'best_trial']
+    """
+    urls = [storage] if storage else [default_storage("", db.parent) for db in sorted(Path(root).glob("*/study.db"))]
+    rows = []
+    for url in urls:
+        backend = _storage(url)
+        for summary in optuna.get_all_study_summaries(backend, include_best_trial=False):
+            study = optuna.load_study(study_name=summary.study_name, storage=backend)
+            config = study.user_attrs.get("config", {})
+            best = study.best_trial if finished(study) and len(study.directions) == 1 else None
+            rows.append({"study": summary.study_name, "storage": url, "trials": len(study.trials),
+                         "complete": finished(study), "budget": config.get("budget"),
+                         "model": config.get("model"), "dataset": config.get("dataset"),
+                         "best_val_accuracy": best.value if best else None,
+                         "best_trial": best.number if best else None})
+    return pd.DataFrame(rows, columns=["study", "storage", "trials", "complete", "budget", "model", "dataset",
+                                       "best_val_accuracy", "best_trial"])

@@ -88,6 +88,9 @@ def _inspect_commands(commands: argparse._SubParsersAction) -> None:
     _stored(pareto)
     pareto.add_argument("--csv", help="also save the front as CSV here")
     pareto.add_argument("--json", help="also save the front as JSON here")
+    pareto.add_argument("--optuna-study", action="store_true",
+                        help="also copy the trials into a 3-objective study STUDY-front in the same storage, "
+                             "so `optuna best-trials --study-name STUDY-front` shows this front")
 
     report = commands.add_parser("report", help="PNG plots and report.md for a study")
     _stored(report)
@@ -156,7 +159,7 @@ def _groups(args: argparse.Namespace) -> None:
 
 def _pareto(args: argparse.Namespace) -> None:
     from .files import write_json, write_text
-    from .pareto import pareto_front, to_text
+    from .pareto import pareto_front, save_front_study, to_text
     from .runs import open_run
 
     run = open_run(args.study, args.storage, args.run_dir)
@@ -169,6 +172,10 @@ def _pareto(args: argparse.Namespace) -> None:
         write_text(args.csv, front.to_csv(index=False))
     if args.json:
         write_json(args.json, front.to_dict(orient="records"))
+    if args.optuna_study:
+        copy = save_front_study(run)
+        print(f"saved study {copy.study_name!r} in {run.storage}: optuna best-trials --study-name "
+              f"{copy.study_name} --storage {run.storage}")
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -9,10 +9,11 @@ at most as costly in FLOPs and in params, and better in one of them.
 from __future__ import annotations
 
 import numpy as np
+import optuna
 import pandas as pd
 
 from .counting import human
-from .runs import Run
+from .runs import Run, quiet_storage
 
 COLUMNS = ["trial", "val_accuracy", "val_accuracy_before_finetune", "flops", "flops_share", "params",
            "params_share", "seconds", "feasible", "on_front"]
@@ -79,3 +80,43 @@ def to_text(front: pd.DataFrame) -> str:
         "params share": front["params_share"].map("{:.1%}".format),
     })
     return shown.to_string(index=False)
+
+
+FRONT_SUFFIX = "-front"
+
+
+def save_front_study(run: Run) -> optuna.Study:
+    """Copy the finished trials into a three-objective study ``NAME-front`` in the same storage.
+
+    The search itself is single-objective (the budget is a constraint, and
+    Optuna's pruners need one objective), so ``optuna best-trials`` on it shows
+    the single best trial. On the copy, with objectives val_accuracy (max),
+    flops and params (min) and the budget as a constraint, Optuna's own tools
+    (``optuna best-trials --study-name NAME-front``, the dashboard, its plots)
+    show the same front as :func:`pareto_front`. The copy is rebuilt each time.
+
+    Example:
+        >>> save_front_study(open_run("resnet18-digits-flops0.25")).study_name
+        'resnet18-digits-flops0.25-front'
+    """
+    name, storage = run.name + FRONT_SUFFIX, quiet_storage(run.storage)
+    try:
+        optuna.delete_study(study_name=name, storage=storage)
+    except KeyError:
+        pass
+    front = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize", "minimize"])
+    front.set_metric_names(["val_accuracy", "flops", "params"])
+    front.set_user_attr("front_of", run.name)
+    limits = run.limits()
+    trials = []
+    for trial in sorted(run.complete(), key=lambda t: t.number):
+        attrs = trial.user_attrs
+        over = max(attrs["flops"] / limits.flops, attrs["params"] / limits.params) - 1.0
+        trials.append(optuna.trial.create_trial(
+            values=[attrs.get("val_accuracy", trial.value), attrs["flops"], attrs["params"]],
+            params=trial.params, distributions=trial.distributions,
+            user_attrs={"search_trial": trial.number, **{k: v for k, v in attrs.items() if k != "plan"}},
+            # Optuna reads a trial's feasibility from this system attribute (<= 0: feasible).
+            system_attrs={"constraints": [over if over > TOLERANCE else min(over, 0.0)]}))
+    front.add_trials(trials)
+    return front

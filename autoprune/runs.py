@@ -84,7 +84,7 @@ class Run:
         return float((table["val_accuracy"] + table["drop"]).iloc[0]) if len(table) else None
 
 
-def _storage(url: str) -> optuna.storages.BaseStorage | str:
+def quiet_storage(url: str) -> optuna.storages.BaseStorage | str:
     """The study's storage, without Optuna's notices that heartbeats are experimental."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -111,9 +111,9 @@ def open_run(study: str, storage: str | None = None, run_dir: str | Path | None 
                                  "or --run-dir, the folder the search wrote")
         storage = default_storage(study, folder)
     try:
-        found = optuna.load_study(study_name=study, storage=_storage(storage))
+        found = optuna.load_study(study_name=study, storage=quiet_storage(storage))
     except KeyError:
-        names = ", ".join(s.study_name for s in optuna.get_all_study_summaries(_storage(storage))) or "none"
+        names = ", ".join(s.study_name for s in optuna.get_all_study_summaries(quiet_storage(storage))) or "none"
         raise AutopruneError(f"no study {study!r} in {storage} (studies there: {names})") from None
     return Run(found, storage, folder)
 
@@ -166,9 +166,11 @@ def list_studies(storage: str | None = None, root: str | Path = RESULTS) -> pd.D
     urls = [storage] if storage else [default_storage("", db.parent) for db in sorted(Path(root).glob("*/study.db"))]
     rows = []
     for url in urls:
-        backend = _storage(url)
+        backend = quiet_storage(url)
         for summary in optuna.get_all_study_summaries(backend, include_best_trial=False):
             study = optuna.load_study(study_name=summary.study_name, storage=backend)
+            if "front_of" in study.user_attrs:  # a copy `autoprune pareto --optuna-study` made
+                continue
             config = study.user_attrs.get("config", {})
             best = study.best_trial if finished(study) and len(study.directions) == 1 else None
             rows.append({"study": summary.study_name, "storage": url, "trials": len(study.trials),

@@ -60,17 +60,28 @@ def test_pareto_table_files_and_the_front_are_right(tiny_run, tmp_path, capsys):
     assert (front["flops_share"] <= 0.4).all() and (front["params_share"] < 1).all()
 
 
-def test_optuna_cli_best_trials_shows_the_top_of_the_front(tiny_run):
+def _optuna_best_trials(study, url):
     optuna_cli = Path(sys.executable).with_name("optuna")
     if not optuna_cli.is_file():
         pytest.skip("optuna's command line is not installed next to this Python")
-    result = subprocess.run([str(optuna_cli), "best-trials", "--study-name", TINY_STUDY, "--storage",
-                             f"sqlite:///{tiny_run / 'study.db'}", "-f", "json"],
+    result = subprocess.run([str(optuna_cli), "best-trials", "--study-name", study, "--storage", url, "-f", "json"],
                             capture_output=True, text=True, check=True)
-    shown = json.loads(result.stdout)
-    front = pareto_front(open_run(TINY_STUDY, run_dir=tiny_run))
-    assert [row["number"] for row in shown] == [int(front["trial"].iloc[0])]
-    assert "val_accuracy" in result.stdout  # the objective has a name
+    return json.loads(result.stdout)
+
+
+def test_optuna_best_trials_shows_the_best_and_on_the_copy_the_whole_front(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("*.pt"))
+    url = f"sqlite:///{run_dir / 'study.db'}"
+    front = pareto_front(open_run(TINY_STUDY, run_dir=run_dir))
+    # The search study has one objective: Optuna's best trial is the top of the front.
+    shown = _optuna_best_trials(TINY_STUDY, url)
+    assert [row["number"] for row in shown] == [int(front["trial"].iloc[0])] and set(shown[0]["value"]) == {"val_accuracy"}
+    assert main(["pareto", "--study", TINY_STUDY, "--run-dir", str(run_dir), "--optuna-study"]) == 0
+    copied = _optuna_best_trials(TINY_STUDY + "-front", url)
+    assert sorted(row["user_attrs"]["search_trial"] for row in copied) == sorted(front["trial"])
+    assert set(copied[0]["values"]) == {"val_accuracy", "flops", "params"}
+    assert TINY_STUDY + "-front" not in set(list_studies(url)["study"])  # the copy is not a study to list
 
 
 def test_report_writes_real_images_and_a_markdown_that_shows_them(tiny_run, tmp_path):

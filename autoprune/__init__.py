@@ -6,14 +6,16 @@ Example:
     >>> model = autoprune.load_pruned(result.out)
 """
 
-from .api import Result, load_pruned, search
+from .api import Result, export_trial, load_pruned, search
 from .budget import Budget
 from .counting import Cost, count
 from .data import Data, load_data
 from .errors import AutopruneError
 from .groups import ChannelGroups, apply_plan
+from .pareto import pareto_front
 from .plan import Plan
+from .runs import open_run
 
-__all__ = ["search", "load_pruned", "Result", "Budget", "Cost", "count", "Data", "load_data",
+__all__ = ["search", "load_pruned", "export_trial", "open_run", "pareto_front", "Result", "Budget", "Cost", "count", "Data", "load_data",
            "AutopruneError", "ChannelGroups", "apply_plan", "Plan"]
 __version__ = "0.1.0"

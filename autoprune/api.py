@@ -263,6 +263,7 @@ def export_trial(
     quantize: str | None = None,
     latency_batches: Sequence[int] = (1, 32),
     repeats: int = 30,
+    threads: int = 1,
     data_dir: str | Path = "data",
     download: bool = False,
     device: str = "auto",
@@ -275,7 +276,8 @@ def export_trial(
     and/or ``model.torchscript.pt``, each checked against the PyTorch outputs;
     ``quantize="dynamic"`` adds an int8 copy (``model-int8.pt``) with its size,
     accuracy and latency. The summary holds the CPU latency (median of
-    ``repeats`` runs, ms) of base and pruned models at each of ``latency_batches``.
+    ``repeats`` runs, ms, ``threads`` intra-op threads) of base and pruned
+    models at each of ``latency_batches``.
 
     Example:
         >>> summary = autoprune.export_trial("resnet18-digits-flops0.25", formats=["onnx"], quantize="dynamic")
@@ -290,8 +292,8 @@ def export_trial(
         raise AutopruneError(f"unknown format {sorted(unknown)[0]!r}; choose from {', '.join(deploy.FORMATS)}")
     if quantize not in (None, "dynamic"):
         raise AutopruneError(f"unknown quantization {quantize!r}; the one supported is 'dynamic' (int8)")
-    if repeats < 1 or not latency_batches or min(latency_batches) < 1:
-        raise AutopruneError("latency needs at least one repeat and batch sizes of at least 1")
+    if repeats < 1 or threads < 1 or not latency_batches or min(latency_batches) < 1:
+        raise AutopruneError("latency needs at least one repeat, one thread and batch sizes of at least 1")
     started = time.perf_counter()
     run = open_run(study, storage, run_dir)
     chosen = best_trial(run.study, trial)
@@ -320,8 +322,8 @@ def export_trial(
     if quantize:
         models["quantized"] = deploy.quantize_dynamic(pruned)
         summary["quantized"] = _quantized(models["quantized"], out, data)
-    latency = deploy.latency_ms(models, data.example_input(), latency_batches, repeats)
-    summary.update(out=str(out), latency_ms=latency, latency_threads=torch.get_num_threads(), latency_repeats=repeats,
+    latency = deploy.latency_ms(models, data.example_input(), latency_batches, repeats, threads=threads)
+    summary.update(out=str(out), latency_ms=latency, latency_threads=threads, latency_repeats=repeats,
                    seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
     write_json(out / "summary.json", summary)
     return summary

@@ -108,6 +108,8 @@ def _inspect_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--latency-batch", type=int, default=32,
                         help="the larger batch for CPU latency, besides batch 1 (default: 32)")
     export.add_argument("--repeats", type=int, default=30, help="timed runs per latency (median; default: 30)")
+    export.add_argument("--latency-threads", type=int, default=1,
+                        help="CPU threads while timing (default: 1, steady on a busy machine)")
     export.add_argument("--data-dir", default="data", help="where torchvision data sets live (default: data)")
     export.add_argument("--download", action="store_true", help="download the torchvision data set if missing")
     export.add_argument("--device", default="auto", help="for the fine-tune: auto, cpu, cuda, cuda:N")
@@ -191,21 +193,22 @@ def _export(args: argparse.Namespace) -> None:
 
     s = export_trial(args.study, args.trial, storage=args.storage, run_dir=args.run_dir, out=args.out,
                      final_epochs=args.final_epochs, formats=args.format, quantize=args.quantize,
-                     latency_batches=(1, args.latency_batch), repeats=args.repeats, data_dir=args.data_dir,
+                     latency_batches=(1, args.latency_batch), repeats=args.repeats,
+                     threads=args.latency_threads, data_dir=args.data_dir,
                      download=args.download, device=args.device, quiet=args.quiet)
     print(f"trial {s['trial']}: FLOPs {human(s['flops'])} ({s['flops_share']:.1%} of base, thop MACs), "
           f"params {human(s['params'])} ({s['params_share']:.1%}); test accuracy {s['test_accuracy']:.2%} "
           f"(base {s['base_test_accuracy']:.2%})")
     for name, times in s["latency_ms"].items():
         print(f"CPU latency {name}: " + ", ".join(f"batch {b} {ms:.2f} ms" for b, ms in times.items())
-              + f" (median of {s['latency_repeats']}, {s['latency_threads']} threads)")
+              + f" (median of {s['latency_repeats']}, {s['latency_threads']} thread(s))")
     for name in ("onnx", "torchscript"):
         if name in s:
             print(f"{s[name]['file']}: matches PyTorch (largest difference {s[name]['max_abs_diff']:.2g})")
     if "quantized" in s:
         q = s["quantized"]
-        print(f"int8: {q['state_dict_bytes'] / 1e6:.2f} MB on disk (float {q['float_state_dict_bytes'] / 1e6:.2f} MB), "
-              f"test accuracy {q['test_accuracy']:.2%}, {q['quantized_layers']} int8 layers")
+        print(f"int8: {q['state_dict_bytes'] / 1e6:.3f} MB on disk (float {q['float_state_dict_bytes'] / 1e6:.3f} MB), "
+              f"test accuracy {q['test_accuracy']:.2%}, {q['quantized_layers']} int8 layer(s) (Linear/RNN only)")
     print(f"wrote {s['out']}/: model.pt weights.pt plan.json summary.json"
           + "".join(f" {s[k]['file']}" for k in ("onnx", "torchscript", "quantized") if k in s))
 

@@ -47,7 +47,8 @@ def to_onnx(model: nn.Module, inputs: torch.Tensor, path: Path) -> dict[str, Any
     with atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (inputs[:2],), str(tmp), input_names=["input"], output_names=["logits"],
-                          dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+                          dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
+                          external_data=False)  # one self-contained file (ONNX caps that at 2 GB)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": inputs.numpy()})[0]
     with torch.inference_mode():
@@ -96,11 +97,13 @@ def state_dict_bytes(model: nn.Module, path: Path) -> int:
 
 @torch.inference_mode()
 def latency_ms(models: dict[str, nn.Module], example: torch.Tensor, batches: Sequence[int] = (1, 32),
-               repeats: int = 30, warmup: int = 3) -> dict[str, dict[str, float]]:
+               repeats: int = 30, warmup: int = 3, threads: int = 1) -> dict[str, dict[str, float]]:
     """Median CPU wall time of one forward pass, in milliseconds, per model and batch size.
 
     The models take turns within each repeat, so a machine that gets busier
-    part-way slows them all alike and the comparison stays fair.
+    part-way slows them all alike and the comparison stays fair. ``threads``
+    intra-op threads (default 1): with more, a core taken by another process
+    stalls every parallel region, and times on a shared machine jump a hundredfold.
 
     Example:
         >>> latency_ms({"a": nn.Linear(4, 2)}, torch.zeros(1, 4), batches=(1, 8), repeats=5)["a"].keys()
@@ -108,17 +111,29 @@ def latency_ms(models: dict[str, nn.Module], example: torch.Tensor, batches: Seq
     """
     models = {name: model.cpu().eval() for name, model in models.items()}
     found: dict[str, dict[str, float]] = {name: {} for name in models}
-    for batch in batches:
-        inputs = torch.randn(batch, *example.shape[1:], generator=torch.Generator().manual_seed(0))
-        for model in models.values():
-            for _ in range(warmup):
-                model(inputs)
-        times: dict[str, list[float]] = {name: [] for name in models}
-        for _ in range(repeats):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(inputs)
-                times[name].append(time.perf_counter() - start)
-        for name in models:
-            found[name][str(batch)] = round(statistics.median(times[name]) * 1000, 3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch in batches:
+            _time_batch(models, example, batch, repeats, warmup, found)
+    finally:
+        torch.set_num_threads(before)
     return found
+
+
+@torch.inference_mode()
+def _time_batch(models: dict[str, nn.Module], example: torch.Tensor, batch: int, repeats: int, warmup: int,
+                found: dict[str, dict[str, float]]) -> None:
+    """Time every model at one batch size (random inputs, fixed seed) into ``found``."""
+    inputs = torch.randn(batch, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+    for model in models.values():
+        for _ in range(warmup):
+            model(inputs)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(inputs)
+            times[name].append(time.perf_counter() - start)
+    for name in models:
+        found[name][str(batch)] = round(statistics.median(times[name]) * 1000, 3)

@@ -104,6 +104,9 @@ def test_export_writes_checked_formats_latency_and_an_int8_copy(tiny_run, tmp_pa
             "--quiet"]
     assert main(args) == 0
     assert "CPU latency base" in capsys.readouterr().out
+    assert {f.name for f in out.iterdir()} == {  # self-contained files, nothing else left behind
+        "model.pt", "weights.pt", "plan.json", "summary.json", "model.onnx", "model.torchscript.pt",
+        "model-int8.pt", "weights-int8.pt"}
     summary = json.loads((out / "summary.json").read_text())
     study = optuna.load_study(study_name=TINY_STUDY, storage=f"sqlite:///{tiny_run / 'study.db'}")
     assert summary["trial"] == study.best_trial.number

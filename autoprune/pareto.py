@@ -8,6 +8,8 @@ at most as costly in FLOPs and in params, and better in one of them.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import optuna
 import pandas as pd
@@ -105,7 +107,9 @@ def save_front_study(run: Run) -> optuna.Study:
     except KeyError:
         pass
     front = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize", "minimize"])
-    front.set_metric_names(["val_accuracy", "flops", "params"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        front.set_metric_names(["val_accuracy", "flops", "params"])
     front.set_user_attr("front_of", run.name)
     limits = run.limits()
     trials = []

@@ -59,13 +59,16 @@ def plot_front(frame: pd.DataFrame, run: Run, path: Path) -> None:
     _save(figure, path)
 
 
-def plot_sensitivity(table: pd.DataFrame, path: Path) -> None:
-    """Validation accuracy per group as it alone is pruned further."""
+def plot_sensitivity(table: pd.DataFrame, path: Path, base_accuracy: float | None = None) -> None:
+    """Validation accuracy per group as it alone is pruned further (from the unpruned model at 0)."""
     figure = Figure(figsize=(8, 5))
     ax = figure.subplots()
-    for gid, rows in table.groupby("group", sort=False):
-        rows = rows.sort_values("ratio")
-        ax.plot(rows["ratio"], rows["val_accuracy"], "o-", ms=3, label=gid)
+    start = [] if base_accuracy is None else [(0.0, base_accuracy)]
+    for i, (gid, rows) in enumerate(table.groupby("group", sort=False)):
+        points = start + list(zip(rows["ratio"], rows["val_accuracy"]))
+        ratios, accuracies = zip(*sorted(points))
+        # Ten colours repeat: the line style tells the second ten apart.
+        ax.plot(ratios, accuracies, "o" + ("-", "--", ":")[i // 10 % 3], ms=3, label=gid)
     ax.set_xlabel("share of the group's channels removed")
     ax.set_ylabel("validation accuracy (group pruned alone)")
     ax.grid(alpha=0.3)
@@ -99,7 +102,7 @@ def plot_history(frame: pd.DataFrame, path: Path) -> None:
     ax.set_xlabel("trial")
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="best", framealpha=0.6)
     _save(figure, path)
 
 
@@ -126,7 +129,7 @@ def write_report(run: Run, out: str | Path | None = None, trial: int | None = No
     plots = ["front", "channels", "history"]
     table = run.sensitivity() if (run.folder / "sensitivity.csv").is_file() else pd.DataFrame()
     if len(table):
-        plot_sensitivity(table, out / PLOTS["sensitivity"])
+        plot_sensitivity(table, out / PLOTS["sensitivity"], run.base_val_accuracy())
         plots.insert(1, "sensitivity")
     write_text(out / "report.md", _report_text(run, frame, chosen.number, plots))
     return out / "report.md"
@@ -136,7 +139,8 @@ def _report_text(run: Run, frame: pd.DataFrame, trial: int, plots: list[str]) ->
     config, base, limits = run.config, run.base_cost(), run.limits()
     row = frame[frame["trial"] == trial].iloc[0]
     base_acc = run.base_val_accuracy()
-    caps = ", ".join(f"≤ {human(cap)} {what}" for cap, what in ((limits.flops, "FLOPs"), (limits.params, "params"))
+    caps = ", ".join(f"≤ {human(cap)} {what}" for cap, what in ((limits.flops, "FLOPs (thop MACs)"),
+                                                                 (limits.params, "params"))
                      if math.isfinite(cap))
     lines = [f"# Study `{run.name}`", "",
              f"- model `{config.get('model')}` on `{config.get('dataset')}`, budget `{config.get('budget')}` ({caps})",
@@ -145,9 +149,9 @@ def _report_text(run: Run, frame: pd.DataFrame, trial: int, plots: list[str]) ->
              f"- trials: {len(frame)} finished, {int(frame['feasible'].sum())} within budget, "
              f"{int(frame['on_front'].sum())} on the Pareto front",
              f"- chosen trial {trial}: validation accuracy {row['val_accuracy']:.2%}, "
-             f"FLOPs {human(row['flops'])} ({row['flops_share']:.1%} of base), "
+             f"FLOPs (thop MACs) {human(row['flops'])} ({row['flops_share']:.1%} of base), "
              f"params {human(row['params'])} ({row['params_share']:.1%} of base)"]
-    lines += _export_lines(run.folder / "summary.json", trial)
+    lines += _export_lines([run.folder / f"trial-{trial}" / "summary.json", run.folder / "summary.json"], trial)
     front = frame[frame["on_front"]]
     shown = pd.DataFrame({"trial": front["trial"], "val accuracy": front["val_accuracy"].map("{:.2%}".format),
                           "FLOPs (thop MACs)": front["flops"].map(human),
@@ -164,12 +168,17 @@ def _report_text(run: Run, frame: pd.DataFrame, trial: int, plots: list[str]) ->
     return "\n".join(lines)
 
 
-def _export_lines(path: Path, trial: int) -> list[str]:
-    """The test result of the search's export, when it exported this trial."""
-    if not path.is_file():
+def _export_lines(paths: list[Path], trial: int) -> list[str]:
+    """Test accuracy (and CPU latency) of this trial from the first export of it found in ``paths``."""
+    for path in paths:
+        summary: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        if summary.get("trial") == trial and "test_accuracy" in summary:
+            break
+    else:
         return []
-    summary: dict[str, Any] = json.loads(path.read_text())
-    if summary.get("trial") != trial or "test_accuracy" not in summary:
-        return []
-    return [f"- exported after {summary.get('final_epochs')} fine-tune epochs: test accuracy "
-            f"{summary['test_accuracy']:.2%} (base {summary['base_test_accuracy']:.2%})"]
+    lines = [f"- exported after {summary.get('final_epochs')} fine-tune epochs: test accuracy "
+             f"{summary['test_accuracy']:.2%} (base {summary['base_test_accuracy']:.2%}), `{path}`"]
+    for name, times in summary.get("latency_ms", {}).items():
+        lines.append(f"- CPU latency {name}: " + ", ".join(f"batch {b}: {ms:.2f} ms" for b, ms in times.items())
+                     + f" (median of {summary.get('latency_repeats')}, {summary.get('latency_threads')} thread(s))")
+    return lines

@@ -19,6 +19,7 @@ from autoprune.counting import count
 from autoprune.deploy import latency_ms, quantize_dynamic, quantized_layers, state_dict_bytes
 from autoprune.pareto import non_dominated, pareto_front
 from autoprune.runs import list_studies, open_run
+from autoprune.study import trial_plan
 from conftest import TINY_STUDY
 from tiny_models import mlp
 
@@ -95,6 +96,7 @@ def test_report_writes_real_images_and_a_markdown_that_shows_them(tiny_run, tmp_
         assert image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0.05, name  # not blank
         assert f"]({name})" in text
     assert "FLOPs (thop MACs)" in text and "Pareto front" in text and "budget `flops=0.4`" in text
+    assert "test accuracy" in text  # the search exported the best trial: its test result is shown
 
 
 def test_export_writes_checked_formats_latency_and_an_int8_copy(tiny_run, tmp_path, capsys):
@@ -110,6 +112,7 @@ def test_export_writes_checked_formats_latency_and_an_int8_copy(tiny_run, tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     study = optuna.load_study(study_name=TINY_STUDY, storage=f"sqlite:///{tiny_run / 'study.db'}")
     assert summary["trial"] == study.best_trial.number
+    assert autoprune.Plan.load(out / "plan.json").kept == trial_plan(study.best_trial).kept  # rebuilt from its plan
     model = torch.load(out / "model.pt", weights_only=False)
     assert count(model, torch.zeros(1, 3, 32, 32)).flops == summary["flops"] <= 0.4 * summary["base_flops"]
     x = torch.randn(5, 3, 32, 32)  # another batch size than the file was exported with

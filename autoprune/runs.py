@@ -85,7 +85,13 @@ class Run:
 
 
 def quiet_storage(url: str) -> optuna.storages.BaseStorage | str:
-    """The study's storage, without Optuna's notices that heartbeats are experimental."""
+    """An existing storage, without Optuna's notices that heartbeats are experimental.
+
+    A SQLite or journal file that is not there is refused rather than created empty.
+    """
+    path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else Path(url)
+    if (url.startswith("sqlite:///") or url.endswith((".log", ".journal"))) and not path.is_file():
+        raise AutopruneError(f"storage {url} does not exist; pass the storage the search used")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return storage_for(url)

@@ -166,6 +166,8 @@ def test_studies_lists_the_study_from_results_and_from_a_storage(tiny_run, tmp_p
     (["pareto", "--study", "nope"], "no study database at results/nope/study.db"),
     (["pareto", "--study", "nope", "--run-dir", "RUN"], "no study 'nope' in"),
     (["export", "--study", TINY_STUDY, "--run-dir", "RUN", "--trial", "99"], "has no finished trial 99"),
+    (["studies", "--storage", "sqlite:///typo.db"], "storage sqlite:///typo.db does not exist"),
+    (["export", "--study", TINY_STUDY, "--run-dir", "RUN", "--format", "onnx", "--repeats", "0"], "at least one repeat"),
     (["report", "--study", TINY_STUDY, "--run-dir", "RUN", "--trial", "99"], "has no finished trial 99"),
 ])
 def test_inspect_mistakes_get_one_line(args, message, tiny_run, tmp_path, monkeypatch, capsys):

@@ -32,7 +32,7 @@ def _check(name: str, got: np.ndarray, want: torch.Tensor) -> float:
     diff = float(np.abs(got - want_np).max())
     if got.shape != want_np.shape or diff > RELATIVE_TOLERANCE * max(1.0, float(np.abs(want_np).max())):
         raise AutopruneError(f"the {name} copy does not reproduce the PyTorch model (shape {got.shape} vs "
-                             f"{want_np.shape}, largest difference {diff:.3g}); report this with the model")
+                             f"{want_np.shape}, largest difference {diff:.3g}); does the model branch on its input data?")
     return diff
 
 
@@ -44,11 +44,15 @@ def to_onnx(model: nn.Module, inputs: torch.Tensor, path: Path) -> dict[str, Any
         raise AutopruneError("--format onnx needs onnx and onnxruntime: pip install onnx onnxruntime") from None
     model = model.cpu().eval()
     batch = torch.export.Dim("batch")
-    with atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (inputs[:2],), str(tmp), input_names=["input"], output_names=["logits"],
-                          dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
-                          external_data=False)  # one self-contained file (ONNX caps that at 2 GB)
+    try:
+        with atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (inputs[:2],), str(tmp), input_names=["input"], output_names=["logits"],
+                              dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
+                              external_data=False)  # one self-contained file (ONNX caps that at 2 GB)
+    except Exception as err:  # the exporter cannot capture this model: say so on one line
+        raise AutopruneError(f"torch.onnx could not export the model ({type(err).__name__}; "
+                             "data-dependent control flow?); try --format torchscript") from None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": inputs.numpy()})[0]
     with torch.inference_mode():
@@ -62,7 +66,11 @@ def to_torchscript(model: nn.Module, inputs: torch.Tensor, path: Path) -> dict[s
     model = model.cpu().eval()
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # torch.jit is deprecated upstream but still the portable C++ format
-        traced = torch.jit.trace(model, inputs[:2])
+        try:
+            traced = torch.jit.trace(model, inputs[:2])
+        except Exception as err:  # tracing cannot follow this model: say so on one line
+            raise AutopruneError(f"torch.jit.trace could not trace the model ({type(err).__name__}); "
+                                 "try --format onnx") from None
         with atomic_path(path) as tmp:
             torch.jit.save(traced, str(tmp))
         got = torch.jit.load(str(path))(inputs).numpy()

@@ -16,7 +16,8 @@ import torch
 import autoprune
 from autoprune.cli import main
 from autoprune.counting import count
-from autoprune.deploy import latency_ms, quantize_dynamic, quantized_layers, state_dict_bytes
+from autoprune.deploy import (latency_ms, quantize_dynamic, quantized_layers, state_dict_bytes, to_onnx,
+                              to_torchscript)
 from autoprune.pareto import non_dominated, pareto_front
 from autoprune.runs import list_studies, open_run
 from autoprune.study import trial_plan
@@ -97,6 +98,26 @@ def test_report_writes_real_images_and_a_markdown_that_shows_them(tiny_run, tmp_
         assert f"]({name})" in text
     assert "FLOPs (thop MACs)" in text and "Pareto front" in text and "budget `flops=0.4`" in text
     assert "test accuracy" in text  # the search exported the best trial: its test result is shown
+
+
+def test_report_without_the_run_directory_still_plots_the_study(tiny_run, tmp_path):
+    out = tmp_path / "report"
+    url = f"sqlite:///{tiny_run / 'study.db'}"
+    assert main(["report", "--study", TINY_STUDY, "--storage", url, "--run-dir", str(tmp_path), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["channels.png", "front.png", "history.png"]
+    assert "sensitivity.png" not in (out / "report.md").read_text()
+
+
+def test_a_copy_that_disagrees_with_the_model_is_refused(tmp_path):
+    class Branchy(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x  # data-dependent control flow
+
+    # Captured on the first two rows (sum > 0), checked on all four (sum < 0): the copy must be refused.
+    inputs = torch.tensor([[1.0, 1, 1], [1, 1, 1], [-10, -10, -10], [-10, -10, -10]])
+    for write in (to_onnx, to_torchscript):
+        with pytest.raises(autoprune.AutopruneError, match="could not|does not reproduce"):
+            write(Branchy(), inputs, tmp_path / "m")
 
 
 def test_export_writes_checked_formats_latency_and_an_int8_copy(tiny_run, tmp_path, capsys):

@@ -121,6 +121,9 @@ def open_run(study: str, storage: str | None = None, run_dir: str | Path | None 
     except KeyError:
         names = ", ".join(s.study_name for s in optuna.get_all_study_summaries(quiet_storage(storage))) or "none"
         raise AutopruneError(f"no study {study!r} in {storage} (studies there: {names})") from None
+    if "config" not in found.user_attrs:
+        raise AutopruneError(f"study {study!r} was not made by autoprune search (it records no configuration); "
+                             "name the search's study")
     return Run(found, storage, folder)
 
 
@@ -133,8 +136,6 @@ def rebuild_problem(run: Run, data_dir: str | Path = "data", download: bool = Fa
     Sampling bounds are not needed to rebuild a trial and are left wide open.
     """
     config = run.config
-    if not config:
-        raise AutopruneError(f"study {run.name!r} was not made by autoprune search (no configuration)")
     data = load_data(config["dataset"], data_dir, download, seed=int(config.get("seed", 0)))
     base_file = run.folder / "base.pt"
     if not base_file.is_file():

@@ -84,6 +84,8 @@ def test_optuna_best_trials_shows_the_best_and_on_the_copy_the_whole_front(tiny_
     assert sorted(row["user_attrs"]["search_trial"] for row in copied) == sorted(front["trial"])
     assert set(copied[0]["values"]) == {"val_accuracy", "flops", "params"}
     assert TINY_STUDY + "-front" not in set(list_studies(url)["study"])  # the copy is not a study to list
+    with pytest.raises(autoprune.AutopruneError, match="not made by autoprune search"):
+        open_run(TINY_STUDY + "-front", run_dir=run_dir)
 
 
 def test_report_writes_real_images_and_a_markdown_that_shows_them(tiny_run, tmp_path):

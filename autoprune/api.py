@@ -154,8 +154,8 @@ def search(
     if workers > 1 and storage.startswith("sqlite"):
         raise AutopruneError("SQLite cannot take several worker processes; for --workers pass "
                              f"--storage {out / 'study.log'} (a journal file) or a PostgreSQL/MySQL URL")
-    if out.is_dir():
-        sweep(out)  # temporary files of a killed run
+    out.mkdir(parents=True, exist_ok=True)
+    sweep(out)  # temporary files of a killed run
     device = resolve_device(device)
     settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed)
     example = data.example_input()

@@ -7,7 +7,6 @@ is rewritten after every cell, so a scan that is killed resumes where it stopped
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -52,6 +51,8 @@ class SharedRows(Protocol):
 
     def add(self, row: dict) -> None: ...
 
+    def claim(self, base_model: str, importance: str, group: str, ratio: float) -> bool: ...
+
 
 KEY = ["base_model", "importance", "group", "ratio"]
 
@@ -83,9 +84,10 @@ def scan(
     """Fill ``path`` (sensitivity.csv) with one row per (group, ratio); reuse finished rows.
 
     With ``shared`` (the study), cells measured by any worker are taken from it
-    and each new cell is added to it, so workers on other machines skip them;
-    each worker starts at its own place in the list, which splits a scan that
-    several start at once. Returns the rows for this base model and importance criterion.
+    and each new cell is added to it, so workers on other machines skip them.
+    Workers scanning at once claim cells first and measure the ones others
+    claimed only if those are still missing at the end (their worker may have
+    died). Returns the rows for this base model and importance criterion.
     """
     path = Path(path)
     table = _merge(_read(path), shared.rows() if shared else [])
@@ -96,9 +98,9 @@ def scan(
 
     finished = done()
     cells = [(g, r) for g in groups for r in grid if (g.id, round(r, 6)) not in finished]
-    if shared and cells:
-        start = os.getpid() % len(cells)
-        cells = cells[start:] + cells[:start]
+    if shared:  # cells claimed by nobody else first, then whatever is still missing
+        mine = [c for c in cells if shared.claim(groups.base_model, groups.importance, c[0].id, c[1])]
+        cells = mine + [c for c in cells if c not in mine]
     train_loader = data.loader("train", batch_size=batch_size, shuffle=True)
     val_loader = data.loader("val", batch_size=256)
     for group, ratio in tqdm(cells, desc="sensitivity", disable=quiet or not cells, unit="cell"):
@@ -122,9 +124,9 @@ def scan(
             shared.add(row)
         table = _merge(table, [row])
         _write(table, path)
-    if shared:  # the copy on disk gets the cells other workers measured
-        merged = _merge(table, shared.rows())
-        if len(merged) > len(_read(path)):
+    if shared:  # the study's measurement of a cell wins, so every worker reads the same table
+        merged = _merge(pd.DataFrame(shared.rows(), columns=COLUMNS), table.to_dict("records"))
+        if not merged.equals(_read(path)):
             _write(merged, path)
         table = merged
     mine = (table["base_model"].astype(str) == groups.base_model) & (table["importance"] == groups.importance)

@@ -81,7 +81,7 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
             return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
         except ImportError as err:
             raise AutopruneError(f"storage {url.split(':')[0]} needs a driver: {err}; "
-                                 "for PostgreSQL run pip install psycopg2-binary") from None
+                                 "for PostgreSQL pip install psycopg2-binary and write postgresql+psycopg2://…") from None
     if url.endswith((".log", ".journal")):
         from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
         Path(url).parent.mkdir(parents=True, exist_ok=True)
@@ -156,9 +156,21 @@ class SharedTable:
         return [value for key, value in self._attrs().items() if key.startswith(self.PREFIX)]
 
     def add(self, row: dict) -> None:
-        key = f"{self.PREFIX}{row['base_model']}:{row['importance']}:{row['group']}:{row['ratio']:.6g}"
+        key = self.PREFIX + self._cell(row["base_model"], row["importance"], row["group"], row["ratio"])
         if key not in self._attrs():  # the first measurement stays: every worker sees the same table
             self.study._storage.set_study_system_attr(self.study._study_id, key, row)
+
+    def claim(self, base_model: str, importance: str, group: str, ratio: float) -> bool:
+        """Claim a cell to measure; False if another worker claimed it first."""
+        key = "autoprune:claim:" + self._cell(base_model, importance, group, ratio)
+        me = asdict(Worker.me())
+        if key not in self._attrs():
+            self.study._storage.set_study_system_attr(self.study._study_id, key, me)
+        return self._attrs()[key] == me  # two at once: the last write holds, and all read the same
+
+    @staticmethod
+    def _cell(base_model: str, importance: str, group: str, ratio: float) -> str:
+        return f"{base_model}:{importance}:{group}:{float(ratio):.6g}"
 
 
 def finished(study: optuna.Study) -> int:

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import zlib
@@ -200,8 +201,10 @@ def search(
     try:
         with _threads(workers):
             run(problem, the_study, settings, quiet, stream)
-    finally:
-        _join(children)
+    except BaseException:
+        _join(children, check=False)  # the error at hand is the one to report
+        raise
+    _join(children)
     chosen = best_trial(the_study)
     meta = {"model": name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
             "dataset": data.name, "study": study_name, "trial": chosen.number}
@@ -248,14 +251,20 @@ def _worker_main(kwargs: dict[str, Any], parent: int, threads: int) -> None:
 
     threading.Thread(target=watch, daemon=True).start()
     torch.set_num_threads(threads)
-    search(**kwargs)
+    try:
+        search(**kwargs)
+    except KeyboardInterrupt:  # Ctrl-C reaches every process; the parent says what to do
+        raise SystemExit(130) from None
+    except AutopruneError as err:
+        print(f"autoprune: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
-def _join(children: list[multiprocessing.Process]) -> None:
+def _join(children: list[multiprocessing.Process], check: bool = True) -> None:
     for child in children:
         child.join()
     failed = [c.name for c in children if c.exitcode]
-    if failed:
+    if failed and check:
         raise AutopruneError(f"{', '.join(failed)} stopped with an error (see above); "
                              "run the same command again to resume")
 

@@ -6,6 +6,7 @@ PostgreSQL server (AUTOPRUNE_TEST_POSTGRES), two processes as two machines would
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -136,3 +137,21 @@ def test_two_processes_share_a_study_on_postgresql(tmp_path):
     tables = [pd.read_csv(out / "sensitivity.csv").sort_values(["group", "ratio"]).reset_index(drop=True)
               for out in outs]
     pd.testing.assert_frame_equal(tables[0], tables[1])
+
+
+@pytest.mark.slow
+def test_killed_three_times_at_random_moments_then_resumed(tmp_path):
+    """The issue's acceptance check: random kill times, whatever phase they land in."""
+    seed = int(os.environ.get("AUTOPRUNE_KILL_SEED", time.time_ns() % 10_000))
+    moments = random.Random(seed).sample([x / 2 for x in range(4, 30)], 3)  # 2 s … 14.5 s after start
+    out = tmp_path / "run"
+    for moment in moments:
+        process = _start(out)
+        try:
+            process.wait(timeout=moment)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    process = _start(out)
+    assert process.wait(timeout=300) == 0, f"kill seed {seed}, moments {moments}:\n{process.stdout.read()}"
+    _check_finished_run(out, f"sqlite:///{out / 'study.db'}")

@@ -6,9 +6,17 @@ The CLI is a thin layer over these two functions.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import re
+import socket
+import sys
+import threading
 import time
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,12 +32,13 @@ from .counting import Cost, human
 from .data import Data, load_data
 from .errors import AutopruneError
 from .export import export
-from .files import command_line, fingerprint, save_torch, versions, write_json, write_text
+from .files import command_line, fingerprint, save_torch, sweep, versions, write_json, write_text
 from .groups import ChannelGroups, apply_plan
 from .models import build_model, load_weights, read_state_dict
 from .plan import Plan
 from .sensitivity import GRID, bounds, equal_drop, scan
-from .study import Problem, Settings, best_trial, config_dict, open_study, run, trial_plan, trials_table
+from .study import (Problem, Settings, SharedTable, best_trial, config_dict, enqueue_seed, open_study, run,
+                    trial_plan, trials_table)
 from .training import evaluate, resolve_device, train
 
 DEFAULT_TRAIN_EPOCHS = 15.0
@@ -108,7 +117,9 @@ def search(
     quiet: bool = False,
     data_dir: str | Path = "data",
     download: bool = False,
-) -> Result:
+    workers: int = 1,
+    _worker: int = 0,
+) -> Result | None:
     """Find per-group pruning ratios that meet ``budget`` and keep the most accuracy.
 
     ``model`` is a trained ``nn.Module`` or a model name (torchvision name,
@@ -116,6 +127,9 @@ def search(
     ``weights`` is trained first (``train_epochs``) and kept in the run directory.
     ``data`` is a data set name or ``(train, val, test)`` datasets or loaders.
     Running it again resumes the study; ``trials`` is the total to reach.
+    ``workers`` processes run trials side by side on this machine (the default
+    storage is then a journal file, ``study.log``); processes on other machines
+    join through a shared ``storage`` URL.
 
     Example:
         >>> result = autoprune.search("resnet18", "digits", "flops=0.25", trials=12)
@@ -123,17 +137,26 @@ def search(
         True
     """
     started = time.perf_counter()
+    call = {k: v for k, v in locals().items() if k not in ("started", "_worker")}
     torch.manual_seed(seed)
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     if trials < 1:
         raise AutopruneError(f"--trials must be at least 1, not {trials}")
+    if workers < 1:
+        raise AutopruneError(f"--workers must be at least 1, not {workers}")
     if not 0 < max_ratio < 1 or not grid or not all(0 < r < 1 for r in grid):
         raise AutopruneError("ratios (grid and max ratio) must lie strictly between 0 and 1")
     data = _as_data(data, data_dir=data_dir, download=download, seed=seed)
     name = model if isinstance(model, str) else type(model).__name__
     study_name = study or f"{_slug(Path(name).stem)}-{_slug(data.name)}-{_slug(str(budget))}"
     out = Path(out) if out else Path("results") / study_name
-    storage = storage or f"sqlite:///{out / 'study.db'}"
+    shared_storage = storage is not None  # other machines may be working on it
+    storage = storage or _default_storage(out, workers)
+    if workers > 1 and storage.startswith("sqlite"):
+        raise AutopruneError("SQLite cannot take several worker processes; for --workers pass "
+                             f"--storage {out / 'study.log'} (a journal file) or a PostgreSQL/MySQL URL")
+    out.mkdir(parents=True, exist_ok=True)
+    sweep(out)  # temporary files of a killed run
     device = resolve_device(device)
     settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed)
     example = data.example_input()
@@ -162,12 +185,26 @@ def search(
         print(f"base {name} on {data.name}: val {base_val:.2%} | {costs.base} | {len(groups)} groups | "
               f"budget {budget}: {caps}")
     table = scan(groups, costs, base, data, base_val, device, out / "sensitivity.csv", grid,
-                 bn_batches, batch_size, quiet)
+                 bn_batches, batch_size, quiet, shared=SharedTable(the_study))
     low = np.zeros(len(groups))
     high = bounds(table, costs, limits, max_ratio)
     problem = Problem(base, data, groups, costs, limits, low, high,
                       equal_drop(table, costs, limits, low, high), base_val, device)
-    run(problem, the_study, settings, quiet)
+    # Workers on other machines must not draw the same candidates: give each process its own stream.
+    stream = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) if shared_storage else 0
+    if _worker:
+        run(problem, the_study, settings, True, stream + 100003 * _worker)
+        return None
+    enqueue_seed(the_study, problem)
+    children = [_spawn(call, i, model=name if isinstance(model, str) else base, data=data, storage=storage,
+                       out=out, study=study_name) for i in range(1, workers)]
+    try:
+        with _threads(workers):
+            run(problem, the_study, settings, quiet, stream)
+    except BaseException:
+        _join(children, check=False)  # the error at hand is the one to report
+        raise
+    _join(children)
     chosen = best_trial(the_study)
     meta = {"model": name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
             "dataset": data.name, "study": study_name, "trial": chosen.number}
@@ -183,6 +220,64 @@ def search(
     write_json(out / "summary.json", summary)
     pruned = torch.load(out / "model.pt", weights_only=False)
     return Result(pruned, plan, summary, the_study, out)
+
+
+def _default_storage(out: Path, workers: int) -> str:
+    """The run directory's study: SQLite for one process, a journal file for several."""
+    journal, sqlite = out / "study.log", out / "study.db"
+    if journal.is_file() or (workers > 1 and not sqlite.is_file()):
+        return str(journal)
+    return f"sqlite:///{sqlite}"
+
+
+def _spawn(call: dict[str, Any], index: int, **given: Any) -> multiprocessing.Process:
+    """Start worker process ``index``: the same search, on the prepared base model and study."""
+    kwargs = {**call, **given, "new_study": False, "workers": 1, "quiet": True, "_worker": index}
+    if not isinstance(kwargs["model"], str):
+        kwargs.update(weights=None, train_epochs=0.0)  # the base model handed over is already trained
+    process = multiprocessing.get_context("spawn").Process(
+        target=_worker_main, args=(kwargs, os.getpid(), max(1, torch.get_num_threads() // call["workers"])),
+        name=f"autoprune-worker-{index}")
+    process.start()
+    return process
+
+
+def _worker_main(kwargs: dict[str, Any], parent: int, threads: int) -> None:
+    """Body of a spawned worker: run trials; die with the parent rather than outlive it."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)  # the parent was killed: its next run fails and retries this worker's trial
+
+    threading.Thread(target=watch, daemon=True).start()
+    torch.set_num_threads(threads)
+    try:
+        search(**kwargs)
+    except KeyboardInterrupt:  # Ctrl-C reaches every process; the parent says what to do
+        raise SystemExit(130) from None
+    except AutopruneError as err:
+        print(f"autoprune: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _join(children: list[multiprocessing.Process], check: bool = True) -> None:
+    for child in children:
+        child.join()
+    failed = [c.name for c in children if c.exitcode]
+    if failed and check:
+        raise AutopruneError(f"{', '.join(failed)} stopped with an error (see above); "
+                             "run the same command again to resume")
+
+
+@contextmanager
+def _threads(workers: int) -> Iterator[None]:
+    """Share the CPU cores among the worker processes while they run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _budget_limits(groups: ChannelGroups, budget: Budget, max_ratio: float) -> tuple[CostModel, Cost]:

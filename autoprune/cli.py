@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--study", help="study name (default: MODEL-DATASET-BUDGET)")
     search.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the run directory)")
     search.add_argument("--out", help="run directory (default: results/STUDY)")
+    search.add_argument("--workers", type=int, default=1,
+                        help="worker processes on this machine sharing the study (default: 1); machines "
+                             "join one study through a shared --storage")
     search.add_argument("--new-study", action="store_true", help="discard the stored study and start afresh")
     search.add_argument("--train-epochs", type=_epochs, help="epochs to train the base model (default 15)")
     search.add_argument("--finetune-epochs", type=_epochs, default=1.0,
@@ -130,7 +133,7 @@ def _search(args: argparse.Namespace) -> None:
                     final_epochs=args.final_epochs, lr=args.lr, batch_size=args.batch_size,
                     grid=args.grid or GRID, max_ratio=args.max_ratio, importance=args.importance,
                     device=args.device, seed=args.seed, quiet=args.quiet, data_dir=args.data_dir,
-                    download=args.download)
+                    download=args.download, workers=args.workers)
     s = result.summary
     print(f"best trial {s['trial']} of {s['trials']}: "
           f"FLOPs {human(s['flops'])} ({s['flops_share']:.1%} of {human(s['base_flops'])}, thop MACs), "

@@ -24,11 +24,12 @@ PACKAGES = ("autoprune", "torch", "torchvision", "torch-pruning", "optuna", "tho
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` on success.
 
-    A run killed while writing leaves the old file (or none), never half a file.
+    A run killed while writing leaves the old file (or none), never half a file;
+    the temporary file it leaves (``.NAME.PID.XXXX.tmp``) is removed by :func:`sweep`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -39,6 +40,34 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def sweep(folder: str | Path) -> list[Path]:
+    """Delete temporary files that killed processes left in ``folder``; returns them.
+
+    A file whose writer still runs (same host) is kept.
+
+    Example:
+        >>> sweep("results/resnet18-digits-flops0.3")
+        []
+    """
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        pid = tmp.name.split(".")[-3]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,6 +44,29 @@ def _write(table: pd.DataFrame, path: Path) -> None:
         table.to_csv(tmp, index=False)
 
 
+class SharedRows(Protocol):
+    """Where workers share finished cells (:class:`autoprune.study.SharedTable`)."""
+
+    def rows(self) -> list[dict]: ...
+
+    def add(self, row: dict) -> None: ...
+
+    def claim(self, base_model: str, importance: str, group: str, ratio: float) -> bool: ...
+
+
+KEY = ["base_model", "importance", "group", "ratio"]
+
+
+def _merge(table: pd.DataFrame, rows: list[dict]) -> pd.DataFrame:
+    """``table`` plus the cells of ``rows`` it lacks (a cell is measured once)."""
+    if not rows:
+        return table
+    extra = pd.DataFrame(rows, columns=COLUMNS)
+    both = pd.concat([table, extra], ignore_index=True) if len(table) else extra
+    cell = both[KEY[:3]].astype(str).agg("|".join, axis=1) + "|" + both["ratio"].astype(float).round(6).astype(str)
+    return both[~cell.duplicated()].reset_index(drop=True)
+
+
 def scan(
     groups: ChannelGroups,
     costs: CostModel,
@@ -56,19 +79,35 @@ def scan(
     bn_batches: int = 8,
     batch_size: int = 64,
     quiet: bool = False,
+    shared: SharedRows | None = None,
 ) -> pd.DataFrame:
     """Fill ``path`` (sensitivity.csv) with one row per (group, ratio); reuse finished rows.
 
-    Returns the rows for this base model and importance criterion.
+    With ``shared`` (the study), cells measured by any worker are taken from it
+    and each new cell is added to it, so workers on other machines skip them.
+    Workers scanning at once claim cells first and measure the ones others
+    claimed only if those are still missing at the end (their worker may have
+    died). Returns the rows for this base model and importance criterion.
     """
     path = Path(path)
-    table = _read(path)
-    mine = (table["base_model"].astype(str) == groups.base_model) & (table["importance"] == groups.importance)
-    done = {(g, round(float(r), 6)) for g, r in zip(table.loc[mine, "group"], table.loc[mine, "ratio"])}
-    cells = [(g, r) for g in groups for r in grid if (g.id, round(r, 6)) not in done]
+    table = _merge(_read(path), shared.rows() if shared else [])
+
+    def done() -> set[tuple[str, float]]:
+        mine = (table["base_model"].astype(str) == groups.base_model) & (table["importance"] == groups.importance)
+        return {(g, round(float(r), 6)) for g, r in zip(table.loc[mine, "group"], table.loc[mine, "ratio"])}
+
+    finished = done()
+    cells = [(g, r) for g in groups for r in grid if (g.id, round(r, 6)) not in finished]
+    if shared:  # cells claimed by nobody else first, then whatever is still missing
+        mine = [c for c in cells if shared.claim(groups.base_model, groups.importance, c[0].id, c[1])]
+        cells = mine + [c for c in cells if c not in mine]
     train_loader = data.loader("train", batch_size=batch_size, shuffle=True)
     val_loader = data.loader("val", batch_size=256)
     for group, ratio in tqdm(cells, desc="sensitivity", disable=quiet or not cells, unit="cell"):
+        if shared:  # another worker may have measured it meanwhile
+            table = _merge(table, shared.rows())
+            if (group.id, round(ratio, 6)) in done():
+                continue
         start = time.perf_counter()
         kept = max(1, int(round(group.channels * (1 - ratio))))
         keep = {group.id: kept}
@@ -77,12 +116,19 @@ def scan(
         recalibrate_bn(pruned, train_loader, device, bn_batches)
         accuracy = evaluate(pruned, val_loader, device)
         row = {"base_model": groups.base_model, "importance": groups.importance, "group": group.id,
-               "ratio": ratio, "channels": group.channels, "kept": kept,
-               "flops_share": costs.predict(keep).flops / costs.base.flops,
-               "val_accuracy": accuracy, "drop": base_accuracy - accuracy,
+               "ratio": float(ratio), "channels": int(group.channels), "kept": int(kept),
+               "flops_share": float(costs.predict(keep).flops / costs.base.flops),
+               "val_accuracy": float(accuracy), "drop": float(base_accuracy - accuracy),
                "seconds": round(time.perf_counter() - start, 3)}
-        table = pd.concat([table, pd.DataFrame([row])], ignore_index=True) if len(table) else pd.DataFrame([row])
+        if shared:
+            shared.add(row)
+        table = _merge(table, [row])
         _write(table, path)
+    if shared:  # the study's measurement of a cell wins, so every worker reads the same table
+        merged = _merge(pd.DataFrame(shared.rows(), columns=COLUMNS), table.to_dict("records"))
+        if not merged.equals(_read(path)):
+            _write(merged, path)
+        table = merged
     mine = (table["base_model"].astype(str) == groups.base_model) & (table["importance"] == groups.importance)
     return table[mine].reset_index(drop=True)
 

@@ -9,10 +9,15 @@ stored on the trial, so the study alone is the record of the search.
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import optuna
@@ -63,20 +68,46 @@ class Settings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def storage_for(url: str) -> optuna.storages.BaseStorage | str:
-    """An Optuna storage for ``url``; databases get heartbeats so a killed trial is retried."""
+def storage_for(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``: a database URL or a journal file ending in .log/.journal.
+
+    Dead trials are found by :func:`recover` (process ids and heartbeats), the
+    same way for every storage, so no Optuna heartbeat is configured here.
+    """
     if url.startswith(("sqlite", "postgresql", "mysql")):
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=20, grace_period=60,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-        )
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except ImportError as err:
+            raise AutopruneError(f"storage {url.split(':')[0]} needs a driver: {err}; "
+                                 "for PostgreSQL pip install psycopg2-binary and write postgresql+psycopg2://…") from None
     if url.endswith((".log", ".journal")):
-        from optuna.storages.journal import JournalFileBackend
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
+        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        lock = JournalFileSymlinkLock(url)
+        _repair_journal(Path(url), lock)
+        return optuna.storages.JournalStorage(JournalFileBackend(url, lock_obj=lock))
     raise AutopruneError(f"unknown storage {url!r}; use sqlite:///file.db, postgresql://…, "
                          "mysql://… or a journal file ending in .log")
+
+
+def _repair_journal(path: Path, lock: Any) -> None:
+    """Cut a line half-written by a killed process off the end of a journal file.
+
+    Optuna appends whole lines under ``lock``; a kill in the middle of one would
+    otherwise glue the next record onto it and make the journal unreadable.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    lock.acquire()
+    try:
+        text = path.read_bytes()  # Optuna reads the whole journal anyway
+        if not text.endswith(b"\n"):
+            with open(path, "rb+") as f:
+                f.truncate(text.rfind(b"\n") + 1)
+    finally:
+        lock.release()
 
 
 def open_study(name: str, storage: str, config: dict[str, Any], new: bool = False) -> optuna.Study:
@@ -100,6 +131,46 @@ def open_study(name: str, storage: str, config: dict[str, Any], new: bool = Fals
         raise AutopruneError(f"study {name!r} was made with another configuration ({'; '.join(differs)}); "
                              "run it as it was, pass --new-study to start it afresh, or pick another --study")
     return study
+
+
+class SharedTable:
+    """Sensitivity cells kept on the study itself, one system attribute per cell.
+
+    Every worker, on this machine or another, reads the cells already measured
+    and adds the ones it measures, so a scan is done once per study.
+
+    Example:
+        >>> SharedTable(optuna.create_study()).rows()
+        []
+    """
+
+    PREFIX = "autoprune:sensitivity:"
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+
+    def _attrs(self) -> dict[str, Any]:
+        return self.study._storage.get_study_system_attrs(self.study._study_id)
+
+    def rows(self) -> list[dict]:
+        return [value for key, value in self._attrs().items() if key.startswith(self.PREFIX)]
+
+    def add(self, row: dict) -> None:
+        key = self.PREFIX + self._cell(row["base_model"], row["importance"], row["group"], row["ratio"])
+        if key not in self._attrs():  # the first measurement stays: every worker sees the same table
+            self.study._storage.set_study_system_attr(self.study._study_id, key, row)
+
+    def claim(self, base_model: str, importance: str, group: str, ratio: float) -> bool:
+        """Claim a cell to measure; False if another worker claimed it first."""
+        key = "autoprune:claim:" + self._cell(base_model, importance, group, ratio)
+        me = asdict(Worker.me())
+        if key not in self._attrs():
+            self.study._storage.set_study_system_attr(self.study._study_id, key, me)
+        return self._attrs()[key] == me  # two at once: the last write holds, and all read the same
+
+    @staticmethod
+    def _cell(base_model: str, importance: str, group: str, ratio: float) -> str:
+        return f"{base_model}:{importance}:{group}:{float(ratio):.6g}"
 
 
 def finished(study: optuna.Study) -> int:
@@ -158,35 +229,204 @@ def _describe(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> str:
             f"best {best.value:.2%} (trial {best.number})")
 
 
-def run(problem: Problem, study: optuna.Study, settings: Settings, quiet: bool = False) -> optuna.Study:
-    """Run trials until the study holds ``settings.trials`` finished ones."""
-    done = finished(study)
-    if done >= settings.trials:
-        return study
-    if not study.trials:  # the sensitivity seed goes first, once
-        study.enqueue_trial({_param(g): float(r) for g, r in zip(problem.costs.ids, problem.seed_ratios)})
+HEARTBEAT_S = 10.0  # how often a running trial says it is alive
+GRACE_S = 60.0  # a trial of another machine silent this long is taken for dead
+MAX_RETRY = 3  # a trial whose worker died is tried again at most this often
+POLL_S = 2.0  # how often a worker with nothing to start looks again
+RUNNING, COMPLETE, FAIL = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE,
+                           optuna.trial.TrialState.FAIL)
+
+
+def _process_start(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot), so a reused pid is told apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+@dataclass(frozen=True)
+class Worker:
+    """The process running a trial, as recorded on the trial.
+
+    Example:
+        >>> Worker.me().alive()
+        True
+    """
+
+    host: str
+    pid: int
+    started: str = ""
+
+    @classmethod
+    def me(cls) -> "Worker":
+        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()))
+
+    def alive(self) -> bool:
+        """Whether the process still runs (meaningful on its own host only)."""
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return not self.started or _process_start(self.pid) in ("", self.started)
+
+
+def _started(trial: optuna.trial.FrozenTrial) -> float:
+    return trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+
+
+def _stale(trial: optuna.trial.FrozenTrial, me: Worker, now: float, grace: float) -> bool:
+    """Whether a RUNNING trial's worker is gone: a dead process here, or silence elsewhere."""
+    who = trial.system_attrs.get("autoprune:worker")
+    if who and who["host"] == me.host:
+        return not Worker(**who).alive()
+    last = trial.system_attrs.get("autoprune:beat") or _started(trial)
+    return now - last > grace
+
+
+def recover(study: optuna.Study, grace: float = GRACE_S) -> list[int]:
+    """Mark the trials of dead workers failed and queue each again; returns their numbers.
+
+    Several workers may call this at once: the storage lets only one of them
+    fail a given trial, and only that one queues the retry.
+    """
+    me, now, failed = Worker.me(), time.time(), []
+    for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
+        if not _stale(trial, me, now, grace):
+            continue
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "failed", "its worker died")
+            if not study._storage.set_trial_state_values(trial._trial_id, FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        failed.append(trial.number)
+        _retry(study, trial)
+    return failed
+
+
+def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue the parameters of a trial that could not finish, up to ``MAX_RETRY`` times."""
+    params = trial.params or trial.system_attrs.get("fixed_params")
+    retries = trial.user_attrs.get("retries", 0)
+    if params and retries < MAX_RETRY:
+        study.enqueue_trial(params, user_attrs={"retry_of": trial.number, "retries": retries + 1})
+
+
+@contextmanager
+def _heartbeat(study: optuna.Study, trial_id: int, interval: float = HEARTBEAT_S) -> Iterator[None]:
+    """Record the worker on the trial and keep stamping the time while the trial runs."""
+    storage = study._storage
+    storage.set_trial_system_attr(trial_id, "autoprune:worker", asdict(Worker.me()))
+    storage.set_trial_system_attr(trial_id, "autoprune:beat", time.time())
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                storage.set_trial_system_attr(trial_id, "autoprune:beat", time.time())
+            except Exception:  # the trial ended or the storage went away: nothing left to keep alive
+                return
+
+    thread = threading.Thread(target=beat, name="autoprune-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _surplus(study: optuna.Study, number: int, wanted: int) -> str | None:
+    """Why trial ``number``, just started, must not run, or None.
+
+    Trials are ordered by start time (then number), an order every worker sees
+    alike: a trial is surplus when the finished trials and those started before
+    it already make ``wanted``, or when an earlier live trial has its fixed
+    parameters (a queued trial that two workers queued).
+    """
+    trials = study.get_trials(deepcopy=False)
+    mine = next(t for t in trials if t.number == number)
+    key = (_started(mine), number)
+    earlier = [t for t in trials if t.number != number and t.state in (RUNNING, COMPLETE)
+               and (t.state == COMPLETE or (_started(t), t.number) < key)]
+    if sum(t.state == COMPLETE for t in trials) + sum(t.state == RUNNING for t in earlier) >= wanted:
+        return f"{wanted} trials were already finished or running"
+    fixed = mine.system_attrs.get("fixed_params")
+    if fixed and any(t.system_attrs.get("fixed_params") == fixed for t in earlier):
+        return "a copy of an earlier queued trial"
+    return None
+
+
+def _counts(study: optuna.Study) -> tuple[int, int]:
+    trials = study.get_trials(deepcopy=False, states=(COMPLETE, RUNNING))
+    done = sum(t.state == COMPLETE for t in trials)
+    return done, len(trials) - done
+
+
+def enqueue_seed(study: optuna.Study, problem: Problem) -> None:
+    """Queue the sensitivity seed (equal accuracy drop) as the first trial of a new study."""
+    if not study.trials:
+        study.enqueue_trial({_param(g): float(r) for g, r in zip(problem.costs.ids, problem.seed_ratios)},
+                            skip_if_exists=True)
+
+
+def run(problem: Problem, study: optuna.Study, settings: Settings, quiet: bool = False,
+        stream: int = 0) -> optuna.Study:
+    """Run trials until the study holds exactly ``settings.trials`` finished ones.
+
+    Any number of processes may run this on one study: each starts a trial only
+    while finished plus running trials fall short of the total, and a trial that
+    races past it is marked failed unrun. Trials of dead workers are failed and
+    retried (:func:`recover`). ``stream`` keeps workers' samplers apart.
+    """
+    recover(study)
+    enqueue_seed(study, problem)
     # A fixed seed would make a resumed study repeat its first trials: offset it.
     study.sampler = optuna.samplers.TPESampler(
-        seed=settings.seed + len(study.trials), multivariate=True,
+        seed=settings.seed + len(study.trials) + stream, multivariate=True,
         n_startup_trials=max(3, min(10, settings.trials // 4)),
     )
-    bar = tqdm(total=settings.trials, initial=done, desc="search", unit="trial", disable=quiet)
-
-    def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            bar.update(1)
-            if not quiet:
-                tqdm.write(_describe(trial, study))
-        if finished(study) >= settings.trials:
-            study.stop()
-
+    objective = Objective(problem, settings, quiet)
+    bar = tqdm(total=settings.trials, initial=_counts(study)[0], desc="search", unit="trial", disable=quiet)
     try:
-        while finished(study) < settings.trials:
-            study.optimize(Objective(problem, settings, quiet), n_trials=settings.trials - finished(study),
-                           callbacks=[report], gc_after_trial=False)
+        while True:
+            recover(study)
+            done, running = _counts(study)
+            bar.n = done
+            bar.refresh()
+            if done >= settings.trials:
+                break
+            if done + running >= settings.trials:  # the rest is running elsewhere: wait for it
+                time.sleep(POLL_S)
+                continue
+            _run_one(study, objective, settings.trials, quiet)
     finally:
         bar.close()
     return study
+
+
+def _run_one(study: optuna.Study, objective: Objective, wanted: int, quiet: bool) -> None:
+    """Ask for a trial, run it unless it is surplus, and tell the study how it went."""
+    trial = study.ask()
+    reason = _surplus(study, trial.number, wanted)
+    if reason:
+        trial.set_user_attr("skipped", reason)
+        study.tell(trial, state=FAIL)
+        return
+    try:
+        with _heartbeat(study, trial._trial_id):
+            value = objective(trial)
+    except BaseException:
+        study.tell(trial, state=FAIL)
+        if not isinstance(sys.exc_info()[1], Exception):  # interrupted, not broken: try it again later
+            _retry(study, study.get_trials(deepcopy=False)[trial.number])
+        raise
+    frozen = study.tell(trial, value)
+    if frozen.state == COMPLETE and not quiet:
+        tqdm.write(_describe(frozen, study))
 
 
 def best_trial(study: optuna.Study, number: int | None = None) -> optuna.trial.FrozenTrial:

@@ -158,15 +158,16 @@ def _describe(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> str:
             f"best {best.value:.2%} (trial {best.number})")
 
 
-def run(problem: Problem, study: optuna.Study, settings: Settings, quiet: bool = False) -> optuna.Study:
-    """Run trials until the study holds ``settings.trials`` finished ones."""
+def run(problem: Problem, study: optuna.Study, settings: Settings, quiet: bool = False,
+        sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
+    """Run trials until the study holds ``settings.trials`` finished ones (TPE unless ``sampler``)."""
     done = finished(study)
     if done >= settings.trials:
         return study
     if not study.trials:  # the sensitivity seed goes first, once
         study.enqueue_trial({_param(g): float(r) for g, r in zip(problem.costs.ids, problem.seed_ratios)})
     # A fixed seed would make a resumed study repeat its first trials: offset it.
-    study.sampler = optuna.samplers.TPESampler(
+    study.sampler = sampler or optuna.samplers.TPESampler(
         seed=settings.seed + len(study.trials), multivariate=True,
         n_startup_trials=max(3, min(10, settings.trials // 4)),
     )

@@ -178,7 +178,7 @@ def _searched(sampler: optuna.samplers.BaseSampler | None) -> Callable[[Problem,
     def search(problem: Problem, config: BenchConfig, seed: int) -> tuple[Plan, int]:
         study = optuna.create_study(direction="maximize")
         settings = Settings(config.trials, config.finetune_epochs, config.final_epochs, seed=seed)
-        run(problem, study, settings, quiet=True, sampler=sampler)
+        run(problem, study, settings, quiet=True, sampler=sampler, seed_first=sampler is None)
         return trial_plan(study.best_trial), len(study.trials)
     return search
 

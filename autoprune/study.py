@@ -159,13 +159,17 @@ def _describe(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> str:
 
 
 def run(problem: Problem, study: optuna.Study, settings: Settings, quiet: bool = False,
-        sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
-    """Run trials until the study holds ``settings.trials`` finished ones (TPE unless ``sampler``)."""
+        sampler: optuna.samplers.BaseSampler | None = None, seed_first: bool = True) -> optuna.Study:
+    """Run trials until the study holds ``settings.trials`` finished ones.
+
+    TPE unless ``sampler``; the sensitivity seed is the first trial unless ``seed_first`` is off.
+    """
     done = finished(study)
     if done >= settings.trials:
         return study
-    if not study.trials:  # the sensitivity seed goes first, once
-        study.enqueue_trial({_param(g): float(r) for g, r in zip(problem.costs.ids, problem.seed_ratios)})
+    if seed_first and not study.trials:  # the sensitivity seed goes first, once
+        ratios = np.clip(problem.seed_ratios, problem.low, problem.high)  # rounding can step past a bound
+        study.enqueue_trial({_param(g): float(r) for g, r in zip(problem.costs.ids, ratios)})
     # A fixed seed would make a resumed study repeat its first trials: offset it.
     study.sampler = sampler or optuna.samplers.TPESampler(
         seed=settings.seed + len(study.trials), multivariate=True,

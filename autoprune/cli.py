@@ -76,7 +76,34 @@ def build_parser() -> argparse.ArgumentParser:
     groups = commands.add_parser("groups", help="list the prunable channel groups of a model")
     _common(groups)
     _inspect_commands(commands)
+
+    bench = commands.add_parser("bench", help="benchmark autoprune against uniform, global, seed-only and "
+                                "random pruning at the same budgets (writes results/benchmarks/)")
+    bench.add_argument("--models", type=_names, help="comma-separated models (default: resnet18,mobilenet_v2,vgg11_bn)")
+    bench.add_argument("--budgets", type=_ratios, help="FLOPs shares (default: 0.25,0.1,0.05)")
+    bench.add_argument("--seeds", type=_ints, help="comma-separated seeds (default: 0,1,2)")
+    bench.add_argument("--methods", type=_names, help="subset of uniform,global,seed,random,autoprune,uniform-matched")
+    bench.add_argument("--trials", type=int, help="trials per search (default: 12)")
+    bench.add_argument("--train-epochs", type=_epochs, help="base training epochs (default: 15)")
+    bench.add_argument("--finetune-epochs", type=_epochs, help="per-trial fine-tune epochs (default: 1)")
+    bench.add_argument("--final-epochs", type=_epochs, help="final fine-tune epochs, every method (default: 5)")
+    bench.add_argument("--rank-plans", type=int, help="random plans for the cheap-score rank check (default: 30)")
+    bench.add_argument("--out", help="output folder (default: results/benchmarks)")
+    bench.add_argument("--quick", action="store_true", help="smoke test: resnet18, flops=0.25, one seed, 3 trials")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--quiet", action="store_true")
     return parser
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError("write seeds as 0,1,2") from None
 
 
 def _stored(parser: argparse.ArgumentParser) -> None:
@@ -227,6 +254,25 @@ def _studies(args: argparse.Namespace) -> None:
     print(table.drop(columns=["storage"]).to_string(index=False))
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .bench import BenchConfig, benchmark, quick
+    from .files import command_line
+
+    config = quick(BenchConfig()) if args.quick else BenchConfig()
+    given = {"models": args.models, "budgets": args.budgets, "methods": args.methods, "trials": args.trials,
+             "train_epochs": args.train_epochs, "finetune_epochs": args.finetune_epochs,
+             "final_epochs": args.final_epochs, "rank_plans": args.rank_plans,
+             "seeds": args.seeds,
+             "out": Path(args.out) if args.out else None}
+    config = replace(config, **{k: v for k, v in given.items() if v is not None},
+                     device=args.device, quiet=args.quiet, command=command_line())
+    benchmark(config)
+    print(f"wrote {config.out}/: bench.csv BENCHMARKS.md bench.png")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -235,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         commands = {"search": _search, "groups": _groups, "pareto": _pareto, "report": _report,
-                    "export": _export, "studies": _studies}
+                    "export": _export, "studies": _studies, "bench": _bench}
         commands[args.command](args)
     except AutopruneError as err:
         print(f"autoprune: error: {err}", file=sys.stderr)

@@ -151,6 +151,7 @@ class ChannelGroups:
         criterion = _importance(importance)
         self.groups: list[Group] = []
         self.rankings: dict[str, torch.Tensor] = {}
+        self.scores: dict[str, torch.Tensor] = {}
         inputs: dict[str, dict[str, float]] = {}
         outputs: dict[str, dict[str, float]] = {}
         for group in graph.get_all_groups(root_module_types=ROOT_TYPES):
@@ -162,7 +163,8 @@ class ChannelGroups:
                 scores = criterion(group)
             if scores is None:  # the criterion cannot score this group: keep the layer order
                 scores = torch.arange(found.channels, dtype=torch.float)
-            self.rankings[found.id] = torch.argsort(scores.detach().cpu(), stable=True)
+            self.scores[found.id] = scores.detach().cpu().float()
+            self.rankings[found.id] = torch.argsort(self.scores[found.id], stable=True)
             for dep, idxs in group:
                 name = _target_name(dep, names, grad_fns)
                 if name is None:

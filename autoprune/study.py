@@ -369,23 +369,27 @@ def _counts(study: optuna.Study) -> tuple[int, int]:
 def enqueue_seed(study: optuna.Study, problem: Problem) -> None:
     """Queue the sensitivity seed (equal accuracy drop) as the first trial of a new study."""
     if not study.trials:
-        study.enqueue_trial({_param(g): float(r) for g, r in zip(problem.costs.ids, problem.seed_ratios)},
+        ratios = np.clip(problem.seed_ratios, problem.low, problem.high)  # rounding can step past a bound
+        study.enqueue_trial({_param(g): float(r) for g, r in zip(problem.costs.ids, ratios)},
                             skip_if_exists=True)
 
 
 def run(problem: Problem, study: optuna.Study, settings: Settings, quiet: bool = False,
-        stream: int = 0) -> optuna.Study:
+        stream: int = 0, sampler: optuna.samplers.BaseSampler | None = None,
+        seed_first: bool = True) -> optuna.Study:
     """Run trials until the study holds exactly ``settings.trials`` finished ones.
 
     Any number of processes may run this on one study: each starts a trial only
     while finished plus running trials fall short of the total, and a trial that
     races past it is marked failed unrun. Trials of dead workers are failed and
-    retried (:func:`recover`). ``stream`` keeps workers' samplers apart.
+    retried (:func:`recover`). ``stream`` keeps workers' samplers apart. TPE
+    unless ``sampler``; the sensitivity seed goes first unless ``seed_first`` is off.
     """
     recover(study)
-    enqueue_seed(study, problem)
+    if seed_first:
+        enqueue_seed(study, problem)
     # A fixed seed would make a resumed study repeat its first trials: offset it.
-    study.sampler = optuna.samplers.TPESampler(
+    study.sampler = sampler or optuna.samplers.TPESampler(
         seed=settings.seed + len(study.trials) + stream, multivariate=True,
         n_startup_trials=max(3, min(10, settings.trials // 4)),
     )

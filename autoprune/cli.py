@@ -259,7 +259,6 @@ def _bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .bench import BenchConfig, benchmark, quick
-    from .files import command_line
 
     config = quick(BenchConfig()) if args.quick else BenchConfig()
     given = {"models": args.models, "budgets": args.budgets, "methods": args.methods, "trials": args.trials,
@@ -268,7 +267,7 @@ def _bench(args: argparse.Namespace) -> None:
              "seeds": args.seeds,
              "out": Path(args.out) if args.out else None}
     config = replace(config, **{k: v for k, v in given.items() if v is not None},
-                     device=args.device, quiet=args.quiet, command=command_line())
+                     device=args.device, quiet=args.quiet, command=args.command_line)
     benchmark(config)
     print(f"wrote {config.out}/: bench.csv BENCHMARKS.md bench.png")
 
@@ -276,6 +275,7 @@ def _bench(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = "autoprune " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 0

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--trials", type=int, help="trials per search (default: 12)")
     bench.add_argument("--train-epochs", type=_epochs, help="base training epochs (default: 15)")
     bench.add_argument("--finetune-epochs", type=_epochs, help="per-trial fine-tune epochs (default: 1)")
-    bench.add_argument("--final-epochs", type=_epochs, help="final fine-tune epochs, every method (default: 5)")
+    bench.add_argument("--final-epochs", type=_epochs, help="final fine-tune epochs, every method (default: 1)")
     bench.add_argument("--rank-plans", type=int, help="random plans for the cheap-score rank check (default: 30)")
     bench.add_argument("--out", help="output folder (default: results/benchmarks)")
     bench.add_argument("--quick", action="store_true", help="smoke test: resnet18, flops=0.25, one seed, 3 trials")

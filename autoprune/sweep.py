@@ -78,7 +78,8 @@ def mlp_sweep(data: Data | str = "digits", levels: Sequence[float] = LEVELS, tra
     for level in levels:
         uniform = np.full(len(costs.names), level)
         limit = costs.nonzero(uniform)
-        problem = WeightProblem(base, data, costs, limit, 0.95, equal_drop(table, costs, limit, 0.95), val_acc, dev)
+        high = max(0.95, 1 - (1 - level) / 2)  # a layer may go twice as sparse as the uniform level
+        problem = WeightProblem(base, data, costs, limit, high, equal_drop(table, costs, limit, high), val_acc, dev)
         pruned_model, _, _ = finetune(problem, uniform, settings, 0, seed, True, "")
         pruned = evaluate(pruned_model, test_loader, dev)
         tuned, _, _ = finetune(problem, uniform, settings, finetune_epochs, seed, quiet, f"uniform {level:.0%}")

@@ -65,8 +65,9 @@ def test_bad_fine_tune_options_are_one_line_errors(capsys):
 
 
 def test_mlp_sweep_compares_uniform_pruning_with_the_search(digits_data):
-    rows = mlp_sweep(digits_data, levels=(0.5,), train_epochs=2, finetune_epochs=0.25, trials=2, quiet=True)
-    (row,) = rows
+    rows = mlp_sweep(digits_data, levels=(0.5, 0.97), train_epochs=2, finetune_epochs=0.25, trials=2, quiet=True)
+    row = rows[0]
+    assert rows[1].search_nonzero_share <= rows[1].nonzero_share + 1e-9  # beyond the default 95 % cap too
     assert abs(row.nonzero_share - (1 - 0.5 * 0.99)) < 0.02  # nearly every parameter is a weight
     assert row.search_nonzero_share <= row.nonzero_share + 1e-9
     assert row.base > 0.5 and row.drop == row.pruned - row.base

@@ -64,6 +64,7 @@ def test_bad_fine_tune_options_are_one_line_errors(capsys):
     assert "distillation weight must lie in [0, 1]" in err and "--soft-epochs prunes channels" in err
 
 
+@pytest.mark.slow
 def test_mlp_sweep_compares_uniform_pruning_with_the_search(digits_data):
     rows = mlp_sweep(digits_data, levels=(0.5, 0.97), train_epochs=2, finetune_epochs=0.25, trials=2, quiet=True)
     row = rows[0]

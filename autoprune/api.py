@@ -82,8 +82,8 @@ def _base_model(model: nn.Module | str, weights: str | None, data: Data, out: Pa
         return model, train_epochs or 0.0
     saved = out / "base.pt"
     if weights in (None, "DEFAULT") and saved.is_file():  # trained by an earlier run
-        return load_weights(build_model(model, data.num_classes), saved), 0.0
-    built = build_model(model, data.num_classes, pretrained=weights == "DEFAULT")
+        return load_weights(build_model(model, data.num_classes, input_shape=data.input_shape), saved), 0.0
+    built = build_model(model, data.num_classes, pretrained=weights == "DEFAULT", input_shape=data.input_shape)
     if weights and weights != "DEFAULT":
         return load_weights(built, weights), train_epochs or 0.0
     if train_epochs is not None:
@@ -118,6 +118,11 @@ def search(
     data_dir: str | Path = "data",
     download: bool = False,
     workers: int = 1,
+    distill: bool = False,
+    distill_weight: float = 0.5,
+    temperature: float = 4.0,
+    soft_epochs: float = 0.0,
+    granularity: str = "channel",
     _worker: int = 0,
 ) -> Result | None:
     """Find per-group pruning ratios that meet ``budget`` and keep the most accuracy.
@@ -130,6 +135,12 @@ def search(
     ``workers`` processes run trials side by side on this machine (the default
     storage is then a journal file, ``study.log``); processes on other machines
     join through a shared ``storage`` URL.
+    ``importance="thinet"`` picks channels by how well the next layer's output is
+    reconstructed without them (on a few training batches). ``distill`` fine-tunes
+    every candidate and the winner against the unpruned model's softened outputs
+    (``distill_weight``, ``temperature``); ``soft_epochs`` soft-prunes the winner for
+    that many epochs before cutting it. ``granularity="weight"`` searches per-layer
+    weight sparsity under a nonzero-params budget instead (:mod:`autoprune.unstructured`).
 
     Example:
         >>> result = autoprune.search("resnet18", "digits", "flops=0.25", trials=12)
@@ -139,6 +150,21 @@ def search(
     started = time.perf_counter()
     call = {k: v for k, v in locals().items() if k not in ("started", "_worker")}
     torch.manual_seed(seed)
+    if granularity not in ("channel", "weight"):
+        raise AutopruneError(f"unknown granularity {granularity!r}; use channel or weight")
+    if soft_epochs < 0:
+        raise AutopruneError(f"--soft-epochs cannot be negative, not {soft_epochs}")
+    extra = extra_settings(distill, distill_weight, temperature, soft_epochs)
+    if granularity == "weight":
+        if soft_epochs:
+            raise AutopruneError("--soft-epochs prunes channels; leave it out with --granularity weight")
+        from .unstructured import search_weights
+        return search_weights(model, data, budget, weights=weights, trials=trials, study=study,
+                              storage=storage, out=out, new_study=new_study, train_epochs=train_epochs,
+                              finetune_epochs=finetune_epochs, final_epochs=final_epochs, lr=lr,
+                              batch_size=batch_size, grid=grid, max_ratio=max_ratio, bn_batches=bn_batches,
+                              device=device, seed=seed, quiet=quiet, data_dir=data_dir, download=download,
+                              extra=extra)
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     if trials < 1:
         raise AutopruneError(f"--trials must be at least 1, not {trials}")
@@ -158,7 +184,7 @@ def search(
     out.mkdir(parents=True, exist_ok=True)
     sweep(out)  # temporary files of a killed run
     device = resolve_device(device)
-    settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed)
+    settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed, extra)
     example = data.example_input()
     base, epochs = _base_model(model, weights, data, out, train_epochs)
     if epochs > 0:
@@ -169,12 +195,17 @@ def search(
         save_torch(base.state_dict(), out / "base.pt")
     base = base.to(device).eval()
     base_id = fingerprint(base.state_dict())
-    groups = ChannelGroups(base, example, importance=importance, base_model=base_id)
+    groups = ChannelGroups(base, example, importance="l1" if importance == "thinet" else importance,
+                           base_model=base_id)
+    if importance == "thinet":  # needs data, so it ranks after the groups are found
+        from .thinet import rerank
+        rerank(groups, base, data.loader("train", batch_size, shuffle=True, seed=seed), device, seed=seed)
     costs, limits = _budget_limits(groups, budget, max_ratio)
     config = config_dict(model=name, base_model=base_id, dataset=data.name, budget=str(budget),
                          importance=importance, grid=[float(r) for r in grid], max_ratio=max_ratio,
                          finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
-                         bn_batches=bn_batches, seed=seed)
+                         bn_batches=bn_batches, seed=seed,
+                         **{k: v for k, v in extra.items() if k == "distill"})  # soft pruning: export only
     the_study = open_study(study_name, storage, config, new=new_study)
     if not (out / "base.pt").is_file():
         save_torch(base.state_dict(), out / "base.pt")
@@ -214,7 +245,8 @@ def search(
     record = dict(budget=str(budget), budget_flops=limits.flops, budget_params=limits.params,
                   trial=chosen.number, trial_val_accuracy=chosen.value, trials=len(the_study.trials),
                   final_epochs=final_epochs, model=name, base_model=base_id, dataset=data.name,
-                  study=study_name, storage=storage, device=str(device), input_shape=list(data.input_shape))
+                  study=study_name, storage=storage, device=str(device), input_shape=list(data.input_shape),
+                  **extra)
     summary = _export_once(problem, plan, out, settings, quiet, record)
     summary.update(seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
     write_json(out / "summary.json", summary)
@@ -280,6 +312,18 @@ def _threads(workers: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def extra_settings(distill: bool, weight: float, temperature: float, soft_epochs: float) -> dict[str, Any]:
+    """The optional fine-tune modes, as stored with the study (absent when off, so older studies resume)."""
+    extra: dict[str, Any] = {}
+    if distill:
+        from .distill import Distill
+        Distill(nn.Identity(), weight, temperature)  # validates the numbers before any work
+        extra["distill"] = {"weight": float(weight), "temperature": float(temperature)}
+    if soft_epochs:
+        extra["soft_epochs"] = float(soft_epochs)
+    return extra
+
+
 def _budget_limits(groups: ChannelGroups, budget: Budget, max_ratio: float) -> tuple[CostModel, Cost]:
     """The cost predictor and the budget's absolute caps; refuses a budget out of reach."""
     if not len(groups):
@@ -290,7 +334,7 @@ def _budget_limits(groups: ChannelGroups, budget: Budget, max_ratio: float) -> t
     return costs, limits
 
 
-EXPORT_KEYS = ("study", "trial", "base_model", "final_epochs")
+EXPORT_KEYS = ("study", "trial", "base_model", "final_epochs", "distill", "soft_epochs")
 
 
 def _export_once(problem: Problem, plan: Plan, out: Path, settings: Settings, quiet: bool,
@@ -331,7 +375,7 @@ def load_pruned(
         spec = model or meta.get("model")
         if not spec or "num_classes" not in meta:
             raise AutopruneError("the plan does not record its model; pass the base model as model=")
-        model = build_model(spec, int(meta["num_classes"]))
+        model = build_model(spec, int(meta["num_classes"]), input_shape=meta.get("input_shape"))
     if weights == "auto":
         weights = folder / "weights.pt" if folder and (folder / "weights.pt").is_file() else None
     if weights is None and plan.base_model and fingerprint(model.state_dict()) != plan.base_model:

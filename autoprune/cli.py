@@ -34,7 +34,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                              "or file.py:factory returning (train, val, test) (default: digits)")
     parser.add_argument("--data-dir", default="data", help="where torchvision data sets live (default: data)")
     parser.add_argument("--download", action="store_true", help="download the torchvision data set if missing")
-    parser.add_argument("--importance", default="l1", help="channel importance: l1 (default) or l2")
+    parser.add_argument("--importance", default="l1", help="channel importance: l1 (default), l2, or thinet "
+                        "(greedy reconstruction of the next layer's output on a few training batches)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sensitivity ratios (default: 0.1,0.2,…,0.9)")
     search.add_argument("--max-ratio", type=float, default=0.9,
                         help="largest share of a group's channels a trial may remove (default: 0.9)")
+    search.add_argument("--granularity", choices=("channel", "weight"), default="channel",
+                        help="channel: remove channels (default); weight: per-layer magnitude sparsity under a "
+                             "nonzero-params budget (--budget params=0.2)")
+    search.add_argument("--distill", action="store_true",
+                        help="fine-tune against the unpruned model's softened outputs (knowledge distillation)")
+    search.add_argument("--distill-weight", type=float, default=0.5,
+                        help="share of the KD term in the loss, the rest cross-entropy (default: 0.5)")
+    search.add_argument("--temperature", type=float, default=4.0, help="KD softmax temperature (default: 4)")
+    search.add_argument("--soft-epochs", type=_epochs, default=0.0,
+                        help="soft-prune the winner this many epochs (weakest filters zeroed, re-selected "
+                             "each epoch by L2 norm) before removing them (default: 0, off)")
     search.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda, cuda:N")
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--quiet", action="store_true", help="no progress bars or per-trial lines")
@@ -92,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smoke test: resnet18, flops=0.25, one seed, 3 trials")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--quiet", action="store_true")
+
+    sweep = commands.add_parser("mlp-sweep", help="the MLP experiment: uniform weight pruning 10-60 %% before "
+                                "and after fine-tuning, then the weight-level search at the same budgets")
+    sweep.add_argument("--dataset", default="digits", help="digits (offline, default) or mnist (with --data-dir)")
+    sweep.add_argument("--data-dir", default="data")
+    sweep.add_argument("--download", action="store_true")
+    sweep.add_argument("--levels", type=_ratios, default=None, help="sparsity levels (default: 0.1,0.2,…,0.6)")
+    sweep.add_argument("--train-epochs", type=_epochs, default=10.0, help="epochs to train the MLP (default: 10)")
+    sweep.add_argument("--finetune-epochs", type=_epochs, default=1.0,
+                       help="fine-tune epochs after pruning, per trial and per result (default: 1)")
+    sweep.add_argument("--trials", type=int, default=6, help="search trials per level (default: 6)")
+    sweep.add_argument("--device", default="auto")
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--quiet", action="store_true")
     return parser
 
 
@@ -160,14 +186,42 @@ def _search(args: argparse.Namespace) -> None:
                     final_epochs=args.final_epochs, lr=args.lr, batch_size=args.batch_size,
                     grid=args.grid or GRID, max_ratio=args.max_ratio, importance=args.importance,
                     device=args.device, seed=args.seed, quiet=args.quiet, data_dir=args.data_dir,
-                    download=args.download, workers=args.workers)
+                    download=args.download, distill=args.distill, distill_weight=args.distill_weight,
+                    temperature=args.temperature, soft_epochs=args.soft_epochs, granularity=args.granularity,
+                    workers=args.workers)
     s = result.summary
+    if args.granularity == "weight":
+        _weight_summary(result)
+        return
     print(f"best trial {s['trial']} of {s['trials']}: "
           f"FLOPs {human(s['flops'])} ({s['flops_share']:.1%} of {human(s['base_flops'])}, thop MACs), "
           f"params {human(s['params'])} ({s['params_share']:.1%} of {human(s['base_params'])})")
     print(f"test accuracy {s['test_accuracy']:.2%} (base {s['base_test_accuracy']:.2%}), "
           f"val {s['val_accuracy']:.2%} (base {s['base_val_accuracy']:.2%}), {s['seconds']:.0f}s")
     print(f"wrote {result.out}/: model.pt weights.pt plan.json summary.json sensitivity.csv trials.csv")
+
+
+def _weight_summary(result) -> None:
+    from .counting import human
+
+    s = result.summary
+    print(f"best trial {s['trial']} of {s['trials']}: {human(s['nonzero_params'])} {s['nonzero_unit']} "
+          f"({s['nonzero_share']:.1%} of {human(s['base_params'])}); FLOPs {human(s['flops'])} (thop MACs, dense)")
+    print(f"size: {s['model_dense_bytes'] / 1e6:.2f} MB dense, {s['model_sparse_bytes'] / 1e6:.2f} MB sparse (CSR)")
+    print(f"test accuracy {s['test_accuracy']:.2%} (base {s['base_test_accuracy']:.2%}), "
+          f"val {s['val_accuracy']:.2%} (base {s['base_val_accuracy']:.2%}), {s['seconds']:.0f}s")
+    print(f"wrote {result.out}/: model.pt weights.pt weights_sparse.pt plan.json summary.json "
+          "sensitivity.csv trials.csv")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from .sweep import FOOTNOTE, HEADER, LEVELS, format_row, mlp_sweep
+
+    print(HEADER)
+    mlp_sweep(args.dataset, args.levels or LEVELS, args.train_epochs, args.finetune_epochs, args.trials,
+              device=args.device, seed=args.seed, quiet=args.quiet, data_dir=args.data_dir, download=args.download,
+              report=lambda row: print(format_row(row), flush=True))
+    print(FOOTNOTE)
 
 
 def _groups(args: argparse.Namespace) -> None:
@@ -177,7 +231,7 @@ def _groups(args: argparse.Namespace) -> None:
     from .models import build_model
 
     data = load_data(args.dataset, args.data_dir, args.download)
-    model = build_model(args.model, data.num_classes).eval()
+    model = build_model(args.model, data.num_classes, input_shape=data.input_shape).eval()
     groups = ChannelGroups(model, data.example_input(), importance=args.importance)
     costs = CostModel(groups)
     print(f"{args.model} on {args.dataset} {tuple(data.example_input().shape)}: {costs.base}, "
@@ -281,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         commands = {"search": _search, "groups": _groups, "pareto": _pareto, "report": _report,
-                    "export": _export, "studies": _studies, "bench": _bench}
+                    "export": _export, "studies": _studies, "bench": _bench,
+                    "mlp-sweep": _sweep}
         commands[args.command](args)
     except AutopruneError as err:
         print(f"autoprune: error: {err}", file=sys.stderr)

@@ -8,8 +8,11 @@ from typing import Any
 import torch
 
 from .counting import count
+from .distill import from_settings
 from .files import save_torch, write_json
+from .groups import apply_plan
 from .plan import Plan
+from .soft import soft_prune
 from .study import Problem, Settings
 from .training import evaluate, recalibrate_bn, train
 
@@ -24,11 +27,17 @@ def export(problem: Problem, plan: Plan, out: Path, settings: Settings, quiet: b
     """
     p, s = problem, settings
     data, device = p.data, p.device
-    model = p.groups.apply(plan).to(device)
     train_loader = data.loader("train", s.batch_size, shuffle=True, seed=s.seed)
     torch.manual_seed(s.seed)
+    if s.extra.get("soft_epochs"):  # soft pruning re-selects the channels; the plan records which
+        trained, plan = soft_prune(p.model, p.groups, plan, train_loader, s.extra["soft_epochs"], device,
+                                   s.lr, quiet, from_settings(p.model, s.extra))
+        model = apply_plan(trained, plan, p.groups.example_input).to(device)
+    else:
+        model = p.groups.apply(plan).to(device)
     recalibrate_bn(model, train_loader, device, s.bn_batches)
-    train(model, train_loader, s.final_epochs, device, lr=s.lr, desc="final fine-tune", quiet=quiet)
+    train(model, train_loader, s.final_epochs, device, lr=s.lr, desc="final fine-tune", quiet=quiet,
+          distill=from_settings(p.model, s.extra))
     val_accuracy = evaluate(model, data.loader("val", 256), device)
     # The test split is read here and nowhere else: once for the base, once for the winner.
     test_loader = data.loader("test", 256)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -76,13 +77,41 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
         return
 
 
-def build_model(spec: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+def mlp(num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28),
+        hidden: tuple[int, ...] = (512, 256)) -> nn.Sequential:
+    """The classic pruning testbed: Linear–BatchNorm1d–LeakyReLU blocks, 784-512-256-10 on MNIST.
+
+    The input width is the product of ``input_shape`` (3072 on the 3×32×32 digits).
+
+    Example:
+        >>> mlp(10, (1, 28, 28))[1].in_features
+        784
+    """
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.BatchNorm1d(size), nn.LeakyReLU()]
+        width = size
+    return nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+
+BUILTIN = {"mlp": mlp}
+
+
+def build_model(spec: str, num_classes: int, pretrained: bool = False,
+                input_shape: tuple[int, ...] | None = None) -> nn.Module:
     """Build the base model for ``num_classes`` classes (weights random unless ``pretrained``).
+
+    ``input_shape`` (channels, height, width) sizes built-in models such as ``mlp``.
 
     Example:
         >>> build_model("resnet18", num_classes=10).fc.out_features
         10
     """
+    if spec in BUILTIN:
+        if pretrained:
+            raise AutopruneError(f"built-in model {spec!r} has no pretrained weights; leave out --weights DEFAULT")
+        return BUILTIN[spec](num_classes, tuple(input_shape or (1, 28, 28)))
     if ":" in spec:
         model = _call_factory(load_factory(spec, "model"), num_classes)
         if not isinstance(model, nn.Module):
@@ -90,7 +119,7 @@ def build_model(spec: str, num_classes: int, pretrained: bool = False) -> nn.Mod
         return model
     names = torchvision_names()
     if spec not in names:
-        raise AutopruneError(f"unknown model {spec!r}; use a torchvision classification model "
+        raise AutopruneError(f"unknown model {spec!r}; use mlp, a torchvision classification model "
                              f"(e.g. {', '.join(n for n in names if n in ('resnet18', 'mobilenet_v2', 'vgg11_bn'))}), "
                              "package.module:factory or path/to/file.py:factory")
     import torchvision

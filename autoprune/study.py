@@ -29,6 +29,7 @@ from .budget import fit_plan, usage
 from .costmodel import CostModel
 from .counting import Cost, human
 from .data import Data
+from .distill import from_settings
 from .errors import AutopruneError
 from .groups import ChannelGroups
 from .plan import Plan
@@ -212,7 +213,7 @@ class Objective:
         recalibrate_bn(model, train_loader, p.device, s.bn_batches)
         trial.set_user_attr("val_accuracy_before_finetune", evaluate(model, val_loader, p.device))
         train(model, train_loader, s.finetune_epochs, p.device, lr=s.lr, desc=f"trial {trial.number}",
-              quiet=self.quiet)
+              quiet=self.quiet, distill=from_settings(p.model, s.extra))
         accuracy = evaluate(model, val_loader, p.device)
         trial.set_user_attr("val_accuracy", accuracy)
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))

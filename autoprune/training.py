@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from itertools import islice
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import nn
@@ -12,6 +12,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .errors import AutopruneError
+
+if TYPE_CHECKING:
+    from .distill import Distill
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -41,11 +44,15 @@ def train(
     weight_decay: float = 5e-4,
     desc: str = "train",
     quiet: bool = False,
+    distill: Distill | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` for ``epochs`` passes over ``loader`` (fractions allowed).
 
     SGD with Nesterov momentum and a cosine schedule: the recipe every method
     autoprune compares gets, so differences come from the pruning, not the training.
+    ``distill`` adds a teacher's softened predictions to the loss; ``after_step``
+    runs after every optimiser step (weight-level pruning re-applies its masks there).
     """
     steps = max(1, math.ceil(epochs * len(loader))) if epochs > 0 else 0
     model.to(device).train()
@@ -55,14 +62,26 @@ def train(
                                 weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     loss_fn = nn.CrossEntropyLoss()
+    if distill is not None:
+        from .distill import kd_loss
+
+        distill.teacher.to(device).eval()
     bar = tqdm(islice(_endless(loader), steps), total=steps, desc=desc, disable=quiet, leave=False,
                unit="step")
     for inputs, targets in bar:
         inputs, targets = inputs.to(device), targets.to(device)
-        loss = loss_fn(model(inputs), targets)
+        logits = model(inputs)
+        if distill is None:
+            loss = loss_fn(logits, targets)
+        else:
+            with torch.no_grad():
+                teacher_logits = distill.teacher(inputs)
+            loss = kd_loss(logits, teacher_logits, targets, distill.weight, distill.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step(model)
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return model.eval()

@@ -33,6 +33,7 @@ class CostModel:
     def __init__(self, groups: ChannelGroups, custom_ops: CustomOps | None = None) -> None:
         self.ids = groups.ids
         self.channels = np.array([g.channels for g in groups], dtype=np.float64)
+        self.units = np.array([g.unit for g in groups], dtype=np.float64)  # keep multiples of these
         base = layer_costs(groups.model, groups.example_input, custom_ops)
         self.base = Cost(sum(c.flops for c in base.values()), sum(c.params for c in base.values()))
         modules = dict(groups.model.named_modules())

@@ -13,7 +13,7 @@ import copy
 import fnmatch
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from .counting import attention_macs
 from .errors import AutopruneError
 from .importance import CRITERIA, criterion
 from .plan import Plan
@@ -53,11 +54,14 @@ class ChannelMap:
     ``inputs[name][gid]`` is how many of module ``name``'s input channels (or
     features) one channel of group ``gid`` accounts for; ``outputs`` likewise for
     output channels. ``sizes[name]`` is the module's (input, output) channel count.
+    ``attention[name]`` is an attention layer's MACs split into (projections,
+    attention products), which scale differently with its width.
     """
 
     inputs: dict[str, dict[str, float]]
     outputs: dict[str, dict[str, float]]
     sizes: dict[str, tuple[int, int]]
+    attention: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def _importance(name: str) -> tp.importance.Importance:
@@ -67,6 +71,10 @@ def _importance(name: str) -> tp.importance.Importance:
 
 
 def _channel_dim(module: nn.Module) -> int:
+    from torchvision.models.convnext import LayerNorm2d  # normalises NCHW over dim 1
+
+    if isinstance(module, LayerNorm2d):
+        return 1
     return -1 if isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding)) else 1
 
 
@@ -94,7 +102,8 @@ def build_graph(
                 grad_fns[output.grad_fn] = name
         return hook
 
-    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+    leaves = [(n, m) for n, m in model.named_modules()
+              if not list(m.children()) or isinstance(m, nn.MultiheadAttention)]
     handles = [m.register_forward_hook(record(n)) for n, m in leaves]
     try:
         with torch.enable_grad(), warnings.catch_warnings():
@@ -175,6 +184,28 @@ def find_channel_shuffle(model: nn.Module, example_input: torch.Tensor) -> str |
             "use a model without channel shuffle (e.g. mobilenet_v2)")
 
 
+def _attention_split(model: nn.Module, example_input: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """Each attention layer's MACs as (projections, products), from one forward pass."""
+    found: dict[str, tuple[float, float]] = {}
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if not layers:
+        return found
+
+    def record(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            found.setdefault(name, attention_macs(module, inputs[0], inputs[1]))
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in layers]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
 def _unit(group, names: dict[nn.Module, str]) -> int:
     """How many equal blocks the group's channels fall into (grouped conv, GroupNorm, attention heads)."""
     unit = 1
@@ -204,9 +235,10 @@ def _gradients(model: nn.Module, batches: Iterable) -> None:
             param.grad = torch.zeros_like(param)
 
 
-def _target_name(dep: object, names: dict[nn.Module, str], grad_fns: dict[object, str]) -> str | None:
+def _target_name(dep: object, names: dict[object, str], grad_fns: dict[object, str]) -> str | None:
+    """The module (or, for a bare parameter such as a class token, the parameter) a dependency prunes."""
     target = dep.target
-    if isinstance(target.module, nn.Module) and target.module in names:
+    if isinstance(target.module, (nn.Module, nn.Parameter)) and target.module in names:
         return names[target.module]
     return grad_fns.get(target.grad_fn)
 
@@ -254,6 +286,7 @@ class ChannelGroups:
                                      "(pass batches=); or choose l1, l2, bn_scale or fpgm")
             _gradients(probe, batches)
         names = {m: n for n, m in probe.named_modules()}
+        params = {p: n for n, p in probe.named_parameters()}
         scorer, fallback = chosen.make(), _importance("l1")
         self.groups: list[Group] = []
         self.rankings: dict[str, torch.Tensor] = {}
@@ -266,13 +299,15 @@ class ChannelGroups:
             self.groups.append(found)
             self.rankings[found.id] = self._rank(group, found, scorer, fallback)
             for dep, idxs in group:
-                name = _target_name(dep, names, grad_fns)
+                name = _target_name(dep, {**names, **params}, grad_fns)
                 if name is None:
                     continue
+                if dep.target.module in params:  # a bare parameter: its pruned dim is the group's
+                    sizes[name] = (found.channels, found.channels)
                 side = outputs if graph.is_out_channel_pruning_fn(dep.handler) else inputs
                 per_group = side.setdefault(name, {})
                 per_group[found.id] = max(per_group.get(found.id, 0.0), len(idxs) / found.channels)
-        self.channel_map = ChannelMap(inputs, outputs, sizes)
+        self.channel_map = ChannelMap(inputs, outputs, sizes, _attention_split(probe, self.example_input))
         self._by_id = {g.id: g for g in self.groups}
         if check:
             self.check()
@@ -421,7 +456,21 @@ def apply_plan(model: nn.Module, plan: Plan, example_input: torch.Tensor) -> nn.
         drop = sorted(set(range(channels)) - set(kept))
         if drop:
             graph.get_pruning_group(root, pruner.prune_out_channels, drop).prune()
+    _sync_widths(pruned)
     return pruned
+
+
+def _sync_widths(model: nn.Module) -> None:
+    """Update widths a model keeps as plain attributes and uses in ``forward``.
+
+    torchvision's VisionTransformer reshapes patches with ``self.hidden_dim``;
+    Torch-Pruning shrinks the layers but not that number.
+    """
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    for module in model.modules():
+        if isinstance(module, VisionTransformer):
+            module.hidden_dim = module.conv_proj.out_channels
 
 
 def matching_layers(model: nn.Module, patterns: Iterable[str]) -> dict[str, list[str]]:

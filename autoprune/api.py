@@ -5,6 +5,7 @@ The CLI is a thin layer over these two functions.
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .budget import Budget, check_reachable
+from .budget import Budget, check_reachable, steps
 from .costmodel import CostModel
 from .counting import Cost, human
 from .data import Data, load_data
@@ -34,9 +35,11 @@ from .errors import AutopruneError
 from .export import export
 from .files import command_line, fingerprint, save_torch, sweep, versions, write_json, write_text
 from .groups import ChannelGroups, apply_plan
+from .importance import criterion
 from .models import build_model, load_weights, read_state_dict
 from .plan import Plan
-from .sensitivity import GRID, bounds, equal_drop, scan
+from .sensitivity import bounds, equal_drop, scan
+from .space import SearchSpace, resolve
 from .study import (Problem, Settings, SharedTable, best_trial, config_dict, enqueue_seed, open_study, run,
                     trial_plan, trials_table)
 from .training import evaluate, resolve_device, train
@@ -108,9 +111,11 @@ def search(
     final_epochs: float = 5.0,
     lr: float = 0.01,
     batch_size: int = 64,
-    grid: Sequence[float] = GRID,
-    max_ratio: float = 0.9,
-    importance: str = "l1",
+    space: SearchSpace | str | Path | None = None,
+    grid: Sequence[float] | None = None,
+    max_ratio: float | None = None,
+    importance: str | None = None,
+    round_to: int | None = None,
     bn_batches: int = 8,
     device: str = "auto",
     seed: int = 0,
@@ -141,6 +146,9 @@ def search(
     (``distill_weight``, ``temperature``); ``soft_epochs`` soft-prunes the winner for
     that many epochs before cutting it. ``granularity="weight"`` searches per-layer
     weight sparsity under a nonzero-params budget instead (:mod:`autoprune.unstructured`).
+    ``space`` is a :class:`SearchSpace`, a YAML file or a shipped space name;
+    by default the one shipped for the architecture. ``grid``, ``max_ratio``,
+    ``importance`` and ``round_to`` override the space's values.
 
     Example:
         >>> result = autoprune.search("resnet18", "digits", "flops=0.25", trials=12)
@@ -170,8 +178,8 @@ def search(
         raise AutopruneError(f"--trials must be at least 1, not {trials}")
     if workers < 1:
         raise AutopruneError(f"--workers must be at least 1, not {workers}")
-    if not 0 < max_ratio < 1 or not grid or not all(0 < r < 1 for r in grid):
-        raise AutopruneError("ratios (grid and max ratio) must lie strictly between 0 and 1")
+    space = resolve(space, model).replace(grid=tuple(grid) if grid else None, max_ratio=max_ratio,
+                                          importance=importance, round_to=round_to)
     data = _as_data(data, data_dir=data_dir, download=download, seed=seed)
     name = model if isinstance(model, str) else type(model).__name__
     study_name = study or f"{_slug(Path(name).stem)}-{_slug(data.name)}-{_slug(str(budget))}"
@@ -187,22 +195,19 @@ def search(
     settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed, extra)
     example = data.example_input()
     base, epochs = _base_model(model, weights, data, out, train_epochs)
-    if epochs > 0:
-        _budget_limits(ChannelGroups(base, example), budget, max_ratio)  # refuse before training
+    if epochs > 0:  # refuse a bad space or budget before training
+        _budget_limits(_groups(base, example, space, data, batch_size, seed, importance="l1"), budget, space)
         torch.manual_seed(seed)
         train(base, data.loader("train", batch_size, shuffle=True, seed=seed), epochs, device, lr=0.05,
               desc="train base", quiet=quiet)
         save_torch(base.state_dict(), out / "base.pt")
     base = base.to(device).eval()
     base_id = fingerprint(base.state_dict())
-    groups = ChannelGroups(base, example, importance="l1" if importance == "thinet" else importance,
-                           base_model=base_id)
-    if importance == "thinet":  # needs data, so it ranks after the groups are found
-        from .thinet import rerank
-        rerank(groups, base, data.loader("train", batch_size, shuffle=True, seed=seed), device, seed=seed)
-    costs, limits = _budget_limits(groups, budget, max_ratio)
+    groups = _groups(base, example, space, data, batch_size, seed, base_model=base_id, device=device)
+    costs, limits = _budget_limits(groups, budget, space)
     config = config_dict(model=name, base_model=base_id, dataset=data.name, budget=str(budget),
-                         importance=importance, grid=[float(r) for r in grid], max_ratio=max_ratio,
+                         importance=space.importance, grid=[float(r) for r in space.grid],
+                         max_ratio=space.max_ratio, space=space.to_dict(),
                          finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
                          bn_batches=bn_batches, seed=seed,
                          **{k: v for k, v in extra.items() if k == "distill"})  # soft pruning: export only
@@ -215,12 +220,13 @@ def search(
                          ((limits.flops, "FLOPs"), (limits.params, "params")) if cap < float("inf"))
         print(f"base {name} on {data.name}: val {base_val:.2%} | {costs.base} | {len(groups)} groups | "
               f"budget {budget}: {caps}")
-    table = scan(groups, costs, base, data, base_val, device, out / "sensitivity.csv", grid,
-                 bn_batches, batch_size, quiet, shared=SharedTable(the_study))
-    low = np.zeros(len(groups))
-    high = bounds(table, costs, limits, max_ratio)
+    table = scan(groups, costs, base, data, base_val, device, out / "sensitivity.csv", space.grid,
+                 bn_batches, batch_size, quiet, round_to=space.round_to, shared=SharedTable(the_study))
+    low, ceiling = space.ratio_bounds(groups.ids)
+    high = np.maximum(low, bounds(table, costs, limits, ceiling, round_to=space.round_to))
     problem = Problem(base, data, groups, costs, limits, low, high,
-                      equal_drop(table, costs, limits, low, high), base_val, device)
+                      equal_drop(table, costs, limits, low, high, space.round_to), base_val, device,
+                      space.round_to)
     # Workers on other machines must not draw the same candidates: give each process its own stream.
     stream = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) if shared_storage else 0
     if _worker:
@@ -324,13 +330,33 @@ def extra_settings(distill: bool, weight: float, temperature: float, soft_epochs
     return extra
 
 
-def _budget_limits(groups: ChannelGroups, budget: Budget, max_ratio: float) -> tuple[CostModel, Cost]:
+def _groups(model: nn.Module, example: torch.Tensor, space: SearchSpace, data: Data, batch_size: int,
+            seed: int, base_model: str = "", importance: str | None = None,
+            device: torch.device | None = None) -> ChannelGroups:
+    """The model's groups under ``space`` (its layer patterns checked against the model)."""
+    space.check_layers(model)
+    importance = importance or space.importance
+    batches = None
+    if criterion(importance).needs_gradients:  # a few training batches give the gradients
+        batches = itertools.islice(data.loader("train", batch_size, shuffle=True, seed=seed), 4)
+    thinet = importance == "thinet"  # ranks from activations, after the groups are found
+    groups = ChannelGroups(model, example, importance="l1" if thinet else importance, ignore=space.ignore,
+                           base_model=base_model, batches=batches)
+    if thinet:
+        from .thinet import rerank
+        rerank(groups, model, data.loader("train", batch_size, shuffle=True, seed=seed),
+               device or torch.device("cpu"), seed=seed)
+    return groups
+
+
+def _budget_limits(groups: ChannelGroups, budget: Budget, space: SearchSpace) -> tuple[CostModel, Cost]:
     """The cost predictor and the budget's absolute caps; refuses a budget out of reach."""
     if not len(groups):
         raise AutopruneError("the model has no prunable channel group; nothing to search")
+    space.check_groups(groups.ids)
     costs = CostModel(groups)
     limits = budget.limits(costs.base)
-    check_reachable(costs, limits, np.full(len(groups), max_ratio))
+    check_reachable(costs, limits, space.ratio_bounds(groups.ids)[1], space.round_to)
     return costs, limits
 
 
@@ -480,3 +506,44 @@ def _quantized(quantized: nn.Module, out: Path, data: Data) -> dict[str, Any]:
             "float_state_dict_bytes": (out / "weights.pt").stat().st_size,
             "val_accuracy": evaluate(quantized, data.loader("val", 256), cpu),
             "test_accuracy": evaluate(quantized, data.loader("test", 256), cpu)}
+
+
+def describe_groups(
+    model: nn.Module | str,
+    data: Data | str | Sequence[Dataset | DataLoader] = "digits",
+    space: SearchSpace | str | Path | None = None,
+    importance: str | None = None,
+    data_dir: str | Path = "data",
+    download: bool = False,
+) -> str:
+    """A table of the prunable groups a search space is written against.
+
+    One row per group: its id (what ``bounds`` patterns match), channels, the
+    channel step it moves in (``round_to`` and its blocks), its share of the FLOPs (what pruning it to one
+    block saves) and its layers.
+
+    Example:
+        >>> print(autoprune.api.describe_groups("resnet18"))
+        resnet18 on digits (1, 3, 32, 32): 37.2M FLOPs (thop MACs), 11.2M params | space resnet …
+    """
+    data = _as_data(data, data_dir=data_dir, download=download)
+    space = resolve(space, model).replace(importance=importance)
+    base = build_model(model, data.num_classes) if isinstance(model, str) else model
+    base = base.eval()
+    example = data.example_input()
+    space.check_layers(base)
+    groups = ChannelGroups(base, example, importance="l1", ignore=space.ignore)
+    space.check_groups(groups.ids)
+    costs = CostModel(groups)
+    low, high = space.ratio_bounds(groups.ids)
+    step = steps(costs, space.round_to).astype(int)
+    name = model if isinstance(model, str) else type(model).__name__
+    lines = [f"{name} on {data.name} {tuple(example.shape)}: {costs.base} | space {space.name} "
+             f"({space.source or 'given'}) | {len(groups)} prunable groups",
+             f"{'group':40s} {'channels':>8s} {'step':>4s} {'FLOPs share':>11s} {'ratio bounds':>12s}  layers"]
+    for group, lo, hi, by in zip(groups, low, high, step):
+        saved = costs.base.flops - costs.predict({group.id: group.unit}).flops
+        layers = ", ".join(group.layers[:3]) + (f" (+{len(group.layers) - 3} more)" if len(group.layers) > 3 else "")
+        lines.append(f"{group.id:40s} {group.channels:8d} {by:4d} {saved / costs.base.flops:11.1%} "
+                     f"{f'{lo:.2f}–{hi:.2f}':>12s}  {layers}")
+    return "\n".join(lines)

@@ -91,12 +91,22 @@ def usage(cost: Cost, limits: Cost) -> float:
     return max(shares) if shares else 0.0
 
 
+def steps(costs: CostModel, round_to: int = 1) -> np.ndarray:
+    """The channel step of each group: a multiple of ``round_to`` and of the group's block count.
+
+    A group narrower than that step moves in steps of its blocks alone.
+    """
+    units = costs.units.astype(int)
+    wanted = np.array([np.lcm(int(u), int(round_to)) for u in units], dtype=np.float64)
+    return np.where(costs.channels >= wanted, wanted, units)
+
+
 def keep_counts(costs: CostModel, ratios: np.ndarray, round_to: int = 1) -> np.ndarray:
-    """Channels kept per group for pruning ``ratios``, rounded to multiples of ``round_to``."""
-    kept = costs.channels * (1.0 - ratios)
-    if round_to > 1:
-        kept = np.where(costs.channels >= round_to, np.round(kept / round_to) * round_to, kept)
-    return np.clip(np.round(kept), 1, costs.channels)
+    """Channels kept per group for pruning ``ratios``, rounded to multiples of ``round_to``
+    (and of each group's blocks, see ``Group.unit``), at least one step, at most all."""
+    step = steps(costs, round_to)
+    kept = np.round(costs.channels * (1.0 - ratios) / step) * step
+    return np.clip(kept, step, costs.channels)
 
 
 def smallest(costs: CostModel, high: np.ndarray, round_to: int = 1) -> Cost:
@@ -163,7 +173,7 @@ def _fill(costs: CostModel, kept: np.ndarray, limits: Cost, most: np.ndarray, ro
     Rounding leaves budget unused, most on small models whose groups are a few
     channels wide; the groups pruned hardest get their channels back first.
     """
-    step = np.where(costs.channels >= round_to, round_to, 1)
+    step = steps(costs, round_to)
     kept = kept.copy()
     for _ in range(4 * len(kept)):
         grown = False

@@ -34,8 +34,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
                              "or file.py:factory returning (train, val, test) (default: digits)")
     parser.add_argument("--data-dir", default="data", help="where torchvision data sets live (default: data)")
     parser.add_argument("--download", action="store_true", help="download the torchvision data set if missing")
-    parser.add_argument("--importance", default="l1", help="channel importance: l1 (default), l2, or thinet "
-                        "(greedy reconstruction of the next layer's output on a few training batches)")
+    parser.add_argument("--space", help="search space: a YAML file or a shipped name (resnet, mobilenet, vgg, "
+                        "…; default: the one shipped for the architecture)")
+    parser.add_argument("--importance", help="channel importance: l1, l2, bn_scale, taylor, fpgm or thinet "
+                        "(default: the space's, l1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate (default: 0.01)")
     search.add_argument("--batch-size", type=int, default=64)
     search.add_argument("--grid", type=_ratios, default=None,
-                        help="sensitivity ratios (default: 0.1,0.2,…,0.9)")
-    search.add_argument("--max-ratio", type=float, default=0.9,
-                        help="largest share of a group's channels a trial may remove (default: 0.9)")
+                        help="sensitivity ratios (default: the space's, e.g. 0.1,0.2,…,0.9)")
+    search.add_argument("--max-ratio", type=float, default=None,
+                        help="largest share of a group's channels a trial may remove (default: the space's)")
+    search.add_argument("--round-to", type=int, default=None,
+                        help="keep channel counts in multiples of this (default: the space's)")
     search.add_argument("--granularity", choices=("channel", "weight"), default="channel",
                         help="channel: remove channels (default); weight: per-layer magnitude sparsity under a "
                              "nonzero-params budget (--budget params=0.2)")
@@ -178,13 +182,13 @@ def _inspect_commands(commands: argparse._SubParsersAction) -> None:
 def _search(args: argparse.Namespace) -> None:
     from .api import search
     from .counting import human
-    from .sensitivity import GRID
 
     result = search(args.model, args.dataset, args.budget, weights=args.weights, trials=args.trials,
                     study=args.study, storage=args.storage, out=args.out, new_study=args.new_study,
                     train_epochs=args.train_epochs, finetune_epochs=args.finetune_epochs,
                     final_epochs=args.final_epochs, lr=args.lr, batch_size=args.batch_size,
-                    grid=args.grid or GRID, max_ratio=args.max_ratio, importance=args.importance,
+                    space=args.space, grid=args.grid, max_ratio=args.max_ratio, importance=args.importance,
+                    round_to=args.round_to,
                     device=args.device, seed=args.seed, quiet=args.quiet, data_dir=args.data_dir,
                     download=args.download, distill=args.distill, distill_weight=args.distill_weight,
                     temperature=args.temperature, soft_epochs=args.soft_epochs, granularity=args.granularity,
@@ -225,22 +229,10 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _groups(args: argparse.Namespace) -> None:
-    from .costmodel import CostModel
-    from .data import load_data
-    from .groups import ChannelGroups
-    from .models import build_model
+    from .api import describe_groups
 
-    data = load_data(args.dataset, args.data_dir, args.download)
-    model = build_model(args.model, data.num_classes, input_shape=data.input_shape).eval()
-    groups = ChannelGroups(model, data.example_input(), importance=args.importance)
-    costs = CostModel(groups)
-    print(f"{args.model} on {args.dataset} {tuple(data.example_input().shape)}: {costs.base}, "
-          f"{len(groups)} prunable groups")
-    print(f"{'group':32s} {'channels':>8s} {'FLOPs share':>11s}  layers")
-    for group in groups:
-        without = costs.predict({group.id: 1}).flops
-        share = (costs.base.flops - without) / costs.base.flops
-        print(f"{group.id:32s} {group.channels:8d} {share:11.1%}  {', '.join(group.layers)}")
+    print(describe_groups(args.model, args.dataset, space=args.space, importance=args.importance,
+                          data_dir=args.data_dir, download=args.download))
 
 
 def _pareto(args: argparse.Namespace) -> None:

@@ -4,6 +4,13 @@ thop counts multiply–accumulates (MACs), which is what most papers call FLOPs;
 every number autoprune shows is labelled "FLOPs (thop MACs)". thop leaves
 ``total_ops``/``total_params`` buffers on the modules it profiles, so it only
 ever sees a deep copy here.
+
+thop is blind to two things modern models have, and both are fixed here, the
+one place it is called: ``nn.MultiheadAttention`` and torchvision's
+``LayerNorm2d`` get counting rules (``DEFAULT_OPS``), and parameters a
+module without a thop rule owns itself (ViT's class token and position
+embedding, ConvNeXt's layer scale, GroupNorm's affine), which thop never
+visits, are added as params (no FLOPs, as thop counts no elementwise ops).
 """
 
 from __future__ import annotations
@@ -19,8 +26,39 @@ from torch import nn
 with warnings.catch_warnings():  # thop imports distutils, deprecated in 3.11
     warnings.simplefilter("ignore", DeprecationWarning)
     import thop
+    from thop.profile import register_hooks
+    from thop.vision.basic_hooks import count_normalization
 
 CustomOps = dict[type, Callable]
+
+
+def attention_macs(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> tuple[float, float]:
+    """MACs of one attention call: (q/k/v and output projections, the two attention products).
+
+    The projections grow with embed_dim², the products with embed_dim times
+    the squared sequence length; the cost predictor scales the two apart.
+    """
+    if module.batch_first and query.dim() == 3:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    q_len, batch = query.shape[0], query.shape[1] if query.dim() == 3 else 1
+    k_len, embed = key.shape[0], module.embed_dim
+    projections = batch * (q_len * embed * embed + 2 * k_len * module.kdim * embed + q_len * embed * embed)
+    products = batch * 2 * q_len * k_len * embed
+    return float(projections), float(products)
+
+
+def count_attention(module: nn.MultiheadAttention, inputs: tuple, output: object) -> None:
+    """thop rule for ``nn.MultiheadAttention`` (thop has none and counts it as zero)."""
+    module.total_ops += sum(attention_macs(module, inputs[0], inputs[1]))
+
+
+def _default_ops() -> CustomOps:
+    from torchvision.models.convnext import LayerNorm2d
+
+    return {nn.MultiheadAttention: count_attention, LayerNorm2d: count_normalization}
+
+
+DEFAULT_OPS = _default_ops()
 
 
 @dataclass(frozen=True)
@@ -46,12 +84,36 @@ def _profile(model: nn.Module, example_input: torch.Tensor, custom_ops: CustomOp
     # Wrapped so that a root that is itself a leaf gets its params counted too
     # (thop counts only children's params); layer_costs unwraps it again.
     probe = nn.Sequential(copy.deepcopy(model).cpu().eval())
+    ops = {**DEFAULT_OPS, **(custom_ops or {})}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return thop.profile(
-            probe, inputs=(example_input.cpu(),), custom_ops=custom_ops or {}, verbose=False,
-            ret_layer_info=True,
-        )
+        flops, params, tree = thop.profile(probe, inputs=(example_input.cpu(),), custom_ops=ops,
+                                           verbose=False, ret_layer_info=True)
+    owned = _unvisited_params(probe[0], ops)
+    return flops, params + sum(owned.values()), tree, owned
+
+
+def _unvisited_params(model: nn.Module, ops: CustomOps) -> dict[str, float]:
+    """Parameters thop never counts: held directly by a module that has no counting rule.
+
+    thop counts a module's parameters only through its rule; a module without
+    one (a container) is descended into, and what it holds itself is lost.
+    """
+    rules = {**register_hooks, **ops}
+    found: dict[str, float] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        if type(module) in rules and not isinstance(module, (nn.Sequential, nn.ModuleList)):
+            return
+        leaf = not list(module.children())
+        for name, param in module.named_parameters(recurse=False):
+            key = prefix[:-1] if leaf else f"{prefix}{name}"  # a leaf (GroupNorm) under its own name
+            found[key] = found.get(key, 0.0) + float(param.numel())
+        for name, child in module.named_children():
+            walk(child, f"{prefix}{name}.")
+
+    walk(model, "")
+    return found
 
 
 def count(model: nn.Module, example_input: torch.Tensor, custom_ops: CustomOps | None = None) -> Cost:
@@ -61,15 +123,16 @@ def count(model: nn.Module, example_input: torch.Tensor, custom_ops: CustomOps |
         >>> count(nn.Linear(4, 2), torch.zeros(1, 4))
         Cost(flops=8.0, params=10.0)
     """
-    flops, params, _ = _profile(model, example_input, custom_ops)
+    flops, params, _, _ = _profile(model, example_input, custom_ops)
     return Cost(float(flops), float(params))
 
 
 def layer_costs(
     model: nn.Module, example_input: torch.Tensor, custom_ops: CustomOps | None = None
 ) -> dict[str, Cost]:
-    """thop's count per counted module, keyed by module name (the leaves of its tree)."""
-    _, _, tree = _profile(model, example_input, custom_ops)
+    """thop's count per counted module, keyed by module name (the leaves of its tree), and each
+    parameter thop does not visit, keyed by its own name (``class_token``)."""
+    _, _, tree, owned = _profile(model, example_input, custom_ops)
     leaves: dict[str, Cost] = {}
 
     def walk(node: dict, prefix: str) -> None:
@@ -85,4 +148,5 @@ def layer_costs(
     if not children:
         return {"": Cost(float(ops), float(params))}
     walk(children, "")
+    leaves.update({name: Cost(0.0, numel) for name, numel in owned.items()})
     return leaves

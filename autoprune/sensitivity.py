@@ -79,11 +79,14 @@ def scan(
     bn_batches: int = 8,
     batch_size: int = 64,
     quiet: bool = False,
+    round_to: int = 1,
     shared: SharedRows | None = None,
 ) -> pd.DataFrame:
     """Fill ``path`` (sensitivity.csv) with one row per (group, ratio); reuse finished rows.
 
-    With ``shared`` (the study), cells measured by any worker are taken from it
+    Each cell keeps the channel count a plan at that ratio would keep (rounded
+    to ``round_to`` and the group's blocks, as the search rounds it). With
+    ``shared`` (the study), cells measured by any worker are taken from it
     and each new cell is added to it, so workers on other machines skip them.
     Workers scanning at once claim cells first and measure the ones others
     claimed only if those are still missing at the end (their worker may have
@@ -109,7 +112,7 @@ def scan(
             if (group.id, round(ratio, 6)) in done():
                 continue
         start = time.perf_counter()
-        kept = max(1, int(round(group.channels * (1 - ratio))))
+        kept = groups.round_keep(group.id, group.channels * (1 - ratio), round_to)
         keep = {group.id: kept}
         pruned = groups.apply(groups.plan(keep)).to(device)
         torch.manual_seed(0)
@@ -158,24 +161,24 @@ def bounds(
     table: pd.DataFrame,
     costs: CostModel,
     limits: Cost,
-    high: float,
+    high: float | np.ndarray,
     room: float = 0.7,
     round_to: int = 1,
 ) -> np.ndarray:
     """Upper ratio bound per group: as far as it can go before its accuracy collapses.
 
-    The tolerated drop is the smallest that still lets the budget be met with
+    ``high`` is the ceiling (one for all groups, or one per group). The tolerated drop is the smallest that still lets the budget be met with
     room to spare (the cheapest model within the bounds costs at most ``room``
     of the budget), so fragile groups are protected only as far as the budget allows.
     """
     found = curves(table, costs.ids)
-    ceiling = np.full(len(costs.ids), high)
+    ceiling = np.broadcast_to(np.asarray(high, dtype=float), (len(costs.ids),)).copy()
     roomy = Cost(limits.flops * room, limits.params * room)
     for tolerance in sorted({0.0, *np.concatenate([d for _, d in found.values()])}):
-        # A group that stays within the tolerance over the whole grid may go to ``high``.
-        caps = np.array([high if tolerance >= found[g][1][-1] else min(high, ratio_at_drop(found[g], tolerance))
-                         for g in costs.ids])
-        caps = np.maximum(caps, min(0.1, high))
+        # A group that stays within the tolerance over the whole grid may go to its ceiling.
+        caps = np.array([top if tolerance >= found[g][1][-1] else min(top, ratio_at_drop(found[g], tolerance))
+                         for g, top in zip(costs.ids, ceiling)])
+        caps = np.maximum(caps, np.minimum(0.1, ceiling))
         if fits(smallest(costs, caps, round_to), roomy):
             return caps
     return ceiling

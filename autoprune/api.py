@@ -196,14 +196,14 @@ def search(
     example = data.example_input()
     base, epochs = _base_model(model, weights, data, out, train_epochs)
     if epochs > 0:  # refuse a bad space or budget before training
-        _budget_limits(_groups(base, example, space, data, batch_size, seed, importance="l1"), budget, space)
+        _budget_limits(find_groups(base, example, space, data, batch_size, seed, importance="l1"), budget, space)
         torch.manual_seed(seed)
         train(base, data.loader("train", batch_size, shuffle=True, seed=seed), epochs, device, lr=0.05,
               desc="train base", quiet=quiet)
         save_torch(base.state_dict(), out / "base.pt")
     base = base.to(device).eval()
     base_id = fingerprint(base.state_dict())
-    groups = _groups(base, example, space, data, batch_size, seed, base_model=base_id, device=device)
+    groups = find_groups(base, example, space, data, batch_size, seed, base_model=base_id, device=device)
     costs, limits = _budget_limits(groups, budget, space)
     config = config_dict(model=name, base_model=base_id, dataset=data.name, budget=str(budget),
                          importance=space.importance, grid=[float(r) for r in space.grid],
@@ -330,7 +330,7 @@ def extra_settings(distill: bool, weight: float, temperature: float, soft_epochs
     return extra
 
 
-def _groups(model: nn.Module, example: torch.Tensor, space: SearchSpace, data: Data, batch_size: int,
+def find_groups(model: nn.Module, example: torch.Tensor, space: SearchSpace, data: Data, batch_size: int,
             seed: int, base_model: str = "", importance: str | None = None,
             device: torch.device | None = None) -> ChannelGroups:
     """The model's groups under ``space`` (its layer patterns checked against the model)."""

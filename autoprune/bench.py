@@ -43,10 +43,12 @@ from .counting import Cost, count
 from .data import Data, load_data
 from .errors import AutopruneError
 from .files import atomic_path, fingerprint, save_torch, versions, write_text
+from .api import find_groups
 from .groups import ChannelGroups
 from .models import build_model, load_weights
 from .plan import Plan
 from .sensitivity import GRID, bounds, equal_drop, scan
+from .space import SearchSpace, resolve
 from .study import Problem, Settings, run, trial_plan
 from .training import evaluate, recalibrate_bn, resolve_device, train
 
@@ -99,6 +101,7 @@ class Subject:
     table: pd.DataFrame
     base_val: float
     device: torch.device
+    space: SearchSpace
 
 
 def _subject(name: str, data: Data, config: BenchConfig, device: torch.device) -> Subject:
@@ -114,28 +117,31 @@ def _subject(name: str, data: Data, config: BenchConfig, device: torch.device) -
               desc=f"train {name}", quiet=config.quiet)
         save_torch(model.state_dict(), weights)
     model = model.to(device).eval()
-    groups = ChannelGroups(model, data.example_input(), base_model=fingerprint(model.state_dict()))
+    space = resolve(None, name).replace(grid=tuple(config.grid), max_ratio=config.max_ratio)
+    groups = find_groups(model, data.example_input(), space, data, 64, 0,
+                         base_model=fingerprint(model.state_dict()), device=device)
     costs = CostModel(groups)
     base_val = evaluate(model, data.loader("val", 256), device)
-    table = scan(groups, costs, model, data, base_val, device, cache / "sensitivity.csv", config.grid,
-                 quiet=config.quiet)
-    return Subject(name, model, data, groups, costs, table, base_val, device)
+    table = scan(groups, costs, model, data, base_val, device, cache / "sensitivity.csv", space.grid,
+                 quiet=config.quiet, round_to=space.round_to)
+    return Subject(name, model, data, groups, costs, table, base_val, device, space)
 
 
 def _problem(subject: Subject, budget: float, config: BenchConfig) -> Problem:
     s = subject
     limits = Budget(flops=budget).limits(s.costs.base)
-    n = len(s.groups)
-    low, high = np.zeros(n), bounds(s.table, s.costs, limits, config.max_ratio)
-    check_reachable(s.costs, limits, high)
+    round_to = s.space.round_to
+    low, ceiling = s.space.ratio_bounds(s.groups.ids)
+    check_reachable(s.costs, limits, ceiling, round_to)
+    high = np.maximum(low, bounds(s.table, s.costs, limits, ceiling, round_to=round_to))
     return Problem(s.model, s.data, s.groups, s.costs, limits, low, high,
-                   equal_drop(s.table, s.costs, limits, low, high), s.base_val, s.device)
+                   equal_drop(s.table, s.costs, limits, low, high, round_to), s.base_val, s.device, round_to)
 
 
 def _uniform(problem: Problem, config: BenchConfig) -> Plan:
     n = len(problem.groups)
     plan, _, _ = fit_plan(problem.groups, problem.costs, np.zeros(n), problem.limits, np.zeros(n),
-                          np.full(n, config.max_ratio))
+                          np.full(n, config.max_ratio), problem.round_to)
     return plan
 
 
@@ -145,8 +151,10 @@ def _global(problem: Problem, config: BenchConfig) -> Plan:
     scores = {gid: groups.scores[gid].numpy() for gid in costs.ids}
     pooled = np.sort(np.concatenate(list(scores.values())))
 
+    unit = {gid: groups[gid].unit for gid in costs.ids}  # scores are per position within a block
+
     def keep(threshold: float) -> np.ndarray:
-        return np.array([max(1, int((scores[g] > threshold).sum())) for g in costs.ids], dtype=float)
+        return np.array([unit[g] * max(1, int((scores[g] > threshold).sum())) for g in costs.ids], dtype=float)
 
     lo, hi = 0, len(pooled) - 1  # indices into the pooled scores: prune everything at or below
     if not _fits(costs.predict_vector(keep(pooled[hi])), problem.limits):
@@ -170,7 +178,7 @@ def _fits(cost: Cost | tuple[float, float], limits: Cost) -> bool:
 
 def _seed(problem: Problem, config: BenchConfig) -> Plan:
     plan, _, _ = fit_plan(problem.groups, problem.costs, problem.seed_ratios, problem.limits, problem.low,
-                          problem.high)
+                          problem.high, problem.round_to)
     return plan
 
 
@@ -318,7 +326,8 @@ def rank_check(problem: Problem, config: BenchConfig, seed: int = 0) -> dict:
     for _ in range(config.rank_plans):
         clock = time.perf_counter()
         ratios = rng.uniform(0, config.max_ratio, n)
-        kept = project(problem.costs, ratios, problem.limits, np.zeros(n), np.full(n, config.max_ratio))
+        kept = project(problem.costs, ratios, problem.limits, np.zeros(n), np.full(n, config.max_ratio),
+                       problem.round_to)
         plan = problem.groups.plan(dict(zip(problem.costs.ids, kept.astype(int).tolist())))
         clock = _lap(phases, "projection", clock)
         model = problem.groups.apply(plan)

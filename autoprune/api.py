@@ -197,10 +197,7 @@ def search(
     base, epochs = _base_model(model, weights, data, out, train_epochs)
     if epochs > 0:  # refuse a bad space or budget before training
         _budget_limits(find_groups(base, example, space, data, batch_size, seed, importance="l1"), budget, space)
-        torch.manual_seed(seed)
-        train(base, data.loader("train", batch_size, shuffle=True, seed=seed), epochs, device, lr=0.05,
-              desc="train base", quiet=quiet)
-        save_torch(base.state_dict(), out / "base.pt")
+        train_base(base, data, epochs, device, batch_size, seed, out, quiet)
     base = base.to(device).eval()
     base_id = fingerprint(base.state_dict())
     groups = find_groups(base, example, space, data, batch_size, seed, base_model=base_id, device=device)
@@ -328,6 +325,15 @@ def extra_settings(distill: bool, weight: float, temperature: float, soft_epochs
     if soft_epochs:
         extra["soft_epochs"] = float(soft_epochs)
     return extra
+
+
+def train_base(base: nn.Module, data: Data, epochs: float, device: torch.device, batch_size: int, seed: int,
+               out: Path, quiet: bool) -> None:
+    """Train the base model and keep it as ``out/base.pt``, so the next run of the study reuses it."""
+    torch.manual_seed(seed)
+    train(base, data.loader("train", batch_size, shuffle=True, seed=seed), epochs, device, lr=0.05,
+          desc="train base", quiet=quiet)
+    save_torch(base.state_dict(), out / "base.pt")
 
 
 def find_groups(model: nn.Module, example: torch.Tensor, space: SearchSpace, data: Data, batch_size: int,

@@ -16,8 +16,11 @@ pass. Methods:
 ``autoprune``
     the default search;
 ``uniform-matched``
-    uniform, fine-tuned for as long as the autoprune search plus its final
-    fine-tune took: was the search worth its compute?
+    uniform, fine-tuned for as long as the autoprune search took on top of
+    the common final fine-tune: was the search worth its compute?
+``autoprune-distill`` (on request)
+    the default search with knowledge distillation from the base model in
+    every fine-tune, its final one included (``--distill``; weight 0.5, T=4).
 
 Results go to ``results/benchmarks/``: ``bench.csv`` (one row per run, written
 after each run so a killed benchmark resumes), ``BENCHMARKS.md`` and ``bench.png``.
@@ -42,6 +45,7 @@ from .costmodel import CostModel
 from .counting import Cost, count
 from .data import Data, load_data
 from .errors import AutopruneError
+from .distill import from_settings
 from .files import atomic_path, fingerprint, save_torch, versions, write_text
 from .api import find_groups
 from .groups import ChannelGroups
@@ -52,7 +56,9 @@ from .space import SearchSpace, resolve
 from .study import Problem, Settings, run, trial_plan
 from .training import evaluate, recalibrate_bn, resolve_device, train
 
-METHODS = ("uniform", "global", "seed", "random", "autoprune", "uniform-matched")
+METHODS = ("uniform", "global", "seed", "random", "autoprune", "uniform-matched", "autoprune-distill")
+DEFAULT_METHODS = METHODS[:6]  # the distillation row is asked for with --methods
+DISTILL = {"distill": {"weight": 0.5, "temperature": 4.0}}
 COLUMNS = ["model", "budget", "seed", "method", "test_accuracy", "val_accuracy", "flops", "params",
            "flops_share", "params_share", "trials", "search_seconds", "final_epochs", "seconds", "note"]
 
@@ -64,7 +70,7 @@ class BenchConfig:
     models: Sequence[str] = ("resnet18", "mobilenet_v2", "vgg11_bn")
     budgets: Sequence[float] = (0.25, 0.10, 0.05)
     seeds: Sequence[int] = (0, 1, 2)
-    methods: Sequence[str] = METHODS
+    methods: Sequence[str] = DEFAULT_METHODS
     dataset: str = "digits"
     trials: int = 12
     train_epochs: float = 15.0
@@ -182,16 +188,19 @@ def _seed(problem: Problem, config: BenchConfig) -> Plan:
     return plan
 
 
-def _searched(sampler: optuna.samplers.BaseSampler | None) -> Callable[[Problem, BenchConfig, int], tuple[Plan, int]]:
+def _searched(sampler: optuna.samplers.BaseSampler | None,
+              extra: dict | None = None) -> Callable[[Problem, BenchConfig, int], tuple[Plan, int]]:
     def search(problem: Problem, config: BenchConfig, seed: int) -> tuple[Plan, int]:
         study = optuna.create_study(direction="maximize")
-        settings = Settings(config.trials, config.finetune_epochs, config.final_epochs, seed=seed)
+        settings = Settings(config.trials, config.finetune_epochs, config.final_epochs, seed=seed,
+                            extra=dict(extra or {}))
         run(problem, study, settings, quiet=True, sampler=sampler, seed_first=sampler is None)
         return trial_plan(study.best_trial), len(study.trials)
     return search
 
 
-def finish(problem: Problem, plan: Plan, epochs: float, seed: int, quiet: bool = True) -> dict:
+def finish(problem: Problem, plan: Plan, epochs: float, seed: int, quiet: bool = True,
+           extra: dict | None = None) -> dict:
     """The final recipe every method gets: BatchNorm recalibration, fine-tune, validation, one test."""
     data, device = problem.data, problem.device
     model = problem.groups.apply(plan).to(device)
@@ -199,7 +208,8 @@ def finish(problem: Problem, plan: Plan, epochs: float, seed: int, quiet: bool =
     torch.manual_seed(seed)
     recalibrate_bn(model, loader, device)
     start = time.perf_counter()
-    train(model, loader, epochs, device, lr=0.01, desc="final fine-tune", quiet=quiet)
+    train(model, loader, epochs, device, lr=0.01, desc="final fine-tune", quiet=quiet,
+          distill=from_settings(problem.model, extra or {}))
     seconds = time.perf_counter() - start
     cost = count(model, problem.groups.example_input)
     base = problem.costs.base
@@ -224,6 +234,7 @@ def _run_one(problem: Problem, method: str, seed: int, config: BenchConfig, sear
     """One (method, seed): its plan, the common final fine-tune, the numbers."""
     start = time.perf_counter()
     trials, epochs, note = 0, config.final_epochs, ""
+    extra = DISTILL if method == "autoprune-distill" else {}
     if method in ("uniform", "uniform-matched"):
         plan = _uniform(problem, config)
     elif method == "global":
@@ -232,7 +243,7 @@ def _run_one(problem: Problem, method: str, seed: int, config: BenchConfig, sear
         plan = _seed(problem, config)
     else:
         sampler = optuna.samplers.RandomSampler(seed=seed) if method == "random" else None
-        plan, trials = _searched(sampler)(problem, config, seed)
+        plan, trials = _searched(sampler, extra)(problem, config, seed)
     search_seconds = time.perf_counter() - start
     if method == "uniform-matched":
         # Convert the autoprune run's wall time into epochs of this model's fine-tune.
@@ -240,7 +251,7 @@ def _run_one(problem: Problem, method: str, seed: int, config: BenchConfig, sear
         per_epoch = probe["finetune_seconds"] / 0.25
         epochs = config.final_epochs + searched_seconds / max(per_epoch, 1e-9)
         note = f"{searched_seconds:.0f}s of autoprune search = {epochs - config.final_epochs:.1f} extra epochs"
-    result = finish(problem, plan, epochs, seed)
+    result = finish(problem, plan, epochs, seed, extra=extra)
     result.pop("finetune_seconds")
     return {**result, "trials": trials, "search_seconds": round(search_seconds, 1), "final_epochs": round(epochs, 2),
             "seconds": round(time.perf_counter() - start, 1), "note": note}

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--models", type=_names, help="comma-separated models (default: resnet18,mobilenet_v2,vgg11_bn)")
     bench.add_argument("--budgets", type=_ratios, help="FLOPs shares (default: 0.25,0.1,0.05)")
     bench.add_argument("--seeds", type=_ints, help="comma-separated seeds (default: 0,1,2)")
-    bench.add_argument("--methods", type=_names, help="subset of uniform,global,seed,random,autoprune,uniform-matched")
+    bench.add_argument("--methods", type=_names, help="methods (default: uniform,global,seed,random,autoprune,uniform-matched; add autoprune-distill for the KD row)")
     bench.add_argument("--trials", type=int, help="trials per search (default: 12)")
     bench.add_argument("--train-epochs", type=_epochs, help="base training epochs (default: 15)")
     bench.add_argument("--finetune-epochs", type=_epochs, help="per-trial fine-tune epochs (default: 1)")

@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from .counting import attention_macs
 from .errors import AutopruneError
-from .importance import CRITERIA, criterion
+from .importance import criterion
 from .plan import Plan
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

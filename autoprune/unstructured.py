@@ -374,7 +374,7 @@ def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: 
         >>> result.summary["nonzero_share"] <= 0.2
         True
     """
-    from .api import Result, _as_data, _base_model, _slug
+    from .api import Result, _as_data, _base_model, _slug, train_base
     from .training import resolve_device
 
     started = time.perf_counter()
@@ -396,10 +396,7 @@ def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: 
     limit = weight_limit(budget, WeightCosts.of(base))
     project_sparsities(WeightCosts.of(base), np.zeros(len(weight_layers(base))), limit, max_ratio)  # refuse early
     if epochs > 0:
-        torch.manual_seed(seed)
-        train(base, data.loader("train", batch_size, shuffle=True, seed=seed), epochs, device, lr=0.05,
-              desc="train base", quiet=quiet)
-        save_torch(base.state_dict(), out / "base.pt")
+        train_base(base, data, epochs, device, batch_size, seed, out, quiet)
     base = base.to(device).eval()
     base_id = fingerprint(base.state_dict())
     costs = WeightCosts.of(base)

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from autoprune.bench import METHODS
+from autoprune.bench import DEFAULT_METHODS as METHODS
 from autoprune.cli import main
 from conftest import TINY
 

@@ -1,7 +1,6 @@
 """pareto, report, export and studies on a small real study (the shared ``tiny_run`` search)."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -265,7 +265,7 @@ def benchmark(config: BenchConfig) -> pd.DataFrame:
     device = resolve_device(config.device)
     data = load_data(config.dataset)
     path = config.out / "bench.csv"
-    frame = _read(path)
+    frame = _read(path).dropna(subset=["test_accuracy"])  # runs that failed are tried again
     done = {(r.model, float(r.budget), int(r.seed), r.method) for r in frame.itertuples()}
     for name in config.models:
         subject = _subject(name, data, config, device)

@@ -53,7 +53,7 @@ def test_groups_command_lists_groups_and_refuses_a_bad_space(tmp_path, capsys):
     assert main(["groups", "--model", "resnet18"]) == 0
     out = capsys.readouterr().out
     assert "space resnet" in out and "FLOPs (thop MACs)" in out
-    assert any(line.startswith("conv1 ") and "0.00–0.50" in line for line in out.splitlines())
+    assert any(line.startswith("conv1 ") and "0.00–0.90" in line for line in out.splitlines())
     bad = tmp_path / "bad.yaml"
     bad.write_text("bounds:\n  conv1: [0.5, 0.2]\n")
     assert main(["groups", "--model", "resnet18", "--space", str(bad)]) == 2

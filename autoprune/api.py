@@ -38,7 +38,7 @@ from .groups import ChannelGroups, apply_plan
 from .importance import criterion
 from .models import build_model, load_weights, read_state_dict
 from .plan import Plan
-from .sensitivity import bounds, equal_drop, scan
+from .sensitivity import GRID, bounds, equal_drop, scan
 from .space import SearchSpace, resolve
 from .study import (Problem, Settings, SharedTable, best_trial, config_dict, enqueue_seed, open_study, run,
                     trial_plan, trials_table)
@@ -170,7 +170,8 @@ def search(
         return search_weights(model, data, budget, weights=weights, trials=trials, study=study,
                               storage=storage, out=out, new_study=new_study, train_epochs=train_epochs,
                               finetune_epochs=finetune_epochs, final_epochs=final_epochs, lr=lr,
-                              batch_size=batch_size, grid=grid, max_ratio=max_ratio, bn_batches=bn_batches,
+                              batch_size=batch_size, grid=grid or GRID, bn_batches=bn_batches,
+                              max_ratio=0.9 if max_ratio is None else max_ratio,
                               device=device, seed=seed, quiet=quiet, data_dir=data_dir, download=download,
                               extra=extra)
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)

@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ from .plan import Plan
 from .training import evaluate, recalibrate_bn, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+# set_metric_names is marked experimental; the warning would only clutter every run's output.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 @dataclass

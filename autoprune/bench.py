@@ -40,9 +40,9 @@ import optuna
 import pandas as pd
 import torch
 
-from .budget import Budget, check_reachable, fit_plan, project
+from .budget import Budget, check_reachable, fit_plan, fits, project
 from .costmodel import CostModel
-from .counting import Cost, count
+from .counting import count
 from .data import Data, load_data
 from .errors import AutopruneError
 from .distill import from_settings
@@ -163,23 +163,18 @@ def _global(problem: Problem, config: BenchConfig) -> Plan:
         return np.array([unit[g] * max(1, int((scores[g] > threshold).sum())) for g in costs.ids], dtype=float)
 
     lo, hi = 0, len(pooled) - 1  # indices into the pooled scores: prune everything at or below
-    if not _fits(costs.predict_vector(keep(pooled[hi])), problem.limits):
+    if not fits(costs.predict_vector(keep(pooled[hi])), problem.limits):
         raise AutopruneError("global ranking cannot reach this budget")
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if _fits(costs.predict_vector(keep(pooled[mid])), problem.limits):
+        if fits(costs.predict_vector(keep(pooled[mid])), problem.limits):
             hi = mid
         else:
             lo = mid
     plan = groups.plan(dict(zip(costs.ids, keep(pooled[hi]).astype(int).tolist())))
-    if not _fits(count(groups.apply(plan), groups.example_input), problem.limits):
+    if not fits(count(groups.apply(plan), groups.example_input), problem.limits):
         raise AutopruneError("global ranking overshoots the budget as thop counts it")
     return plan
-
-
-def _fits(cost: Cost | tuple[float, float], limits: Cost) -> bool:
-    flops, params = cost if isinstance(cost, tuple) else (cost.flops, cost.params)
-    return flops <= limits.flops and params <= limits.params
 
 
 def _seed(problem: Problem, config: BenchConfig) -> Plan:

@@ -6,38 +6,59 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .counting import count
 from .distill import from_settings
 from .files import save_torch, write_json
 from .groups import apply_plan
+from .models import read_state_dict
 from .plan import Plan
 from .soft import soft_prune
 from .study import Problem, Settings
 from .training import evaluate, recalibrate_bn, train
 
 
-def export(problem: Problem, plan: Plan, out: Path, settings: Settings, quiet: bool = False,
-           **summary: Any) -> dict[str, Any]:
-    """Write ``model.pt``, ``weights.pt``, ``plan.json`` and ``summary.json`` into ``out``.
+def finetune(problem: Problem, plan: Plan, settings: Settings, start: Path | None = None,
+             quiet: bool = True) -> tuple[nn.Module, Plan]:
+    """The final recipe: cut the plan, recalibrate BatchNorm, fine-tune ``settings.final_epochs``.
 
-    ``model.pt`` is the pruned ``nn.Module`` (``torch.load(..., weights_only=False)``);
-    ``weights.pt`` its state dict, which with ``plan.json`` rebuilds it through
-    :func:`autoprune.load_pruned` without unpickling code. Returns the summary.
+    ``start`` holds the fine-tuned weights of the trial that found ``plan``
+    (:func:`autoprune.study.checkpoint`): the fine-tune goes on from them rather
+    than from the cut base model, so the search's training is not thrown away.
+    Soft pruning re-selects the channels from the base model and ignores ``start``.
+    Returns the model and the plan (soft pruning records which channels it kept).
     """
     p, s = problem, settings
-    data, device = p.data, p.device
-    train_loader = data.loader("train", s.batch_size, shuffle=True, seed=s.seed)
+    device = p.device
+    train_loader = p.data.loader("train", s.batch_size, shuffle=True, seed=s.seed)
     torch.manual_seed(s.seed)
-    if s.extra.get("soft_epochs"):  # soft pruning re-selects the channels; the plan records which
+    if s.extra.get("soft_epochs"):
         trained, plan = soft_prune(p.model, p.groups, plan, train_loader, s.extra["soft_epochs"], device,
                                    s.lr, quiet, from_settings(p.model, s.extra))
         model = apply_plan(trained, plan, p.groups.example_input).to(device)
     else:
-        model = p.groups.apply(plan).to(device)
+        model = p.groups.apply(plan)
+        if start is not None:
+            model.load_state_dict(read_state_dict(start))
+        model.to(device)
     recalibrate_bn(model, train_loader, device, s.bn_batches)
     train(model, train_loader, s.final_epochs, device, lr=s.lr, desc="final fine-tune", quiet=quiet,
           distill=from_settings(p.model, s.extra))
+    return model, plan
+
+
+def export(problem: Problem, plan: Plan, out: Path, settings: Settings, quiet: bool = False,
+           start: Path | None = None, **summary: Any) -> dict[str, Any]:
+    """Write ``model.pt``, ``weights.pt``, ``plan.json`` and ``summary.json`` into ``out``.
+
+    ``model.pt`` is the pruned ``nn.Module`` (``torch.load(..., weights_only=False)``);
+    ``weights.pt`` its state dict, which with ``plan.json`` rebuilds it through
+    :func:`autoprune.load_pruned` without unpickling code. ``start``: see
+    :func:`finetune`. Returns the summary.
+    """
+    p, data, device = problem, problem.data, problem.device
+    model, plan = finetune(p, plan, settings, start, quiet)
     val_accuracy = evaluate(model, data.loader("val", 256), device)
     # The test split is read here and nowhere else: once for the base, once for the winner.
     test_loader = data.loader("test", 256)

@@ -5,6 +5,12 @@ pick is projected onto the budget before anything is trained (no candidate is
 ever over budget, none wastes much of it), the pruned model is fine-tuned
 briefly and scored on validation data. Plan, FLOPs, params and accuracy are
 stored on the trial, so the study alone is the record of the search.
+
+Trials are cheap to throw away: each reports its cheap score (pruned, BatchNorm
+recalibrated, not fine-tuned) as step 0 and its validation accuracy part-way
+through the fine-tune as later steps, and a median pruner stops a trial below
+the median of the trials that got as far. The fine-tuned weights of
+the best few trials are kept, so the final fine-tune goes on from the winner's.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from .counting import Cost, human
 from .data import Data
 from .distill import from_settings
 from .errors import AutopruneError
+from .files import save_torch
 from .groups import ChannelGroups
 from .plan import Plan
 from .training import evaluate, recalibrate_bn, train
@@ -39,6 +46,11 @@ from .training import evaluate, recalibrate_bn, train
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # set_metric_names is marked experimental; the warning would only clutter every run's output.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+RUNNING, COMPLETE, PRUNED, FAIL = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE,
+                                   optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+ENDED = (COMPLETE, PRUNED)  # what counts towards the trials asked for, as in Optuna's n_trials
+PRUNERS = ("median", "none")
 
 
 @dataclass
@@ -56,6 +68,7 @@ class Problem:
     base_val_accuracy: float
     device: torch.device
     round_to: int = 1
+    checkpoints: Path | None = None  # where trials keep their fine-tuned weights (None: not kept)
 
 
 @dataclass
@@ -70,6 +83,46 @@ class Settings:
     bn_batches: int = 8
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    pruner: str = "median"  # or "none": every trial is fine-tuned to the end
+    trial_bn_batches: int = 2  # BatchNorm recalibration before a trial's cheap score
+    checks: int = 1  # validation checks (chances to be pruned) during a trial's fine-tune
+
+    def __post_init__(self) -> None:
+        if self.pruner not in PRUNERS:
+            raise AutopruneError(f"unknown pruner {self.pruner!r}; choose from {', '.join(PRUNERS)}")
+
+
+class ReachedMedianPruner(optuna.pruners.BasePruner):
+    """Prune a trial whose value at a step is below the median of every trial that reached that step.
+
+    Optuna's :class:`~optuna.pruners.MedianPruner` compares with finished trials
+    only. Screening on step 0 would then compare each candidate with the
+    survivors of earlier screens, and fewer and fewer would pass; comparing with
+    all trials that got as far, pruned ones included, lets about half go on at
+    each step. Nothing is pruned before ``startup`` trials have finished.
+
+    Example:
+        >>> study = optuna.create_study(direction="maximize", pruner=ReachedMedianPruner(startup=3))
+    """
+
+    def __init__(self, startup: int = 3) -> None:
+        self.startup = startup
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or len(study.get_trials(deepcopy=False, states=(COMPLETE,))) < self.startup:
+            return False
+        seen = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False, states=ENDED)
+                if step in t.intermediate_values]
+        better = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
+        return bool(seen) and better * trial.intermediate_values[step] < better * float(np.median(seen))
+
+
+def pruner_for(settings: Settings) -> optuna.pruners.BasePruner:
+    """The search's pruner over a trial's steps (0: the cheap score, then checks during fine-tuning)."""
+    if settings.pruner == "none":
+        return optuna.pruners.NopPruner()
+    return ReachedMedianPruner(startup=max(3, settings.trials // 6))
 
 
 def storage_for(url: str) -> optuna.storages.BaseStorage:
@@ -178,7 +231,27 @@ class SharedTable:
 
 
 def finished(study: optuna.Study) -> int:
+    """How many trials finished (fine-tuned and scored; pruned ones not counted)."""
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def checkpoint(folder: Path, number: int) -> Path:
+    """Where trial ``number`` keeps its fine-tuned weights."""
+    return folder / f"trial-{number}.pt"
+
+
+KEEP_CHECKPOINTS = 3
+
+
+def keep_best_checkpoints(study: optuna.Study, folder: Path | None, keep: int = KEEP_CHECKPOINTS) -> None:
+    """Delete the weights of every ended trial but the ``keep`` best (running ones are left alone)."""
+    if folder is None or not folder.is_dir():
+        return
+    trials = study.get_trials(deepcopy=False)
+    best = sorted((t for t in trials if t.state == COMPLETE), key=lambda t: t.value, reverse=True)[:keep]
+    ended = {t.number for t in trials if t.state.is_finished()} - {t.number for t in best}
+    for number in ended:
+        checkpoint(folder, number).unlink(missing_ok=True)
 
 
 def _param(gid: str) -> str:
@@ -191,7 +264,7 @@ def trial_plan(trial: optuna.trial.FrozenTrial) -> Plan:
 
 
 class Objective:
-    """One trial: sample ratios, fit them to the budget, fine-tune, score."""
+    """One trial: sample ratios, fit them to the budget, screen, fine-tune, score."""
 
     def __init__(self, problem: Problem, settings: Settings, quiet: bool) -> None:
         self.problem, self.settings, self.quiet = problem, settings, quiet
@@ -213,12 +286,24 @@ class Objective:
         train_loader = p.data.loader("train", s.batch_size, shuffle=True, seed=s.seed + trial.number)
         val_loader = p.data.loader("val", 256)
         model.to(p.device)
-        recalibrate_bn(model, train_loader, p.device, s.bn_batches)
-        trial.set_user_attr("val_accuracy_before_finetune", evaluate(model, val_loader, p.device))
+        recalibrate_bn(model, train_loader, p.device, s.trial_bn_batches)
+        cheap = evaluate(model, val_loader, p.device)
+        trial.set_user_attr("val_accuracy_before_finetune", cheap)
+
+        def report(step: int, accuracy: float) -> None:
+            trial.report(accuracy, step)
+            if trial.should_prune():
+                trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+                raise optuna.TrialPruned(f"val {accuracy:.2%} at step {step} is below the median")
+
+        report(0, cheap)  # screening: a hopeless cut is never fine-tuned
         train(model, train_loader, s.finetune_epochs, p.device, lr=s.lr, desc=f"trial {trial.number}",
-              quiet=self.quiet, distill=from_settings(p.model, s.extra))
+              quiet=self.quiet, distill=from_settings(p.model, s.extra),
+              check=lambda tuned, k: report(k, evaluate(tuned, val_loader, p.device)), checks=s.checks)
         accuracy = evaluate(model, val_loader, p.device)
         trial.set_user_attr("val_accuracy", accuracy)
+        if p.checkpoints is not None:
+            save_torch(model.state_dict(), checkpoint(p.checkpoints, trial.number))
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
         return accuracy
 
@@ -233,12 +318,17 @@ def _describe(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> str:
             f"best {best.value:.2%} (trial {best.number})")
 
 
+def _describe_pruned(trial: optuna.trial.FrozenTrial) -> str:
+    step = trial.last_step
+    when = "before fine-tuning (cheap score)" if step == 0 else f"at check {step} of the fine-tune"
+    return (f"trial {trial.number}: pruned {when}: val {trial.intermediate_values[step]:.2%} "
+            f"below the median | {trial.user_attrs.get('seconds', 0):.1f}s")
+
+
 HEARTBEAT_S = 10.0  # how often a running trial says it is alive
 GRACE_S = 60.0  # a trial of another machine silent this long is taken for dead
 MAX_RETRY = 3  # a trial whose worker died is tried again at most this often
 POLL_S = 2.0  # how often a worker with nothing to start looks again
-RUNNING, COMPLETE, FAIL = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE,
-                           optuna.trial.TrialState.FAIL)
 
 
 def _process_start(pid: int) -> str:
@@ -354,9 +444,9 @@ def _surplus(study: optuna.Study, number: int, wanted: int) -> str | None:
     trials = study.get_trials(deepcopy=False)
     mine = next(t for t in trials if t.number == number)
     key = (_started(mine), number)
-    earlier = [t for t in trials if t.number != number and t.state in (RUNNING, COMPLETE)
-               and (t.state == COMPLETE or (_started(t), t.number) < key)]
-    if sum(t.state == COMPLETE for t in trials) + sum(t.state == RUNNING for t in earlier) >= wanted:
+    earlier = [t for t in trials if t.number != number and t.state in (RUNNING, *ENDED)
+               and (t.state in ENDED or (_started(t), t.number) < key)]
+    if sum(t.state in ENDED for t in trials) + sum(t.state == RUNNING for t in earlier) >= wanted:
         return f"{wanted} trials were already finished or running"
     fixed = mine.system_attrs.get("fixed_params")
     if fixed and any(t.system_attrs.get("fixed_params") == fixed for t in earlier):
@@ -365,8 +455,9 @@ def _surplus(study: optuna.Study, number: int, wanted: int) -> str | None:
 
 
 def _counts(study: optuna.Study) -> tuple[int, int]:
-    trials = study.get_trials(deepcopy=False, states=(COMPLETE, RUNNING))
-    done = sum(t.state == COMPLETE for t in trials)
+    """Trials ended (finished or pruned) and running."""
+    trials = study.get_trials(deepcopy=False, states=(*ENDED, RUNNING))
+    done = sum(t.state in ENDED for t in trials)
     return done, len(trials) - done
 
 
@@ -381,7 +472,7 @@ def enqueue_seed(study: optuna.Study, problem: Problem) -> None:
 def run(problem: Problem, study: optuna.Study, settings: Settings, quiet: bool = False,
         stream: int = 0, sampler: optuna.samplers.BaseSampler | None = None,
         seed_first: bool = True) -> optuna.Study:
-    """Run trials until the study holds exactly ``settings.trials`` finished ones.
+    """Run trials until the study holds exactly ``settings.trials`` ended ones (finished or pruned).
 
     Any number of processes may run this on one study: each starts a trial only
     while finished plus running trials fall short of the total, and a trial that
@@ -397,6 +488,7 @@ def run(problem: Problem, study: optuna.Study, settings: Settings, quiet: bool =
         seed=settings.seed + len(study.trials) + stream, multivariate=True,
         n_startup_trials=max(3, min(10, settings.trials // 4)),
     )
+    study.pruner = pruner_for(settings)
     objective = Objective(problem, settings, quiet)
     bar = tqdm(total=settings.trials, initial=_counts(study)[0], desc="search", unit="trial", disable=quiet)
     try:
@@ -427,6 +519,12 @@ def _run_one(study: optuna.Study, objective: Objective, wanted: int, quiet: bool
     try:
         with _heartbeat(study, trial._trial_id):
             value = objective(trial)
+    except optuna.TrialPruned:
+        frozen = study.tell(trial, state=PRUNED)
+        if not quiet:
+            tqdm.write(_describe_pruned(frozen))
+        keep_best_checkpoints(study, objective.problem.checkpoints)
+        return
     except BaseException:
         study.tell(trial, state=FAIL)
         if not isinstance(sys.exc_info()[1], Exception):  # interrupted, not broken: try it again later
@@ -435,6 +533,7 @@ def _run_one(study: optuna.Study, objective: Objective, wanted: int, quiet: bool
     frozen = study.tell(trial, value)
     if frozen.state == COMPLETE and not quiet:
         tqdm.write(_describe(frozen, study))
+    keep_best_checkpoints(study, objective.problem.checkpoints)
 
 
 def best_trial(study: optuna.Study, number: int | None = None) -> optuna.trial.FrozenTrial:

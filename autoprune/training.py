@@ -46,6 +46,8 @@ def train(
     quiet: bool = False,
     distill: Distill | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
+    check: Callable[[nn.Module, int], None] | None = None,
+    checks: int = 0,
 ) -> nn.Module:
     """Train ``model`` for ``epochs`` passes over ``loader`` (fractions allowed).
 
@@ -53,6 +55,8 @@ def train(
     autoprune compares gets, so differences come from the pruning, not the training.
     ``distill`` adds a teacher's softened predictions to the loss; ``after_step``
     runs after every optimiser step (weight-level pruning re-applies its masks there).
+    ``check(model, k)`` runs ``checks`` times, evenly spaced before the end
+    (k = 1 … checks); it may raise to stop the training (a search's pruner does).
     """
     steps = max(1, math.ceil(epochs * len(loader))) if epochs > 0 else 0
     model.to(device).train()
@@ -68,7 +72,8 @@ def train(
         distill.teacher.to(device).eval()
     bar = tqdm(islice(_endless(loader), steps), total=steps, desc=desc, disable=quiet, leave=False,
                unit="step")
-    for inputs, targets in bar:
+    at = {math.ceil(k * steps / (checks + 1)): k for k in range(1, checks + 1)} if check else {}
+    for step, (inputs, targets) in enumerate(bar, 1):
         inputs, targets = inputs.to(device), targets.to(device)
         logits = model(inputs)
         if distill is None:
@@ -84,6 +89,9 @@ def train(
             after_step(model)
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if step in at:
+            check(model, at[step])
+            model.train()
     return model.eval()
 
 

@@ -52,10 +52,14 @@ def _kill_when(process: subprocess.Popen, ready, timeout: float = 120) -> None:
     process.wait()
 
 
+ENDED = ("COMPLETE", "PRUNED")  # pruned trials count towards --trials, as in Optuna
+
+
 def _check_finished_run(out: Path, storage: str, n: int = N) -> list:
     trials = _trials(storage)
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == n, [(t.number, t.state.name, t.user_attrs.get("skipped")) for t in trials]
+    ended = [t for t in trials if t.state.name in ENDED]
+    complete = [t for t in ended if t.state.name == "COMPLETE"]
+    assert len(ended) == n, [(t.number, t.state.name, t.user_attrs.get("skipped")) for t in trials]
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
     table = pd.read_csv(out / "sensitivity.csv")
     assert not table.duplicated(["group", "ratio"]).any()
@@ -91,7 +95,7 @@ def test_killed_three_times_then_resumed_ends_with_exactly_the_requested_trials(
     failed = [t for t in trials if t.state.name == "FAIL"]
     assert [t.number for t in failed] == killed and failed[0].user_attrs["failed"] == "its worker died"
     retried = [t for t in trials if t.user_attrs.get("retry_of") == killed[0]]
-    assert len(retried) == 1 and retried[0].state.name == "COMPLETE"
+    assert len(retried) == 1 and retried[0].state.name in ENDED
     assert retried[0].params == failed[0].params  # the killed trial was tried again, not forgotten
 
 
@@ -101,7 +105,7 @@ def test_two_local_workers_share_one_study(tmp_path):
     process = _start(out, "--workers", "2", "--trials", "10")  # enough for the spawned worker to join
     assert process.wait(timeout=300) == 0, process.stdout.read()
     trials = _check_finished_run(out, str(out / "study.log"), 10)
-    ran = [t for t in trials if t.state.name == "COMPLETE"]
+    ran = [t for t in trials if t.state.name in ENDED]
     assert len({t.system_attrs["autoprune:worker"]["pid"] for t in ran}) == 2  # both did work
     assert len({tuple(sorted(t.params.items())) for t in ran}) == 10  # no candidate trained twice
 
@@ -130,7 +134,7 @@ def test_two_processes_share_a_study_on_postgresql(tmp_path):
     for process in processes:
         assert process.wait(timeout=400) == 0, process.stdout.read()
     trials = _check_finished_run(outs[0], url)
-    ran = [t for t in trials if t.state.name == "COMPLETE"]
+    ran = [t for t in trials if t.state.name in ENDED]
     assert len({t.number for t in ran}) == N
     assert len({t.system_attrs["autoprune:worker"]["pid"] for t in ran}) == 2
     # one scan, shared: both machines hold the same measurements (same timings, not a second scan)

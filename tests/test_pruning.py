@@ -1,0 +1,123 @@
+"""The search's pruner (screening by the cheap score, checks during fine-tuning) and warm starts."""
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from autoprune.budget import Budget
+from autoprune.costmodel import CostModel
+from autoprune.counting import count
+from autoprune.export import finetune
+from autoprune.groups import ChannelGroups
+from autoprune.study import Problem, Settings, checkpoint, keep_best_checkpoints, run, trial_plan
+from autoprune.training import train
+
+PRUNED, COMPLETE = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE
+
+
+@pytest.fixture
+def problem(tiny, example, digits_data, tmp_path):
+    """The tiny residual model, untrained: any cut of it scores near chance before fine-tuning."""
+    groups = ChannelGroups(tiny, example)
+    costs = CostModel(groups)
+    n = len(groups)
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    return Problem(tiny, digits_data, groups, costs, Budget(flops=0.5).limits(costs.base), np.zeros(n),
+                   np.full(n, 0.8), np.full(n, 0.3), 0.1, torch.device("cpu"), checkpoints=folder)
+
+
+def _study(scores, checks=None) -> optuna.Study:
+    """Finished trials whose cheap scores were ``scores`` and half-way checks ``checks`` (default the same)."""
+    study = optuna.create_study(direction="maximize")
+    for value, check in zip(scores, checks or scores):
+        study.add_trial(optuna.trial.create_trial(value=value, intermediate_values={0: value, 1: check}))
+    return study
+
+
+SHORT = dict(finetune_epochs=0.2, trials=4)
+
+
+def test_a_candidate_below_the_median_cheap_score_is_never_fine_tuned(problem, monkeypatch):
+    tuned = []
+    monkeypatch.setattr("autoprune.study.train", lambda *a, **k: tuned.append(1))
+    study = _study([0.97, 0.98, 0.99])  # three strong finished trials; an untrained cut scores ~10 %
+    run(problem, study, Settings(**SHORT), quiet=True, seed_first=False)
+    new = study.trials[-1]
+    assert new.state == PRUNED and new.last_step == 0 and not tuned
+    assert new.intermediate_values[0] < 0.98 and "val_accuracy" not in new.user_attrs
+    assert new.user_attrs["flops_share"] <= 0.5  # the cut was made and recorded, within budget
+    assert not list(problem.checkpoints.iterdir())  # nothing fine-tuned, nothing kept
+
+
+def test_a_trial_below_the_median_half_way_through_its_fine_tune_is_stopped(problem, monkeypatch):
+    study = _study([0.0, 0.0, 0.0], checks=[1.0, 1.0, 1.0])  # any cheap score passes, no check does
+    steps = []
+    original = train
+
+    def counting(*args, **kwargs):
+        steps.append(kwargs["checks"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("autoprune.study.train", counting)
+    run(problem, study, Settings(**SHORT), quiet=True, seed_first=False)
+    new = study.trials[-1]
+    assert new.state == PRUNED and new.last_step == 1 and steps == [1]
+
+
+def test_the_pruner_can_be_turned_off_and_pruned_trials_count_towards_the_total(problem):
+    study = _study([0.97, 0.98, 0.99])
+    run(problem, study, Settings(pruner="none", **SHORT), quiet=True, seed_first=False)
+    assert study.trials[-1].state == COMPLETE  # screened by nothing, though far below the others
+    more = Settings(**{**SHORT, "trials": 6})
+    run(problem, study, more, quiet=True, seed_first=False)
+    assert sum(t.state in (PRUNED, COMPLETE) for t in study.trials) == 6  # as Optuna's n_trials counts
+
+
+def test_an_unknown_pruner_is_refused():
+    from autoprune.errors import AutopruneError
+
+    with pytest.raises(AutopruneError, match="unknown pruner 'hyperband'; choose from median, none"):
+        Settings(pruner="hyperband")
+
+
+def test_only_the_best_finished_trials_keep_their_weights(tmp_path):
+    study = _study([0.5, 0.9, 0.7, 0.8, 0.6])
+    running = study.ask()
+    for number in (*range(5), running.number):
+        torch.save({}, checkpoint(tmp_path, number))
+    keep_best_checkpoints(study, tmp_path, keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trial-1.pt", "trial-2.pt", "trial-3.pt", "trial-5.pt"]
+
+
+def test_the_final_fine_tune_goes_on_from_the_winning_trials_weights(problem):
+    study = optuna.create_study(direction="maximize")
+    run(problem, study, Settings(pruner="none", **SHORT), quiet=True)
+    best = study.best_trial
+    start = checkpoint(problem.checkpoints, best.number)
+    plan = trial_plan(best)
+    warm, _ = finetune(problem, plan, Settings(final_epochs=0.0), start)
+    cold, _ = finetune(problem, plan, Settings(final_epochs=0.0))
+    saved = torch.load(start)
+    weights = {k: v for k, v in warm.state_dict().items() if k.endswith("weight")}
+    assert all(torch.equal(v, saved[k]) for k, v in weights.items())  # the trial's weights, not the base's
+    assert not all(torch.equal(v, cold.state_dict()[k]) for k, v in weights.items())
+    assert count(warm, problem.groups.example_input) == count(cold, problem.groups.example_input)
+
+
+def test_the_screen_compares_with_every_trial_that_got_as_far_pruned_ones_included():
+    from autoprune.study import ReachedMedianPruner
+
+    study = _study([0.9, 0.9, 0.9])
+    for _ in range(4):  # screened out earlier with a cheap score of 10 %
+        study.add_trial(optuna.trial.create_trial(state=PRUNED, intermediate_values={0: 0.1}))
+    pruner = ReachedMedianPruner(startup=3)
+    candidate = study.ask()
+    candidate.report(0.5, 0)
+    frozen = study._storage.get_trial(candidate._trial_id)
+    assert not pruner.prune(study, frozen)  # above the median of the seven that got as far (0.1)
+    assert optuna.pruners.MedianPruner(n_startup_trials=3).prune(study, frozen)  # finished ones only: 0.9
+    candidate.report(0.05, 1)  # step 1: the three finished trials were at 0.9
+    assert pruner.prune(study, study._storage.get_trial(candidate._trial_id))
+    assert not ReachedMedianPruner(startup=4).prune(study, study._storage.get_trial(candidate._trial_id))

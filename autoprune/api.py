@@ -40,8 +40,8 @@ from .models import build_model, load_weights, read_state_dict
 from .plan import Plan
 from .sensitivity import GRID, bounds, equal_drop, scan
 from .space import SearchSpace, resolve
-from .study import (Problem, Settings, SharedTable, best_trial, config_dict, enqueue_seed, open_study, run,
-                    trial_plan, trials_table)
+from .study import (PRUNED, Problem, Settings, SharedTable, best_trial, checkpoint, config_dict, enqueue_seed,
+                    open_study, run, trial_plan, trials_table)
 from .training import evaluate, resolve_device, train
 
 DEFAULT_TRAIN_EPOCHS = 15.0
@@ -95,6 +95,9 @@ def _base_model(model: nn.Module | str, weights: str | None, data: Data, out: Pa
     return built, 0.0 if head_only else DEFAULT_TRAIN_EPOCHS
 
 
+BASE_LR = 0.05  # SGD learning rate for training a base model from scratch
+
+
 def search(
     model: nn.Module | str,
     data: Data | str | Sequence[Dataset | DataLoader],
@@ -107,6 +110,7 @@ def search(
     out: str | Path | None = None,
     new_study: bool = False,
     train_epochs: float | None = None,
+    base_lr: float = BASE_LR,
     finetune_epochs: float = 1.0,
     final_epochs: float = 5.0,
     lr: float = 0.01,
@@ -128,6 +132,7 @@ def search(
     temperature: float = 4.0,
     soft_epochs: float = 0.0,
     granularity: str = "channel",
+    pruner: str = "median",
     _worker: int = 0,
 ) -> Result | None:
     """Find per-group pruning ratios that meet ``budget`` and keep the most accuracy.
@@ -146,6 +151,9 @@ def search(
     (``distill_weight``, ``temperature``); ``soft_epochs`` soft-prunes the winner for
     that many epochs before cutting it. ``granularity="weight"`` searches per-layer
     weight sparsity under a nonzero-params budget instead (:mod:`autoprune.unstructured`).
+    ``pruner="median"`` screens each candidate by its cheap score (pruned, BatchNorm
+    recalibrated, not fine-tuned) and stops trials below the median part-way through
+    their fine-tune; ``trials`` counts pruned trials too, as Optuna's ``n_trials`` does.
     ``space`` is a :class:`SearchSpace`, a YAML file or a shipped space name;
     by default the one shipped for the architecture. ``grid``, ``max_ratio``,
     ``importance`` and ``round_to`` override the space's values.
@@ -169,6 +177,7 @@ def search(
         from .unstructured import search_weights
         return search_weights(model, data, budget, weights=weights, trials=trials, study=study,
                               storage=storage, out=out, new_study=new_study, train_epochs=train_epochs,
+                              base_lr=base_lr,
                               finetune_epochs=finetune_epochs, final_epochs=final_epochs, lr=lr,
                               batch_size=batch_size, grid=grid or GRID, bn_batches=bn_batches,
                               max_ratio=0.9 if max_ratio is None else max_ratio,
@@ -193,12 +202,12 @@ def search(
     out.mkdir(parents=True, exist_ok=True)
     sweep(out)  # temporary files of a killed run
     device = resolve_device(device)
-    settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed, extra)
+    settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed, extra, pruner)
     example = data.example_input()
     base, epochs = _base_model(model, weights, data, out, train_epochs)
     if epochs > 0:  # refuse a bad space or budget before training
         _budget_limits(find_groups(base, example, space, data, batch_size, seed, importance="l1"), budget, space)
-        train_base(base, data, epochs, device, batch_size, seed, out, quiet)
+        train_base(base, data, epochs, device, batch_size, seed, out, quiet, base_lr)
     base = base.to(device).eval()
     base_id = fingerprint(base.state_dict())
     groups = find_groups(base, example, space, data, batch_size, seed, base_model=base_id, device=device)
@@ -207,7 +216,7 @@ def search(
                          importance=space.importance, grid=[float(r) for r in space.grid],
                          max_ratio=space.max_ratio, space=space.to_dict(),
                          finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
-                         bn_batches=bn_batches, seed=seed,
+                         bn_batches=bn_batches, seed=seed, pruner=pruner,
                          **{k: v for k, v in extra.items() if k == "distill"})  # soft pruning: export only
     the_study = open_study(study_name, storage, config, new=new_study)
     if not (out / "base.pt").is_file():
@@ -224,7 +233,8 @@ def search(
     high = np.maximum(low, bounds(table, costs, limits, ceiling, round_to=space.round_to))
     problem = Problem(base, data, groups, costs, limits, low, high,
                       equal_drop(table, costs, limits, low, high, space.round_to), base_val, device,
-                      space.round_to)
+                      space.round_to, out / "checkpoints")
+    problem.checkpoints.mkdir(exist_ok=True)
     # Workers on other machines must not draw the same candidates: give each process its own stream.
     stream = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) if shared_storage else 0
     if _worker:
@@ -246,16 +256,24 @@ def search(
     found = trial_plan(chosen)
     plan = Plan(found.kept, found.channels, found.importance, found.base_model, meta)
     write_text(out / "trials.csv", trials_table(the_study).to_csv(index=False))
+    start = _warm_start(problem.checkpoints, chosen.number, extra)
     record = dict(budget=str(budget), budget_flops=limits.flops, budget_params=limits.params,
                   trial=chosen.number, trial_val_accuracy=chosen.value, trials=len(the_study.trials),
+                  pruned_trials=len(the_study.get_trials(deepcopy=False, states=(PRUNED,))),
                   final_epochs=final_epochs, model=name, base_model=base_id, dataset=data.name,
                   study=study_name, storage=storage, device=str(device), input_shape=list(data.input_shape),
-                  **extra)
-    summary = _export_once(problem, plan, out, settings, quiet, record)
+                  warm_start=start and str(start.relative_to(out)), **extra)
+    summary = _export_once(problem, plan, out, settings, quiet, record, start)
     summary.update(seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
     write_json(out / "summary.json", summary)
     pruned = torch.load(out / "model.pt", weights_only=False)
     return Result(pruned, plan, summary, the_study, out)
+
+
+def _warm_start(folder: Path, number: int, extra: dict[str, Any]) -> Path | None:
+    """The chosen trial's fine-tuned weights, if this machine ran it (and soft pruning will not redo it)."""
+    path = checkpoint(folder, number)
+    return path if path.is_file() and not extra.get("soft_epochs") else None
 
 
 def _default_storage(out: Path, workers: int) -> str:
@@ -329,11 +347,20 @@ def extra_settings(distill: bool, weight: float, temperature: float, soft_epochs
 
 
 def train_base(base: nn.Module, data: Data, epochs: float, device: torch.device, batch_size: int, seed: int,
-               out: Path, quiet: bool) -> None:
-    """Train the base model and keep it as ``out/base.pt``, so the next run of the study reuses it."""
+               out: Path, quiet: bool, lr: float = BASE_LR) -> None:
+    """Train the base model and keep it as ``out/base.pt``, so the next run of the study reuses it.
+
+    A model that ends near chance on validation is refused and not kept: pruning
+    it would measure nothing (vgg11_bn on digits needs ``lr=0.01``).
+    """
     torch.manual_seed(seed)
-    train(base, data.loader("train", batch_size, shuffle=True, seed=seed), epochs, device, lr=0.05,
+    train(base, data.loader("train", batch_size, shuffle=True, seed=seed), epochs, device, lr=lr,
           desc="train base", quiet=quiet)
+    accuracy = evaluate(base, data.loader("val", 256), device)
+    if accuracy < 2.0 / data.num_classes:
+        raise AutopruneError(f"the base model trained to {accuracy:.1%} validation accuracy, near chance "
+                             f"({1 / data.num_classes:.0%}); train it with a smaller --base-lr (was {lr:g}) "
+                             "or more --train-epochs, or pass trained --weights")
     save_torch(base.state_dict(), out / "base.pt")
 
 
@@ -367,11 +394,11 @@ def _budget_limits(groups: ChannelGroups, budget: Budget, space: SearchSpace) ->
     return costs, limits
 
 
-EXPORT_KEYS = ("study", "trial", "base_model", "final_epochs", "distill", "soft_epochs")
+EXPORT_KEYS = ("study", "trial", "base_model", "final_epochs", "distill", "soft_epochs", "warm_start")
 
 
 def _export_once(problem: Problem, plan: Plan, out: Path, settings: Settings, quiet: bool,
-                 record: dict[str, Any]) -> dict[str, Any]:
+                 record: dict[str, Any], start: Path | None) -> dict[str, Any]:
     """Export the chosen trial, unless this run directory already holds exactly that export."""
     previous = out / "summary.json"
     files = [out / f for f in ("model.pt", "weights.pt", "plan.json")]
@@ -379,7 +406,7 @@ def _export_once(problem: Problem, plan: Plan, out: Path, settings: Settings, qu
         summary = json.loads(previous.read_text())
         if all(summary.get(k) == record.get(k) for k in EXPORT_KEYS):
             return {**summary, **record}
-    return export(problem, plan, out, settings, quiet, **record)
+    return export(problem, plan, out, settings, quiet, start, **record)
 
 
 def load_pruned(
@@ -478,12 +505,13 @@ def export_trial(
             "dataset": data.name, "study": run.name, "trial": chosen.number}
     plan = Plan(found.kept, found.channels, found.importance, found.base_model, meta)
     out = Path(out) if out else run.folder / f"trial-{chosen.number}"
+    start = _warm_start(run.folder / "checkpoints", chosen.number, {})
     record = dict(budget=config["budget"], budget_flops=problem.limits.flops, budget_params=problem.limits.params,
                   trial=chosen.number, trial_val_accuracy=chosen.value, trials=len(run.study.trials),
                   final_epochs=final_epochs, model=config["model"], base_model=config["base_model"],
                   dataset=data.name, study=run.name, storage=run.storage, device=str(problem.device),
-                  input_shape=list(data.input_shape))
-    summary = export(problem, plan, out, settings, quiet, **record)
+                  input_shape=list(data.input_shape), warm_start=start and str(start.relative_to(run.folder)))
+    summary = export(problem, plan, out, settings, quiet, start, **record)
     pruned = torch.load(out / "model.pt", weights_only=False).eval()
     inputs = next(iter(data.loader("val", 16)))[0]
     for name in formats:

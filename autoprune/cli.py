@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--budget", default="flops=0.3",
                         help="flops=0.3 (share of base), flops=120M, params=1.5M, or both joined by a "
                              "comma; FLOPs are thop MACs (default: flops=0.3)")
-    search.add_argument("--trials", type=int, default=12, help="finished trials the study should reach")
+    search.add_argument("--trials", type=int, default=12,
+                        help="trials the study should reach, pruned ones included (default: 12)")
     search.add_argument("--study", help="study name (default: MODEL-DATASET-BUDGET)")
     search.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the run directory)")
     search.add_argument("--out", help="run directory (default: results/STUDY)")
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "join one study through a shared --storage")
     search.add_argument("--new-study", action="store_true", help="discard the stored study and start afresh")
     search.add_argument("--train-epochs", type=_epochs, help="epochs to train the base model (default 15)")
+    search.add_argument("--base-lr", type=float, default=0.05,
+                        help="learning rate for training the base model (default: 0.05; 0.01 for VGG)")
     search.add_argument("--finetune-epochs", type=_epochs, default=1.0,
                         help="fine-tune epochs per trial, fractions allowed (default: 1)")
     search.add_argument("--final-epochs", type=_epochs, default=5.0,
@@ -74,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest share of a group's channels a trial may remove (default: the space's)")
     search.add_argument("--round-to", type=int, default=None,
                         help="keep channel counts in multiples of this (default: the space's)")
+    search.add_argument("--pruner", choices=("median", "none"), default="median",
+                        help="median: drop a candidate whose accuracy right after the cut, or half-way through "
+                             "its fine-tune, is below the median of the trials that got as far (default); "
+                             "none: fine-tune every candidate to the end")
     search.add_argument("--granularity", choices=("channel", "weight"), default="channel",
                         help="channel: remove channels (default); weight: per-layer magnitude sparsity under a "
                              "nonzero-params budget (--budget params=0.2)")
@@ -101,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", type=_names, help="methods (default: uniform,global,seed,random,autoprune,uniform-matched; add autoprune-distill for the KD row)")
     bench.add_argument("--trials", type=int, help="trials per search (default: 12)")
     bench.add_argument("--train-epochs", type=_epochs, help="base training epochs (default: 15)")
+    bench.add_argument("--pruner", choices=("median", "none"), help="the searches' pruner (default: median)")
     bench.add_argument("--finetune-epochs", type=_epochs, help="per-trial fine-tune epochs (default: 1)")
     bench.add_argument("--final-epochs", type=_epochs, help="final fine-tune epochs, every method (default: 1)")
     bench.add_argument("--rank-plans", type=int, help="random plans for the cheap-score rank check (default: 30)")
@@ -185,19 +193,19 @@ def _search(args: argparse.Namespace) -> None:
 
     result = search(args.model, args.dataset, args.budget, weights=args.weights, trials=args.trials,
                     study=args.study, storage=args.storage, out=args.out, new_study=args.new_study,
-                    train_epochs=args.train_epochs, finetune_epochs=args.finetune_epochs,
+                    train_epochs=args.train_epochs, base_lr=args.base_lr, finetune_epochs=args.finetune_epochs,
                     final_epochs=args.final_epochs, lr=args.lr, batch_size=args.batch_size,
                     space=args.space, grid=args.grid, max_ratio=args.max_ratio, importance=args.importance,
                     round_to=args.round_to,
                     device=args.device, seed=args.seed, quiet=args.quiet, data_dir=args.data_dir,
                     download=args.download, distill=args.distill, distill_weight=args.distill_weight,
                     temperature=args.temperature, soft_epochs=args.soft_epochs, granularity=args.granularity,
-                    workers=args.workers)
+                    workers=args.workers, pruner=args.pruner)
     s = result.summary
     if args.granularity == "weight":
         _weight_summary(result)
         return
-    print(f"best trial {s['trial']} of {s['trials']}: "
+    print(f"best trial {s['trial']} of {s['trials']} ({s['pruned_trials']} pruned): "
           f"FLOPs {human(s['flops'])} ({s['flops_share']:.1%} of {human(s['base_flops'])}, thop MACs), "
           f"params {human(s['params'])} ({s['params_share']:.1%} of {human(s['base_params'])})")
     print(f"test accuracy {s['test_accuracy']:.2%} (base {s['base_test_accuracy']:.2%}), "
@@ -308,6 +316,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     config = quick(BenchConfig()) if args.quick else BenchConfig()
     given = {"models": args.models, "budgets": args.budgets, "methods": args.methods, "trials": args.trials,
+             "pruner": args.pruner,
              "train_epochs": args.train_epochs, "finetune_epochs": args.finetune_epochs,
              "final_epochs": args.final_epochs, "rank_plans": args.rank_plans,
              "seeds": args.seeds,

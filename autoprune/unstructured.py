@@ -363,8 +363,8 @@ def weight_limit(budget: str | Budget, costs: WeightCosts) -> float:
 def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: str | Budget = "params=0.2", *,
                    weights: str | None = None, trials: int = 12, study: str | None = None,
                    storage: str | None = None, out: str | Path | None = None, new_study: bool = False,
-                   train_epochs: float | None = None, finetune_epochs: float = 1.0, final_epochs: float = 5.0,
-                   lr: float = 0.01, batch_size: int = 64, grid: Sequence[float] = GRID, max_ratio: float = 0.9,
+                   train_epochs: float | None = None, base_lr: float = 0.05, finetune_epochs: float = 1.0,
+                   final_epochs: float = 5.0, lr: float = 0.01, batch_size: int = 64, grid: Sequence[float] = GRID, max_ratio: float = 0.9,
                    bn_batches: int = 8, device: str = "auto", seed: int = 0, quiet: bool = False,
                    data_dir: str | Path = "data", download: bool = False, extra: dict | None = None):
     """:func:`autoprune.search` with ``granularity="weight"``: per-layer sparsity under a nonzero budget.
@@ -396,7 +396,7 @@ def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: 
     limit = weight_limit(budget, WeightCosts.of(base))
     project_sparsities(WeightCosts.of(base), np.zeros(len(weight_layers(base))), limit, max_ratio)  # refuse early
     if epochs > 0:
-        train_base(base, data, epochs, device, batch_size, seed, out, quiet)
+        train_base(base, data, epochs, device, batch_size, seed, out, quiet, base_lr)
     base = base.to(device).eval()
     base_id = fingerprint(base.state_dict())
     costs = WeightCosts.of(base)

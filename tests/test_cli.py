@@ -34,6 +34,9 @@ def test_search_writes_a_pruned_model_within_budget(run_dir):
     assert summary["base_test_accuracy"] > 0.8 and summary["test_accuracy"] > 0.5  # chance is 10 %
     for name in ("plan.json", "weights.pt", "base.pt", "sensitivity.csv", "trials.csv", "study.db"):
         assert (run_dir / name).is_file(), name
+    # the final fine-tune went on from the winning trial's weights; only the best few trials keep theirs
+    assert summary["warm_start"] == f"checkpoints/trial-{summary['trial']}.pt"
+    assert (run_dir / summary["warm_start"]).is_file() and len(list((run_dir / "checkpoints").iterdir())) <= 3
 
 
 def test_plan_and_model_give_the_same_outputs(run_dir):
@@ -62,9 +65,9 @@ def test_more_trials_resume_the_study(run_dir):
     args = [a if a != "3" else "4" for a in ARGS]
     assert main([*args, "--out", str(run_dir)]) == 0
     study = optuna.load_study(study_name="tiny_models-digits-flops0.4", storage=f"sqlite:///{run_dir / 'study.db'}")
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 4
-    assert all(t.user_attrs["flops_share"] <= 0.4 for t in complete)
+    ended = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]  # pruned ones count
+    assert len(ended) == 4 and [t.state.name for t in study.trials[:3]] == ["COMPLETE"] * 3
+    assert all(t.user_attrs["flops_share"] <= 0.4 for t in ended)
 
 
 def test_changed_budget_on_the_same_study_is_refused(run_dir, capsys):
@@ -79,6 +82,7 @@ def test_changed_budget_on_the_same_study_is_refused(run_dir, capsys):
     (["--budget", "flops=lots"], "cannot read budget"),
     (["--budget", "flops=0.0001"], "smallest reachable model"),
     (["--weights", "missing.pt"], "weights file missing.pt does not exist"),
+    (["--train-epochs", "0.2", "--base-lr", "0", "--quiet"], "near chance (10%); train it with a smaller --base-lr"),
 ])
 def test_bad_input_gets_one_clear_line(extra, message, tmp_path, capsys):
     args = [*ARGS[:-1], "--train-epochs", "0", "--out", str(tmp_path), *extra]

@@ -12,9 +12,11 @@ pass. Methods:
 ``seed``
     autoprune's sensitivity allocation (equal accuracy drop) alone, no search;
 ``random``
-    Optuna's random sampler, with the trials and per-trial fine-tune of autoprune;
+    Optuna's random sampler, with the trials, pruner and per-trial fine-tune of autoprune;
 ``autoprune``
-    the default search;
+    the default search (TPE from the sensitivity seed, median pruner on the cheap
+    score and half-way through each fine-tune; the final fine-tune goes on from
+    the winning trial's weights);
 ``uniform-matched``
     uniform, fine-tuned for as long as the autoprune search took on top of
     the common final fine-tune: was the search worth its compute?
@@ -30,10 +32,11 @@ from __future__ import annotations
 
 import math
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import optuna
@@ -45,22 +48,22 @@ from .costmodel import CostModel
 from .counting import count
 from .data import Data, load_data
 from .errors import AutopruneError
-from .distill import from_settings
-from .files import atomic_path, fingerprint, save_torch, versions, write_text
-from .api import find_groups
+from .files import atomic_path, fingerprint, versions, write_text
+from .api import find_groups, train_base
 from .groups import ChannelGroups
 from .models import build_model, load_weights
 from .plan import Plan
 from .sensitivity import GRID, bounds, equal_drop, scan
 from .space import SearchSpace, resolve
-from .study import Problem, Settings, run, trial_plan
+from .export import finetune
+from .study import Problem, Settings, checkpoint, run, trial_plan
 from .training import evaluate, recalibrate_bn, resolve_device, train
 
 METHODS = ("uniform", "global", "seed", "random", "autoprune", "uniform-matched", "autoprune-distill")
 DEFAULT_METHODS = METHODS[:6]  # the distillation row is asked for with --methods
 DISTILL = {"distill": {"weight": 0.5, "temperature": 4.0}}
 COLUMNS = ["model", "budget", "seed", "method", "test_accuracy", "val_accuracy", "flops", "params",
-           "flops_share", "params_share", "trials", "search_seconds", "final_epochs", "seconds", "note"]
+           "flops_share", "params_share", "trials", "pruned", "search_seconds", "final_epochs", "seconds", "note"]
 
 
 @dataclass
@@ -73,7 +76,9 @@ class BenchConfig:
     methods: Sequence[str] = DEFAULT_METHODS
     dataset: str = "digits"
     trials: int = 12
+    pruner: str = "median"
     train_epochs: float = 15.0
+    base_lr: float = 0.01  # one recipe for every model: 0.05 leaves vgg11_bn at chance
     finetune_epochs: float = 1.0
     final_epochs: float = 1.0  # short, as after-pruning recovery is where methods differ
     grid: Sequence[float] = GRID
@@ -86,7 +91,7 @@ class BenchConfig:
     extra: dict = field(default_factory=dict)
 
 
-QUICK = dict(models=("resnet18",), budgets=(0.25,), seeds=(0,), trials=3, train_epochs=2.0,
+QUICK = dict(models=("resnet18",), budgets=(0.25,), seeds=(0,), trials=3, train_epochs=2.0, base_lr=0.05,
              finetune_epochs=0.2, final_epochs=0.5, grid=(0.3, 0.6), rank_plans=4)
 
 
@@ -118,10 +123,7 @@ def _subject(name: str, data: Data, config: BenchConfig, device: torch.device) -
     if weights.is_file():
         load_weights(model, weights)
     else:
-        torch.manual_seed(0)
-        train(model, data.loader("train", 64, shuffle=True), config.train_epochs, device, lr=0.05,
-              desc=f"train {name}", quiet=config.quiet)
-        save_torch(model.state_dict(), weights)
+        train_base(model, data, config.train_epochs, device, 64, 0, cache, config.quiet, lr=config.base_lr)
     model = model.to(device).eval()
     space = resolve(None, name).replace(grid=tuple(config.grid), max_ratio=config.max_ratio)
     groups = find_groups(model, data.example_input(), space, data, 64, 0,
@@ -183,35 +185,37 @@ def _seed(problem: Problem, config: BenchConfig) -> Plan:
     return plan
 
 
-def _searched(sampler: optuna.samplers.BaseSampler | None,
-              extra: dict | None = None) -> Callable[[Problem, BenchConfig, int], tuple[Plan, int]]:
-    def search(problem: Problem, config: BenchConfig, seed: int) -> tuple[Plan, int]:
-        study = optuna.create_study(direction="maximize")
-        settings = Settings(config.trials, config.finetune_epochs, config.final_epochs, seed=seed,
-                            extra=dict(extra or {}))
-        run(problem, study, settings, quiet=True, sampler=sampler, seed_first=sampler is None)
-        return trial_plan(study.best_trial), len(study.trials)
-    return search
+def _searched(problem: Problem, config: BenchConfig, seed: int, sampler: optuna.samplers.BaseSampler | None,
+              extra: dict, folder: Path) -> tuple[Plan, Path | None, optuna.Study]:
+    """Run a search as ``autoprune search`` does; the plan and the weights its final fine-tune starts from."""
+    study = optuna.create_study(direction="maximize")
+    settings = Settings(config.trials, config.finetune_epochs, config.final_epochs, seed=seed, extra=extra,
+                        pruner=config.pruner)
+    run(replace(problem, checkpoints=folder), study, settings, quiet=True, sampler=sampler,
+        seed_first=sampler is None)
+    start = checkpoint(folder, study.best_trial.number)
+    return trial_plan(study.best_trial), start if start.is_file() else None, study
 
 
-def finish(problem: Problem, plan: Plan, epochs: float, seed: int, quiet: bool = True,
+def finish(problem: Problem, plan: Plan, epochs: float, seed: int, start: Path | None = None,
            extra: dict | None = None) -> dict:
-    """The final recipe every method gets: BatchNorm recalibration, fine-tune, validation, one test."""
+    """The final recipe every method gets (:func:`autoprune.export.finetune`), then validation and one test."""
     data, device = problem.data, problem.device
-    model = problem.groups.apply(plan).to(device)
-    loader = data.loader("train", 64, shuffle=True, seed=seed)
-    torch.manual_seed(seed)
-    recalibrate_bn(model, loader, device)
-    start = time.perf_counter()
-    train(model, loader, epochs, device, lr=0.01, desc="final fine-tune", quiet=quiet,
-          distill=from_settings(problem.model, extra or {}))
-    seconds = time.perf_counter() - start
+    model, _ = finetune(problem, plan, Settings(final_epochs=epochs, seed=seed, extra=extra or {}), start)
     cost = count(model, problem.groups.example_input)
     base = problem.costs.base
     return {"test_accuracy": evaluate(model, data.loader("test", 256), device),
             "val_accuracy": evaluate(model, data.loader("val", 256), device),
             "flops": cost.flops, "params": cost.params, "flops_share": cost.flops / base.flops,
-            "params_share": cost.params / base.params, "finetune_seconds": seconds}
+            "params_share": cost.params / base.params}
+
+
+def seconds_per_epoch(problem: Problem, plan: Plan, epochs: float = 0.25) -> float:
+    """How long one epoch of fine-tuning ``plan``'s model takes here."""
+    model = problem.groups.apply(plan)
+    start = time.perf_counter()
+    train(model, problem.data.loader("train", 64, shuffle=True), epochs, problem.device, quiet=True)
+    return (time.perf_counter() - start) / epochs
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -228,28 +232,29 @@ def _append(path: Path, frame: pd.DataFrame, row: dict) -> pd.DataFrame:
 def _run_one(problem: Problem, method: str, seed: int, config: BenchConfig, searched_seconds: float) -> dict:
     """One (method, seed): its plan, the common final fine-tune, the numbers."""
     start = time.perf_counter()
-    trials, epochs, note = 0, config.final_epochs, ""
+    trials = pruned = 0
+    epochs, note, weights = config.final_epochs, "", None
     extra = DISTILL if method == "autoprune-distill" else {}
-    if method in ("uniform", "uniform-matched"):
-        plan = _uniform(problem, config)
-    elif method == "global":
-        plan = _global(problem, config)
-    elif method == "seed":
-        plan = _seed(problem, config)
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=seed) if method == "random" else None
-        plan, trials = _searched(sampler, extra)(problem, config, seed)
-    search_seconds = time.perf_counter() - start
-    if method == "uniform-matched":
-        # Convert the autoprune run's wall time into epochs of this model's fine-tune.
-        probe = finish(problem, plan, 0.25, seed)
-        per_epoch = probe["finetune_seconds"] / 0.25
-        epochs = config.final_epochs + searched_seconds / max(per_epoch, 1e-9)
-        note = f"{searched_seconds:.0f}s of autoprune search = {epochs - config.final_epochs:.1f} extra epochs"
-    result = finish(problem, plan, epochs, seed, extra=extra)
-    result.pop("finetune_seconds")
-    return {**result, "trials": trials, "search_seconds": round(search_seconds, 1), "final_epochs": round(epochs, 2),
-            "seconds": round(time.perf_counter() - start, 1), "note": note}
+    with tempfile.TemporaryDirectory(prefix="autoprune-bench-") as folder:
+        if method in ("uniform", "uniform-matched"):
+            plan = _uniform(problem, config)
+        elif method == "global":
+            plan = _global(problem, config)
+        elif method == "seed":
+            plan = _seed(problem, config)
+        else:
+            sampler = optuna.samplers.RandomSampler(seed=seed) if method == "random" else None
+            plan, weights, study = _searched(problem, config, seed, sampler, extra, Path(folder))
+            trials = len(study.trials)
+            pruned = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,)))
+        search_seconds = time.perf_counter() - start
+        if method == "uniform-matched":  # the autoprune run's wall time, as epochs of this model's fine-tune
+            extra_epochs = searched_seconds / seconds_per_epoch(problem, plan)
+            epochs = config.final_epochs + extra_epochs
+            note = f"{searched_seconds:.0f}s of autoprune search = {extra_epochs:.1f} extra epochs"
+        result = finish(problem, plan, epochs, seed, weights, extra)
+    return {**result, "trials": trials, "pruned": pruned, "search_seconds": round(search_seconds, 1),
+            "final_epochs": round(epochs, 2), "seconds": round(time.perf_counter() - start, 1), "note": note}
 
 
 def benchmark(config: BenchConfig) -> pd.DataFrame:
@@ -341,7 +346,7 @@ def rank_check(problem: Problem, config: BenchConfig, seed: int = 0) -> dict:
         count(model, problem.groups.example_input)
         clock = _lap(phases, "thop check", clock)
         model.to(device)
-        recalibrate_bn(model, loader, device)
+        recalibrate_bn(model, loader, device, Settings().trial_bn_batches)  # as a trial does
         clock = _lap(phases, "BatchNorm recalibration", clock)
         cheap.append(evaluate(model, val, device))
         clock = _lap(phases, "evaluation", clock)
@@ -377,8 +382,11 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     table = grouped.agg(test_mean=("test_accuracy", "mean"), test_std=("test_accuracy", "std"),
                         runs=("test_accuracy", "size"), flops_share=("flops_share", "mean"),
                         params_share=("params_share", "mean"), seconds=("seconds", "mean"),
-                        trials=("trials", "mean")).reset_index()
-    return table.fillna({"test_std": 0.0})
+                        trials=("trials", "mean"), pruned=("pruned", "mean")).reset_index()
+    order = {method: i for i, method in enumerate(METHODS)}  # rows measured in any order read in one
+    table = table.sort_values(["budget", "method"], ascending=[False, True], kind="stable",
+                              key=lambda col: col.map(order) if col.name == "method" else col)
+    return table.reset_index(drop=True).fillna({"test_std": 0.0})
 
 
 def report(frame: pd.DataFrame, config: BenchConfig) -> None:
@@ -393,15 +401,26 @@ def report(frame: pd.DataFrame, config: BenchConfig) -> None:
         f"Data: {config.dataset}. FLOPs are thop MACs, measured on each final model. Every method gets the "
         f"same base weights and the same final fine-tune ({config.final_epochs:g} epochs SGD, lr 0.01, "
         f"cosine) except uniform-matched, which is fine-tuned as long as the autoprune search took. "
-        f"Searches: {config.trials} trials, {config.finetune_epochs:g} fine-tune epoch(s) each. "
-        "Test accuracy: mean ± standard deviation over seeds.", "",
+        f"Searches (random, autoprune): {config.trials} trials, {config.finetune_epochs:g} fine-tune epoch(s) "
+        f"each, pruner {config.pruner} (a trial below the median of those that got as far is dropped after "
+        "the cut, before any fine-tuning, or half-way through its fine-tune; 'pruned' is the mean count); "
+        "their final fine-tune goes on from the winning trial's weights. "
+        "Test accuracy: mean ± standard deviation over seeds; seconds: wall time of the whole method, "
+        "search included.", "",
     ]
     for model in dict.fromkeys(table["model"]):
-        lines += [f"## {model}", "", "| budget | method | test accuracy | FLOPs share | params share | seconds | runs |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"## {model}", "", "| budget | method | test accuracy | FLOPs share | params share | seconds "
+                  "| trials (pruned) | runs |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in table[table["model"] == model].itertuples():
+            trials = f"{row.trials:.0f} ({row.pruned:.1f})" if row.trials else ""
             lines.append(f"| {row.budget:g} | {row.method} | {row.test_mean:.2%} ± {row.test_std:.2%} | "
-                         f"{row.flops_share:.1%} | {row.params_share:.1%} | {row.seconds:.0f} | {row.runs} |")
+                         f"{row.flops_share:.1%} | {row.params_share:.1%} | {row.seconds:.1f} | {trials} | "
+                         f"{row.runs} |")
+        scan = _read_any(config.out / "cache" / Path(model).stem / "sensitivity.csv")
+        if len(scan):
+            lines.append(f"\nThe sensitivity scan ({len(scan)} cells) took {scan['seconds'].sum():.0f} s, once per "
+                         "model; seed, random and autoprune share it at every budget, and it is not in their "
+                         "seconds above.")
         failed = frame[(frame.model == model) & frame["test_accuracy"].isna()]
         for row in failed.drop_duplicates(["budget", "method"]).itertuples():
             lines.append(f"\n{row.method} at flops={row.budget:g}: {row.note}")

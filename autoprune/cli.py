@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--round-to", type=int, default=None,
                         help="keep channel counts in multiples of this (default: the space's)")
     search.add_argument("--pruner", choices=("median", "none"), default="median",
-                        help="median: drop a candidate whose accuracy right after the cut, or half-way through "
-                             "its fine-tune, is below the median of the trials that got as far (default); "
-                             "none: fine-tune every candidate to the end")
+                        help="median: stop a candidate below the median of the trials that got as far, half-way "
+                             "through its fine-tune or, where that ranks the finished trials, right after the "
+                             "cut (default); none: fine-tune every candidate to the end")
     search.add_argument("--granularity", choices=("channel", "weight"), default="channel",
                         help="channel: remove channels (default); weight: per-layer magnitude sparsity under a "
                              "nonzero-params budget (--budget params=0.2)")

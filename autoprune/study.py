@@ -9,7 +9,8 @@ stored on the trial, so the study alone is the record of the search.
 Trials are cheap to throw away: each reports its cheap score (pruned, BatchNorm
 recalibrated, not fine-tuned) as step 0 and its validation accuracy part-way
 through the fine-tune as later steps, and a median pruner stops a trial below
-the median of the trials that got as far. The fine-tuned weights of
+the median of the trials that got as far (on step 0 only while the cheap score
+ranks the finished trials). The fine-tuned weights of
 the best few trials are kept, so the final fine-tune goes on from the winner's.
 """
 
@@ -28,6 +29,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import optuna
+import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -101,21 +103,37 @@ class ReachedMedianPruner(optuna.pruners.BasePruner):
     all trials that got as far, pruned ones included, lets about half go on at
     each step. Nothing is pruned before ``startup`` trials have finished.
 
+    Step 0 is the cheap score, which ranks candidates well on some models and
+    not at all on others. It screens only while its Spearman correlation with
+    the final value over the finished trials (at least ``startup``, and 5) is
+    at least ``min_rank``: the study checks its own screen as it goes.
+
     Example:
         >>> study = optuna.create_study(direction="maximize", pruner=ReachedMedianPruner(startup=3))
     """
 
-    def __init__(self, startup: int = 3) -> None:
-        self.startup = startup
+    def __init__(self, startup: int = 3, min_rank: float = 0.5) -> None:
+        self.startup, self.min_rank = startup, min_rank
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         step = trial.last_step
-        if step is None or len(study.get_trials(deepcopy=False, states=(COMPLETE,))) < self.startup:
+        done = study.get_trials(deepcopy=False, states=(COMPLETE,))
+        if step is None or len(done) < self.startup or (step == 0 and screen_rank(done) < self.min_rank):
             return False
         seen = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False, states=ENDED)
                 if step in t.intermediate_values]
         better = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
         return bool(seen) and better * trial.intermediate_values[step] < better * float(np.median(seen))
+
+
+def screen_rank(trials: list[optuna.trial.FrozenTrial], least: int = 5) -> float:
+    """Spearman correlation of the finished trials' cheap scores (step 0) with their values; -1 if too few."""
+    pairs = [(t.intermediate_values[0], t.value) for t in trials if 0 in t.intermediate_values]
+    if len(pairs) < least:
+        return -1.0
+    cheap, final = (pd.Series(column) for column in zip(*pairs))
+    rho = cheap.corr(final, method="spearman")
+    return -1.0 if rho != rho else float(rho)  # NaN: one of them never varied
 
 
 def pruner_for(settings: Settings) -> optuna.pruners.BasePruner:

@@ -28,12 +28,16 @@ def problem(tiny, example, digits_data, tmp_path):
                    np.full(n, 0.8), np.full(n, 0.3), 0.1, torch.device("cpu"), checkpoints=folder)
 
 
-def _study(scores, checks=None) -> optuna.Study:
-    """Finished trials whose cheap scores were ``scores`` and half-way checks ``checks`` (default the same)."""
+def _study(scores, checks=None, values=None) -> optuna.Study:
+    """Finished trials with cheap scores ``scores``, half-way checks ``checks`` and final ``values``
+    (both default to the scores, so the cheap score ranks them perfectly)."""
     study = optuna.create_study(direction="maximize")
-    for value, check in zip(scores, checks or scores):
-        study.add_trial(optuna.trial.create_trial(value=value, intermediate_values={0: value, 1: check}))
+    for score, check, value in zip(scores, checks or scores, values or scores):
+        study.add_trial(optuna.trial.create_trial(value=value, intermediate_values={0: score, 1: check}))
     return study
+
+
+STRONG = [0.95, 0.96, 0.97, 0.98, 0.99]
 
 
 SHORT = dict(finetune_epochs=0.2, trials=4)
@@ -42,17 +46,19 @@ SHORT = dict(finetune_epochs=0.2, trials=4)
 def test_a_candidate_below_the_median_cheap_score_is_never_fine_tuned(problem, monkeypatch):
     tuned = []
     monkeypatch.setattr("autoprune.study.train", lambda *a, **k: tuned.append(1))
-    study = _study([0.97, 0.98, 0.99])  # three strong finished trials; an untrained cut scores ~10 %
-    run(problem, study, Settings(**SHORT), quiet=True, seed_first=False)
+    study = _study(STRONG)  # five strong finished trials; an untrained cut scores ~10 %
+    run(problem, study, Settings(**{**SHORT, "trials": 6}), quiet=True, seed_first=False)
     new = study.trials[-1]
     assert new.state == PRUNED and new.last_step == 0 and not tuned
-    assert new.intermediate_values[0] < 0.98 and "val_accuracy" not in new.user_attrs
+    assert new.intermediate_values[0] < 0.97 and "val_accuracy" not in new.user_attrs
     assert new.user_attrs["flops_share"] <= 0.5  # the cut was made and recorded, within budget
     assert not list(problem.checkpoints.iterdir())  # nothing fine-tuned, nothing kept
 
 
-def test_a_trial_below_the_median_half_way_through_its_fine_tune_is_stopped(problem, monkeypatch):
-    study = _study([0.0, 0.0, 0.0], checks=[1.0, 1.0, 1.0])  # any cheap score passes, no check does
+def test_where_the_cheap_score_does_not_rank_it_screens_nothing_and_the_half_way_check_prunes(
+        problem, monkeypatch):
+    # strong cheap scores, but in the opposite order of the finished trials' values: no screening
+    study = _study(STRONG, checks=[1.0] * 5, values=STRONG[::-1])
     steps = []
     original = train
 
@@ -61,18 +67,19 @@ def test_a_trial_below_the_median_half_way_through_its_fine_tune_is_stopped(prob
         return original(*args, **kwargs)
 
     monkeypatch.setattr("autoprune.study.train", counting)
-    run(problem, study, Settings(**SHORT), quiet=True, seed_first=False)
+    run(problem, study, Settings(**{**SHORT, "trials": 6}), quiet=True, seed_first=False)
     new = study.trials[-1]
+    assert new.intermediate_values[0] < 0.5  # far below the median cheap score, yet fine-tuned
     assert new.state == PRUNED and new.last_step == 1 and steps == [1]
 
 
 def test_the_pruner_can_be_turned_off_and_pruned_trials_count_towards_the_total(problem):
-    study = _study([0.97, 0.98, 0.99])
-    run(problem, study, Settings(pruner="none", **SHORT), quiet=True, seed_first=False)
+    study = _study(STRONG)
+    run(problem, study, Settings(pruner="none", **{**SHORT, "trials": 6}), quiet=True, seed_first=False)
     assert study.trials[-1].state == COMPLETE  # screened by nothing, though far below the others
-    more = Settings(**{**SHORT, "trials": 6})
-    run(problem, study, more, quiet=True, seed_first=False)
-    assert sum(t.state in (PRUNED, COMPLETE) for t in study.trials) == 6  # as Optuna's n_trials counts
+    run(problem, study, Settings(**{**SHORT, "trials": 8}), quiet=True, seed_first=False)
+    assert study.trials[-1].state == PRUNED
+    assert sum(t.state in (PRUNED, COMPLETE) for t in study.trials) == 8  # as Optuna's n_trials counts
 
 
 def test_an_unknown_pruner_is_refused():
@@ -109,15 +116,15 @@ def test_the_final_fine_tune_goes_on_from_the_winning_trials_weights(problem):
 def test_the_screen_compares_with_every_trial_that_got_as_far_pruned_ones_included():
     from autoprune.study import ReachedMedianPruner
 
-    study = _study([0.9, 0.9, 0.9])
-    for _ in range(4):  # screened out earlier with a cheap score of 10 %
+    study = _study([0.9, 0.91, 0.92, 0.93, 0.94])
+    for _ in range(6):  # screened out earlier with a cheap score of 10 %
         study.add_trial(optuna.trial.create_trial(state=PRUNED, intermediate_values={0: 0.1}))
     pruner = ReachedMedianPruner(startup=3)
     candidate = study.ask()
     candidate.report(0.5, 0)
     frozen = study._storage.get_trial(candidate._trial_id)
-    assert not pruner.prune(study, frozen)  # above the median of the seven that got as far (0.1)
-    assert optuna.pruners.MedianPruner(n_startup_trials=3).prune(study, frozen)  # finished ones only: 0.9
-    candidate.report(0.05, 1)  # step 1: the three finished trials were at 0.9
+    assert not pruner.prune(study, frozen)  # above the median of the eleven that got as far (0.1)
+    assert optuna.pruners.MedianPruner(n_startup_trials=3).prune(study, frozen)  # finished ones only: 0.92
+    candidate.report(0.05, 1)  # step 1: the five finished trials were at 0.9 and more
     assert pruner.prune(study, study._storage.get_trial(candidate._trial_id))
-    assert not ReachedMedianPruner(startup=4).prune(study, study._storage.get_trial(candidate._trial_id))
+    assert not ReachedMedianPruner(startup=6).prune(study, study._storage.get_trial(candidate._trial_id))

@@ -40,8 +40,8 @@ from .models import build_model, load_weights, read_state_dict
 from .plan import Plan
 from .sensitivity import GRID, bounds, equal_drop, scan
 from .space import SearchSpace, resolve
-from .study import (PRUNED, Problem, Settings, SharedTable, best_trial, checkpoint, config_dict, enqueue_seed,
-                    open_study, run, trial_plan, trials_table)
+from .study import (Problem, Settings, SharedTable, best_trial, checkpoint, config_dict, count_pruned,
+                    enqueue_seed, open_study, run, trial_plan, trials_table)
 from .training import evaluate, resolve_device, train
 
 DEFAULT_TRAIN_EPOCHS = 15.0
@@ -234,7 +234,6 @@ def search(
     problem = Problem(base, data, groups, costs, limits, low, high,
                       equal_drop(table, costs, limits, low, high, space.round_to), base_val, device,
                       space.round_to, out / "checkpoints")
-    problem.checkpoints.mkdir(exist_ok=True)
     # Workers on other machines must not draw the same candidates: give each process its own stream.
     stream = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) if shared_storage else 0
     if _worker:
@@ -251,15 +250,12 @@ def search(
         raise
     _join(children)
     chosen = best_trial(the_study)
-    meta = {"model": name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
-            "dataset": data.name, "study": study_name, "trial": chosen.number}
-    found = trial_plan(chosen)
-    plan = Plan(found.kept, found.channels, found.importance, found.base_model, meta)
+    plan = _exported_plan(chosen, name, data, study_name)
     write_text(out / "trials.csv", trials_table(the_study).to_csv(index=False))
     start = _warm_start(problem.checkpoints, chosen.number, extra)
     record = dict(budget=str(budget), budget_flops=limits.flops, budget_params=limits.params,
                   trial=chosen.number, trial_val_accuracy=chosen.value, trials=len(the_study.trials),
-                  pruned_trials=len(the_study.get_trials(deepcopy=False, states=(PRUNED,))),
+                  pruned_trials=count_pruned(the_study),
                   final_epochs=final_epochs, model=name, base_model=base_id, dataset=data.name,
                   study=study_name, storage=storage, device=str(device), input_shape=list(data.input_shape),
                   warm_start=start and str(start.relative_to(out)), **extra)
@@ -268,6 +264,14 @@ def search(
     write_json(out / "summary.json", summary)
     pruned = torch.load(out / "model.pt", weights_only=False)
     return Result(pruned, plan, summary, the_study, out)
+
+
+def _exported_plan(chosen: optuna.trial.FrozenTrial, model: str, data: Data, study: str) -> Plan:
+    """Trial ``chosen``'s plan, recording what :func:`load_pruned` needs to rebuild it."""
+    found = trial_plan(chosen)
+    meta = {"model": model, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+            "dataset": data.name, "study": study, "trial": chosen.number}
+    return Plan(found.kept, found.channels, found.importance, found.base_model, meta)
 
 
 def _warm_start(folder: Path, number: int, extra: dict[str, Any]) -> Path | None:
@@ -500,10 +504,7 @@ def export_trial(
     config, data = run.config, problem.data
     settings = Settings(0, config.get("finetune_epochs", 1.0), final_epochs, config.get("lr", 0.01),
                         config.get("batch_size", 64), config.get("bn_batches", 8), config.get("seed", 0))
-    found = trial_plan(chosen)
-    meta = {"model": config["model"], "num_classes": data.num_classes, "input_shape": list(data.input_shape),
-            "dataset": data.name, "study": run.name, "trial": chosen.number}
-    plan = Plan(found.kept, found.channels, found.importance, found.base_model, meta)
+    plan = _exported_plan(chosen, config["model"], data, run.name)
     out = Path(out) if out else run.folder / f"trial-{chosen.number}"
     start = _warm_start(run.folder / "checkpoints", chosen.number, {})
     record = dict(budget=config["budget"], budget_flops=problem.limits.flops, budget_params=problem.limits.params,
@@ -566,8 +567,7 @@ def describe_groups(
     base = build_model(model, data.num_classes) if isinstance(model, str) else model
     base = base.eval()
     example = data.example_input()
-    space.check_layers(base)
-    groups = ChannelGroups(base, example, importance="l1", ignore=space.ignore)
+    groups = find_groups(base, example, space, data, 64, 0, importance="l1")
     space.check_groups(groups.ids)
     costs = CostModel(groups)
     low, high = space.ratio_bounds(groups.ids)

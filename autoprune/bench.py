@@ -56,7 +56,7 @@ from .plan import Plan
 from .sensitivity import GRID, bounds, equal_drop, scan
 from .space import SearchSpace, resolve
 from .export import finetune
-from .study import Problem, Settings, checkpoint, run, trial_plan
+from .study import Problem, Settings, checkpoint, count_pruned, run, trial_plan
 from .training import evaluate, recalibrate_bn, resolve_device, train
 
 METHODS = ("uniform", "global", "seed", "random", "autoprune", "uniform-matched", "autoprune-distill")
@@ -232,7 +232,7 @@ def _append(path: Path, frame: pd.DataFrame, row: dict) -> pd.DataFrame:
 def _run_one(problem: Problem, method: str, seed: int, config: BenchConfig, searched_seconds: float) -> dict:
     """One (method, seed): its plan, the common final fine-tune, the numbers."""
     start = time.perf_counter()
-    trials = pruned = 0
+    trials = stopped = 0
     epochs, note, weights = config.final_epochs, "", None
     extra = DISTILL if method == "autoprune-distill" else {}
     with tempfile.TemporaryDirectory(prefix="autoprune-bench-") as folder:
@@ -246,14 +246,14 @@ def _run_one(problem: Problem, method: str, seed: int, config: BenchConfig, sear
             sampler = optuna.samplers.RandomSampler(seed=seed) if method == "random" else None
             plan, weights, study = _searched(problem, config, seed, sampler, extra, Path(folder))
             trials = len(study.trials)
-            pruned = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,)))
+            stopped = count_pruned(study)
         search_seconds = time.perf_counter() - start
         if method == "uniform-matched":  # the autoprune run's wall time, as epochs of this model's fine-tune
             extra_epochs = searched_seconds / seconds_per_epoch(problem, plan)
             epochs = config.final_epochs + extra_epochs
             note = f"{searched_seconds:.0f}s of autoprune search = {extra_epochs:.1f} extra epochs"
         result = finish(problem, plan, epochs, seed, weights, extra)
-    return {**result, "trials": trials, "pruned": pruned, "search_seconds": round(search_seconds, 1),
+    return {**result, "trials": trials, "pruned": stopped, "search_seconds": round(search_seconds, 1),
             "final_epochs": round(epochs, 2), "seconds": round(time.perf_counter() - start, 1), "note": note}
 
 

@@ -250,7 +250,12 @@ class SharedTable:
 
 def finished(study: optuna.Study) -> int:
     """How many trials finished (fine-tuned and scored; pruned ones not counted)."""
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    return len(study.get_trials(deepcopy=False, states=(COMPLETE,)))
+
+
+def count_pruned(study: optuna.Study) -> int:
+    """How many trials the pruner stopped."""
+    return len(study.get_trials(deepcopy=False, states=(PRUNED,)))
 
 
 def checkpoint(folder: Path, number: int) -> Path:

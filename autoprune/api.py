@@ -16,7 +16,7 @@ import threading
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +35,7 @@ from .errors import AutopruneError
 from .export import export
 from .files import command_line, fingerprint, save_torch, sweep, versions, write_json, write_text
 from .groups import ChannelGroups, apply_plan
+from .halving import SCAN_SHARE, Deadline, parse_duration, timed_search
 from .importance import criterion
 from .models import build_model, load_weights, read_state_dict
 from .plan import Plan
@@ -133,6 +134,7 @@ def search(
     soft_epochs: float = 0.0,
     granularity: str = "channel",
     pruner: str = "median",
+    time_budget: str | float | None = None,
     _worker: int = 0,
 ) -> Result | None:
     """Find per-group pruning ratios that meet ``budget`` and keep the most accuracy.
@@ -154,6 +156,11 @@ def search(
     ``pruner="median"`` screens each candidate by its cheap score (pruned, BatchNorm
     recalibrated, not fine-tuned) and stops trials below the median part-way through
     their fine-tune; ``trials`` counts pruned trials too, as Optuna's ``n_trials`` does.
+    ``time_budget`` (``"30m"``, ``"1h"``, seconds) plans the run to end on time with
+    its model exported, counted from when the base model is ready: a thinned
+    sensitivity scan, one bracket of successive halving whose survivors carry
+    their weights (:mod:`autoprune.halving`), and a final fine-tune that fills
+    the rest; ``trials`` then caps the candidates and ``final_epochs`` is ignored.
     ``space`` is a :class:`SearchSpace`, a YAML file or a shipped space name;
     by default the one shipped for the architecture. ``grid``, ``max_ratio``,
     ``importance`` and ``round_to`` override the space's values.
@@ -188,6 +195,9 @@ def search(
         raise AutopruneError(f"--trials must be at least 1, not {trials}")
     if workers < 1:
         raise AutopruneError(f"--workers must be at least 1, not {workers}")
+    seconds = parse_duration(time_budget) if time_budget is not None else None
+    if seconds and workers > 1:
+        raise AutopruneError("--time-budget plans one process's time; leave out --workers (or --time-budget)")
     space = resolve(space, model).replace(grid=tuple(grid) if grid else None, max_ratio=max_ratio,
                                           importance=importance, round_to=round_to)
     data = _as_data(data, data_dir=data_dir, download=download, seed=seed)
@@ -209,6 +219,7 @@ def search(
         _budget_limits(find_groups(base, example, space, data, batch_size, seed, importance="l1"), budget, space)
         train_base(base, data, epochs, device, batch_size, seed, out, quiet, base_lr)
     base = base.to(device).eval()
+    deadline = Deadline(seconds) if seconds else None  # the time budget counts from here
     base_id = fingerprint(base.state_dict())
     groups = find_groups(base, example, space, data, batch_size, seed, base_model=base_id, device=device)
     costs, limits = _budget_limits(groups, budget, space)
@@ -221,14 +232,18 @@ def search(
     the_study = open_study(study_name, storage, config, new=new_study)
     if not (out / "base.pt").is_file():
         save_torch(base.state_dict(), out / "base.pt")
+    clock = time.perf_counter()
     base_val = evaluate(base, data.loader("val", 256), device)
+    base_eval = (time.perf_counter() - clock) / len(data.val)  # seconds per image, for planning
     if not quiet:
         caps = ", ".join(f"≤ {human(cap)} {what}" for cap, what in
                          ((limits.flops, "FLOPs"), (limits.params, "params")) if cap < float("inf"))
         print(f"base {name} on {data.name}: val {base_val:.2%} | {costs.base} | {len(groups)} groups | "
               f"budget {budget}: {caps}")
-    table = scan(groups, costs, base, data, base_val, device, out / "sensitivity.csv", space.grid,
-                 bn_batches, batch_size, quiet, round_to=space.round_to, shared=SharedTable(the_study))
+    base_score = evaluate(base, data.loader("score", 256), device) if len(data.score) < len(data.val) else base_val
+    table = scan(groups, costs, base, data, base_score, device, out / "sensitivity.csv", space.grid,
+                 bn_batches, batch_size, quiet, round_to=space.round_to, shared=SharedTable(the_study),
+                 seconds=SCAN_SHARE * deadline.left() if deadline else None)
     low, ceiling = space.ratio_bounds(groups.ids)
     high = np.maximum(low, bounds(table, costs, limits, ceiling, round_to=space.round_to))
     problem = Problem(base, data, groups, costs, limits, low, high,
@@ -239,6 +254,13 @@ def search(
     if _worker:
         run(problem, the_study, settings, True, stream + 100003 * _worker)
         return None
+    if deadline:
+        reserve = base_eval * len(data.test) + 0.2 * base_eval * (len(data.val) + len(data.test)) + 2.0
+        chosen, final_epochs = timed_search(problem, the_study, settings, deadline, reserve, quiet)
+        settings = replace(settings, final_epochs=final_epochs)
+        return _finish(problem, the_study, chosen, settings, out, quiet, started, dict(
+            budget=budget, limits=limits, name=name, base_id=base_id, data=data, study_name=study_name,
+            storage=storage, device=device, extra=extra, time_budget=seconds))
     enqueue_seed(the_study, problem)
     children = [_spawn(call, i, model=name if isinstance(model, str) else base, data=data, storage=storage,
                        out=out, study=study_name) for i in range(1, workers)]
@@ -249,16 +271,31 @@ def search(
         _join(children, check=False)  # the error at hand is the one to report
         raise
     _join(children)
-    chosen = best_trial(the_study)
-    plan = _exported_plan(chosen, name, data, study_name)
+    return _finish(problem, the_study, best_trial(the_study), settings, out, quiet, started, dict(
+        budget=budget, limits=limits, name=name, base_id=base_id, data=data, study_name=study_name,
+        storage=storage, device=device, extra=extra))
+
+
+def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.FrozenTrial, settings: Settings,
+            out: Path, quiet: bool, started: float, run: dict[str, Any]) -> Result:
+    """Export the chosen trial (once), write the trials table and the summary, and hand back the result."""
+    budget, limits, data, extra = run["budget"], run["limits"], run["data"], run["extra"]
+    plan = _exported_plan(chosen, run["name"], data, run["study_name"])
     write_text(out / "trials.csv", trials_table(the_study).to_csv(index=False))
     start = _warm_start(problem.checkpoints, chosen.number, extra)
     record = dict(budget=str(budget), budget_flops=limits.flops, budget_params=limits.params,
                   trial=chosen.number, trial_val_accuracy=chosen.value, trials=len(the_study.trials),
                   pruned_trials=count_pruned(the_study),
-                  final_epochs=final_epochs, model=name, base_model=base_id, dataset=data.name,
-                  study=study_name, storage=storage, device=str(device), input_shape=list(data.input_shape),
+                  final_epochs=round(settings.final_epochs, 3), model=run["name"], base_model=run["base_id"],
+                  dataset=data.name, study=run["study_name"], storage=run["storage"], device=str(run["device"]),
+                  input_shape=list(data.input_shape),
                   warm_start=start and str(start.relative_to(out)), **extra)
+    if run.get("time_budget"):  # a rerun keeps the export it planned, not one planned anew
+        record["time_budget_seconds"] = run["time_budget"]
+        previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+        if all(previous.get(k) == record[k] for k in ("study", "trial", "time_budget_seconds")):
+            record["final_epochs"] = previous.get("final_epochs", record["final_epochs"])
+            settings = replace(settings, final_epochs=record["final_epochs"])
     summary = _export_once(problem, plan, out, settings, quiet, record, start)
     summary.update(seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
     write_json(out / "summary.json", summary)

@@ -1,8 +1,13 @@
-"""Benchmark: autoprune against the usual baselines, at the same budget and final fine-tune.
+"""Benchmark: autoprune against the usual baselines, at the same budget and the same wall time.
 
 Every method turns the same base weights into a plan that meets the budget
-(as thop counts it), and every plan gets the same final fine-tune and one test
-pass. Methods:
+(as thop counts it) and is tested once. The question a user asks is whether
+the search is worth its compute, so the searches run under a time budget
+(``time_budget`` seconds for scan, search and final fine-tune together) and
+``uniform-matched`` fine-tunes the uniform plan for exactly as long as the
+autoprune run took. uniform, global and seed get a fixed short fine-tune and
+show where the floor is; ``*-converged`` rows give a plan a long fine-tune
+from the cut, where the quality of the allocation alone shows. Methods:
 
 ``uniform``
     one ratio for every group, bisected onto the budget, L1 importance;
@@ -12,24 +17,30 @@ pass. Methods:
 ``seed``
     autoprune's sensitivity allocation (equal accuracy drop) alone, no search;
 ``random``
-    Optuna's random sampler, with the trials, pruner and per-trial fine-tune of autoprune;
+    Optuna's random sampler, everything else as autoprune (no seed or uniform start);
 ``autoprune``
-    the default search (TPE from the sensitivity seed, median pruner on the cheap
-    score and half-way through each fine-tune; the final fine-tune goes on from
-    the winning trial's weights);
+    ``autoprune search --time-budget``: successive halving from the sensitivity
+    seed and the uniform plan, TPE, survivors carrying their weights into the
+    final fine-tune (:mod:`autoprune.halving`); without a time budget, the
+    trial-count search with the median pruner;
 ``uniform-matched``
-    uniform, fine-tuned for as long as the autoprune search took on top of
-    the common final fine-tune: was the search worth its compute?
+    uniform, fine-tuned for as long as the autoprune run took (scan included):
+    was the search worth its compute?
+``uniform-converged``, ``seed-converged``, ``autoprune-converged``
+    that method's plan (same seed) cut from the base and fine-tuned
+    ``converged_epochs``: the allocations compared with training equalised.
 ``autoprune-distill`` (on request)
     the default search with knowledge distillation from the base model in
     every fine-tune, its final one included (``--distill``; weight 0.5, T=4).
 
 Results go to ``results/benchmarks/``: ``bench.csv`` (one row per run, written
-after each run so a killed benchmark resumes), ``BENCHMARKS.md`` and ``bench.png``.
+after each run so a killed benchmark resumes; it holds each plan, so converged
+rows reuse them), ``BENCHMARKS.md`` and ``bench.png``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import tempfile
@@ -42,6 +53,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import torch
+from torch.utils.data import Subset
 
 from .budget import Budget, check_reachable, fit_plan, fits, project
 from .costmodel import CostModel
@@ -56,14 +68,17 @@ from .plan import Plan
 from .sensitivity import GRID, bounds, equal_drop, scan
 from .space import SearchSpace, resolve
 from .export import finetune
+from .halving import SCAN_SHARE, Deadline, timed_search
 from .study import Problem, Settings, checkpoint, count_pruned, run, trial_plan
 from .training import evaluate, recalibrate_bn, resolve_device, train
 
-METHODS = ("uniform", "global", "seed", "random", "autoprune", "uniform-matched", "autoprune-distill")
-DEFAULT_METHODS = METHODS[:6]  # the distillation row is asked for with --methods
+CONVERGED = ("uniform-converged", "seed-converged", "autoprune-converged")
+METHODS = ("uniform", "global", "seed", "random", "autoprune", "uniform-matched", "autoprune-distill", *CONVERGED)
+DEFAULT_METHODS = METHODS[:6]  # distillation and converged rows are asked for with --methods
 DISTILL = {"distill": {"weight": 0.5, "temperature": 4.0}}
-COLUMNS = ["model", "budget", "seed", "method", "test_accuracy", "val_accuracy", "flops", "params",
-           "flops_share", "params_share", "trials", "pruned", "search_seconds", "final_epochs", "seconds", "note"]
+COLUMNS = ["model", "budget", "seed", "method", "test_accuracy", "val_accuracy", "base_test_accuracy", "flops",
+           "params", "flops_share", "params_share", "trials", "pruned", "search_seconds", "final_epochs",
+           "seconds", "wall_seconds", "time_budget", "plan", "note"]
 
 
 @dataclass
@@ -74,16 +89,19 @@ class BenchConfig:
     budgets: Sequence[float] = (0.25, 0.10, 0.05)
     seeds: Sequence[int] = (0, 1, 2)
     methods: Sequence[str] = DEFAULT_METHODS
-    dataset: str = "digits"
+    dataset: str = "fashion-mnist"
+    train_images: int = 20000  # a fixed random subset of the training split (0: all of it)
+    time_budget: float = 120.0  # seconds per search run, scan included (0: the trial-count search)
     trials: int = 12
     pruner: str = "median"
-    train_epochs: float = 15.0
-    base_lr: float = 0.01  # one recipe for every model: 0.05 leaves vgg11_bn at chance
+    train_epochs: float = 8.0
+    base_lr: float = 0.05
     finetune_epochs: float = 1.0
-    final_epochs: float = 1.0  # short, as after-pruning recovery is where methods differ
+    final_epochs: float = 1.0  # the floor methods' short fine-tune
+    converged_epochs: float = 10.0
     grid: Sequence[float] = GRID
     max_ratio: float = 0.9
-    rank_plans: int = 30
+    rank_plans: int = 0
     out: Path = Path("results/benchmarks")
     device: str = "auto"
     quiet: bool = False
@@ -92,7 +110,8 @@ class BenchConfig:
 
 
 QUICK = dict(models=("resnet18",), budgets=(0.25,), seeds=(0,), trials=3, train_epochs=2.0, base_lr=0.05,
-             finetune_epochs=0.2, final_epochs=0.5, grid=(0.3, 0.6), rank_plans=4)
+             dataset="digits", train_images=0, time_budget=20.0, finetune_epochs=0.2, final_epochs=0.5,
+             converged_epochs=0.5, grid=(0.3, 0.6), rank_plans=4)
 
 
 def quick(config: BenchConfig) -> BenchConfig:
@@ -113,11 +132,27 @@ class Subject:
     base_val: float
     device: torch.device
     space: SearchSpace
+    base_test: float = float("nan")
+    scan_seconds: float = 0.0  # what the sensitivity scan took: charged to every search run
+    eval_seconds: float = 0.0  # scoring one image with the base model
+
+
+def bench_data(config: BenchConfig) -> Data:
+    """The benchmark's data: the data set, its training split cut to ``train_images`` (a fixed subset)."""
+    data = load_data(config.dataset)
+    if config.train_images and len(data.train) > config.train_images:
+        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))
+        data = replace(data, train=Subset(data.train, sorted(order[:config.train_images].tolist())))
+    return data
 
 
 def _subject(name: str, data: Data, config: BenchConfig, device: torch.device) -> Subject:
-    """Train (or reload) the base model and scan its sensitivity, cached under ``out/cache``."""
-    cache = config.out / "cache" / Path(name).stem
+    """Train (or reload) the base model and scan its sensitivity, cached under ``out/cache``.
+
+    With a time budget the scan gets :data:`autoprune.halving.SCAN_SHARE` of it, as
+    ``autoprune search --time-budget`` gives it, and its time is charged to every search run.
+    """
+    cache = config.out / "cache" / data.name / Path(name).stem
     model = build_model(name, data.num_classes)
     weights = cache / "base.pt"
     if weights.is_file():
@@ -129,10 +164,16 @@ def _subject(name: str, data: Data, config: BenchConfig, device: torch.device) -
     groups = find_groups(model, data.example_input(), space, data, 64, 0,
                          base_model=fingerprint(model.state_dict()), device=device)
     costs = CostModel(groups)
+    clock = time.perf_counter()
     base_val = evaluate(model, data.loader("val", 256), device)
-    table = scan(groups, costs, model, data, base_val, device, cache / "sensitivity.csv", space.grid,
-                 quiet=config.quiet, round_to=space.round_to)
-    return Subject(name, model, data, groups, costs, table, base_val, device, space)
+    eval_seconds = (time.perf_counter() - clock) / len(data.val)
+    base_score = evaluate(model, data.loader("score", 256), device)
+    seconds = SCAN_SHARE * config.time_budget if config.time_budget else None
+    table = scan(groups, costs, model, data, base_score, device, cache / "sensitivity.csv", space.grid,
+                 quiet=config.quiet, round_to=space.round_to, seconds=seconds)
+    base_test = evaluate(model, data.loader("test", 256), device)
+    return Subject(name, model, data, groups, costs, table, base_val, device, space, base_test,
+                   float(table["seconds"].sum()), eval_seconds)
 
 
 def _problem(subject: Subject, budget: float, config: BenchConfig) -> Problem:
@@ -186,28 +227,37 @@ def _seed(problem: Problem, config: BenchConfig) -> Plan:
 
 
 def _searched(problem: Problem, config: BenchConfig, seed: int, sampler: optuna.samplers.BaseSampler | None,
-              extra: dict, folder: Path) -> tuple[Plan, Path | None, optuna.Study]:
-    """Run a search as ``autoprune search`` does; the plan and the weights its final fine-tune starts from."""
+              extra: dict, folder: Path, deadline: Deadline | None,
+              reserve: float) -> tuple[Plan, Path | None, optuna.Study, float]:
+    """Run a search as ``autoprune search`` does: the plan, the weights its final fine-tune starts
+    from, the study and the final fine-tune's epochs (planned to end at ``deadline`` if there is one)."""
     study = optuna.create_study(direction="maximize")
     settings = Settings(config.trials, config.finetune_epochs, config.final_epochs, seed=seed, extra=extra,
                         pruner=config.pruner)
-    run(replace(problem, checkpoints=folder), study, settings, quiet=True, sampler=sampler,
-        seed_first=sampler is None)
-    start = checkpoint(folder, study.best_trial.number)
-    return trial_plan(study.best_trial), start if start.is_file() else None, study
+    problem = replace(problem, checkpoints=folder)
+    if deadline is not None:
+        chosen, epochs = timed_search(problem, study, settings, deadline, reserve, quiet=True, sampler=sampler,
+                                      seed_first=sampler is None)
+    else:
+        run(problem, study, settings, quiet=True, sampler=sampler, seed_first=sampler is None)
+        chosen, epochs = study.best_trial, config.final_epochs
+    start = checkpoint(folder, chosen.number)
+    return trial_plan(chosen), start if start.is_file() else None, study, epochs
 
 
 def finish(problem: Problem, plan: Plan, epochs: float, seed: int, start: Path | None = None,
            extra: dict | None = None) -> dict:
     """The final recipe every method gets (:func:`autoprune.export.finetune`), then validation and one test."""
     data, device = problem.data, problem.device
+    clock = time.perf_counter()
     model, _ = finetune(problem, plan, Settings(final_epochs=epochs, seed=seed, extra=extra or {}), start)
+    tuned = time.perf_counter() - clock
     cost = count(model, problem.groups.example_input)
     base = problem.costs.base
     return {"test_accuracy": evaluate(model, data.loader("test", 256), device),
             "val_accuracy": evaluate(model, data.loader("val", 256), device),
             "flops": cost.flops, "params": cost.params, "flops_share": cost.flops / base.flops,
-            "params_share": cost.params / base.params}
+            "params_share": cost.params / base.params, "finetune_seconds": tuned}
 
 
 def seconds_per_epoch(problem: Problem, plan: Plan, epochs: float = 0.25) -> float:
@@ -229,32 +279,52 @@ def _append(path: Path, frame: pd.DataFrame, row: dict) -> pd.DataFrame:
     return frame
 
 
-def _run_one(problem: Problem, method: str, seed: int, config: BenchConfig, searched_seconds: float) -> dict:
-    """One (method, seed): its plan, the common final fine-tune, the numbers."""
+def _plan_of(method: str, problem: Problem, config: BenchConfig) -> Plan:
+    """The plan of a method that does not search."""
+    if method in ("uniform", "uniform-matched"):
+        return _uniform(problem, config)
+    if method == "global":
+        return _global(problem, config)
+    return _seed(problem, config)
+
+
+def _run_one(subject: Subject, problem: Problem, method: str, seed: int, config: BenchConfig,
+             prior: dict[str, dict]) -> dict:
+    """One (method, seed): its plan, its fine-tune, the numbers. ``prior``: this seed's rows so far."""
     start = time.perf_counter()
     trials = stopped = 0
-    epochs, note, weights = config.final_epochs, "", None
+    epochs, note, weights, charged = config.final_epochs, "", None, 0.0
     extra = DISTILL if method == "autoprune-distill" else {}
     with tempfile.TemporaryDirectory(prefix="autoprune-bench-") as folder:
-        if method in ("uniform", "uniform-matched"):
-            plan = _uniform(problem, config)
-        elif method == "global":
-            plan = _global(problem, config)
-        elif method == "seed":
-            plan = _seed(problem, config)
-        else:
+        if method in CONVERGED:
+            source = prior.get(method.removesuffix("-converged"))
+            if source is None or not isinstance(source.get("plan"), str):
+                raise AutopruneError(f"{method} needs the {method.removesuffix('-converged')} row of this seed first")
+            plan, epochs = Plan.from_dict(json.loads(source["plan"])), config.converged_epochs
+        elif method in ("random", "autoprune", "autoprune-distill"):
             sampler = optuna.samplers.RandomSampler(seed=seed) if method == "random" else None
-            plan, weights, study = _searched(problem, config, seed, sampler, extra, Path(folder))
+            charged = subject.scan_seconds if config.time_budget else 0.0
+            deadline = Deadline(config.time_budget - charged) if config.time_budget else None
+            reserve = subject.eval_seconds * 0.2 * (len(problem.data.val) + len(problem.data.test))
+            plan, weights, study, epochs = _searched(problem, config, seed, sampler, extra, Path(folder),
+                                                     deadline, reserve)
             trials = len(study.trials)
             stopped = count_pruned(study)
+        else:
+            plan = _plan_of(method, problem, config)
         search_seconds = time.perf_counter() - start
         if method == "uniform-matched":  # the autoprune run's wall time, as epochs of this model's fine-tune
-            extra_epochs = searched_seconds / seconds_per_epoch(problem, plan)
-            epochs = config.final_epochs + extra_epochs
-            note = f"{searched_seconds:.0f}s of autoprune search = {extra_epochs:.1f} extra epochs"
+            searched = prior.get("autoprune", {}).get("wall_seconds")
+            if searched is None or searched != searched:
+                raise AutopruneError("uniform-matched needs the autoprune row of this seed first")
+            epochs = searched / seconds_per_epoch(problem, plan)
+            note = f"{searched:.0f}s of autoprune = {epochs:.1f} epochs"
         result = finish(problem, plan, epochs, seed, weights, extra)
+    wall = charged + search_seconds + result.pop("finetune_seconds")
     return {**result, "trials": trials, "pruned": stopped, "search_seconds": round(search_seconds, 1),
-            "final_epochs": round(epochs, 2), "seconds": round(time.perf_counter() - start, 1), "note": note}
+            "final_epochs": round(epochs, 2), "seconds": round(time.perf_counter() - start, 1),
+            "wall_seconds": round(wall, 1), "time_budget": config.time_budget if trials else float("nan"),
+            "plan": json.dumps(plan.to_dict()), "note": note}
 
 
 def benchmark(config: BenchConfig) -> pd.DataFrame:
@@ -263,7 +333,7 @@ def benchmark(config: BenchConfig) -> pd.DataFrame:
     if unknown:
         raise AutopruneError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
     device = resolve_device(config.device)
-    data = load_data(config.dataset)
+    data = bench_data(config)
     path = config.out / "bench.csv"
     frame = _read(path).dropna(subset=["test_accuracy"])  # runs that failed are tried again
     done = {(r.model, float(r.budget), int(r.seed), r.method) for r in frame.itertuples()}
@@ -283,14 +353,14 @@ def benchmark(config: BenchConfig) -> pd.DataFrame:
                 for method in config.methods:
                     if (name, float(budget), seed, method) in done:
                         continue
-                    prior = frame[(frame.model == name) & (frame.budget == budget) & (frame.seed == seed)
-                                  & (frame.method == "autoprune")]
-                    searched = float(prior["search_seconds"].iloc[0]) if len(prior) else 0.0
+                    mine = frame[(frame.model == name) & (frame.budget == budget) & (frame.seed == seed)]
+                    prior = {r["method"]: r for r in mine.to_dict("records")}
                     try:
-                        row = _run_one(problem, method, seed, config, searched)
+                        row = _run_one(subject, problem, method, seed, config, prior)
                     except AutopruneError as err:
                         row = {"note": str(err)}
-                    row = {"model": name, "budget": budget, "seed": seed, "method": method, **row}
+                    row = {"model": name, "budget": budget, "seed": seed, "method": method,
+                           "base_test_accuracy": subject.base_test, **row}
                     frame = _append(path, frame, row)
                     if not config.quiet:
                         print(_line(row))
@@ -382,6 +452,8 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     table = grouped.agg(test_mean=("test_accuracy", "mean"), test_std=("test_accuracy", "std"),
                         runs=("test_accuracy", "size"), flops_share=("flops_share", "mean"),
                         params_share=("params_share", "mean"), seconds=("seconds", "mean"),
+                        wall=("wall_seconds", "mean"), epochs=("final_epochs", "mean"),
+                        base=("base_test_accuracy", "mean"),
                         trials=("trials", "mean"), pruned=("pruned", "mean")).reset_index()
     order = {method: i for i, method in enumerate(METHODS)}  # rows measured in any order read in one
     table = table.sort_values(["budget", "method"], ascending=[False, True], kind="stable",
@@ -398,29 +470,26 @@ def report(frame: pd.DataFrame, config: BenchConfig) -> None:
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}; "
         + ", ".join(f"{k} {v}" for k, v in versions().items()), "",
-        f"Data: {config.dataset}. FLOPs are thop MACs, measured on each final model. Every method gets the "
-        f"same base weights and the same final fine-tune ({config.final_epochs:g} epochs SGD, lr 0.01, "
-        f"cosine) except uniform-matched, which is fine-tuned as long as the autoprune search took. "
-        f"Searches (random, autoprune): {config.trials} trials, {config.finetune_epochs:g} fine-tune epoch(s) "
-        f"each, pruner {config.pruner} (a trial below the median of those that got as far is dropped after "
-        "the cut, before any fine-tuning, or half-way through its fine-tune; 'pruned' is the mean count); "
-        "their final fine-tune goes on from the winning trial's weights. "
-        "Test accuracy: mean ± standard deviation over seeds; seconds: wall time of the whole method, "
-        "search included.", "",
+        _protocol(config), "",
     ]
     for model in dict.fromkeys(table["model"]):
-        lines += [f"## {model}", "", "| budget | method | test accuracy | FLOPs share | params share | seconds "
-                  "| trials (pruned) | runs |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        base = table.loc[table["model"] == model, "base"].dropna()
+        lines += [f"## {model}", "", f"Base model: test accuracy {base.iloc[0]:.2%}." if len(base) else "",
+                  "", "| budget | method | test accuracy | vs base | FLOPs share | params share | wall s "
+                  "| fine-tune epochs | trials (dropped) | runs |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in table[table["model"] == model].itertuples():
             trials = f"{row.trials:.0f} ({row.pruned:.1f})" if row.trials else ""
-            lines.append(f"| {row.budget:g} | {row.method} | {row.test_mean:.2%} ± {row.test_std:.2%} | "
-                         f"{row.flops_share:.1%} | {row.params_share:.1%} | {row.seconds:.1f} | {trials} | "
-                         f"{row.runs} |")
-        scan = _read_any(config.out / "cache" / Path(model).stem / "sensitivity.csv")
+            gap = f"{100 * (row.test_mean - row.base):+.2f}" if row.base == row.base else ""
+            lines.append(f"| {row.budget:g} | {row.method} | {row.test_mean:.2%} ± {row.test_std:.2%} | {gap} | "
+                         f"{row.flops_share:.1%} | {row.params_share:.1%} | {row.wall:.0f} | {row.epochs:.1f} | "
+                         f"{trials} | {row.runs} |")
+        scan = _read_any(config.out / "cache" / config.dataset / Path(model).stem / "sensitivity.csv")
         if len(scan):
+            charged = "and is charged to every search run's wall time" if config.time_budget else \
+                "and is not in the searches' seconds"
             lines.append(f"\nThe sensitivity scan ({len(scan)} cells) took {scan['seconds'].sum():.0f} s, once per "
-                         "model; seed, random and autoprune share it at every budget, and it is not in their "
-                         "seconds above.")
+                         f"model; seed, random and autoprune share it at every budget, {charged}.")
         failed = frame[(frame.model == model) & frame["test_accuracy"].isna()]
         for row in failed.drop_duplicates(["budget", "method"]).itertuples():
             lines.append(f"\n{row.method} at flops={row.budget:g}: {row.note}")
@@ -442,6 +511,28 @@ def report(frame: pd.DataFrame, config: BenchConfig) -> None:
         lines.append("")
     write_text(config.out / "BENCHMARKS.md", "\n".join(lines))
     _plot(table, config.out / "bench.png")
+
+
+def _protocol(config: BenchConfig) -> str:
+    """How the rows were made, in words, for the top of ``BENCHMARKS.md``."""
+    train = f"a fixed random {config.train_images:,} of its training images" if config.train_images else "all of it"
+    text = (f"Data: {config.dataset}, {train}; searches score candidates on a fixed random 1,000 of the "
+            f"validation images, every row is tested once on the whole test split. Base models: trained "
+            f"{config.train_epochs:g} epochs, SGD (Nesterov, cosine) at lr {config.base_lr:g}, batch 64. FLOPs "
+            "are thop MACs, measured on each final model. ")
+    if config.time_budget:
+        text += (f"**Equal wall time.** random and autoprune run under a {config.time_budget:g} s time budget each, "
+                 "the sensitivity scan's time included (`autoprune search --time-budget`: successive halving "
+                 "whose survivors carry their weights into a final fine-tune that fills the rest). "
+                 "uniform-matched fine-tunes the uniform plan for as long as that seed's autoprune run took "
+                 "('wall s'). ")
+    else:
+        text += (f"Searches (random, autoprune): {config.trials} trials, {config.finetune_epochs:g} fine-tune "
+                 f"epoch(s) each, pruner {config.pruner}; uniform-matched is fine-tuned as long as autoprune took. ")
+    return text + (f"uniform, global and seed get a fixed {config.final_epochs:g}-epoch fine-tune (the floor); "
+                   f"*-converged rows cut that method's plan from the base again and fine-tune it "
+                   f"{config.converged_epochs:g} epochs. Every fine-tune: SGD lr 0.01, cosine. Test accuracy: mean "
+                   "± standard deviation over seeds; 'vs base': points against the unpruned model.")
 
 
 def _plot(table: pd.DataFrame, path: Path) -> None:

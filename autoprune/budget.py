@@ -101,12 +101,28 @@ def steps(costs: CostModel, round_to: int = 1) -> np.ndarray:
     return np.where(costs.channels >= wanted, wanted, units)
 
 
+def round_counts(counts: np.ndarray, step: np.ndarray, unit: np.ndarray, channels: np.ndarray) -> np.ndarray:
+    """Round channel counts to multiples of ``step``, or, below one step, up to whole blocks.
+
+    Rounding must never make a budget unreachable: a 16-channel group with
+    ``round_to`` 8 could otherwise not keep fewer than 8 channels, where uniform
+    pruning keeps 2. Below one step a group moves in its blocks (``Group.unit``),
+    rounded up so it stays within its ratio bound.
+    """
+    coarse = np.round(counts / step) * step
+    fine = np.ceil(np.maximum(counts, 1e-9) / unit - 1e-9) * unit
+    return np.clip(np.where(counts >= step, coarse, fine), unit, channels)
+
+
+def next_count(kept: float, step: float, unit: float) -> float:
+    """The next channel count above ``kept`` that :func:`round_counts` can give."""
+    return kept + unit if kept < step else kept + step
+
+
 def keep_counts(costs: CostModel, ratios: np.ndarray, round_to: int = 1) -> np.ndarray:
-    """Channels kept per group for pruning ``ratios``, rounded to multiples of ``round_to``
-    (and of each group's blocks, see ``Group.unit``), at least one step, at most all."""
-    step = steps(costs, round_to)
-    kept = np.round(costs.channels * (1.0 - ratios) / step) * step
-    return np.clip(kept, step, costs.channels)
+    """Channels kept per group for pruning ``ratios``: multiples of ``round_to`` (and of each
+    group's blocks, see ``Group.unit``) down to one step, whole blocks below it, at most all."""
+    return round_counts(costs.channels * (1.0 - ratios), steps(costs, round_to), costs.units, costs.channels)
 
 
 def smallest(costs: CostModel, high: np.ndarray, round_to: int = 1) -> Cost:
@@ -173,18 +189,17 @@ def _fill(costs: CostModel, kept: np.ndarray, limits: Cost, most: np.ndarray, ro
     Rounding leaves budget unused, most on small models whose groups are a few
     channels wide; the groups pruned hardest get their channels back first.
     """
-    step = steps(costs, round_to)
+    step, unit = steps(costs, round_to), costs.units
     kept = kept.copy()
     for _ in range(4 * len(kept)):
         grown = False
         for i in np.argsort(kept / costs.channels):
-            if kept[i] + step[i] > most[i]:
-                continue
-            kept[i] += step[i]
-            if fits(costs.predict_vector(kept), limits):
+            before = kept[i]
+            kept[i] = next_count(before, step[i], unit[i])
+            if kept[i] <= most[i] and fits(costs.predict_vector(kept), limits):
                 grown = True
             else:
-                kept[i] -= step[i]
+                kept[i] = before
         if not grown:
             break
     return kept

@@ -54,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="flops=0.3 (share of base), flops=120M, params=1.5M, or both joined by a "
                              "comma; FLOPs are thop MACs (default: flops=0.3)")
     search.add_argument("--trials", type=int, default=12,
-                        help="trials the study should reach, pruned ones included (default: 12)")
+                        help="trials the study should reach, pruned ones included (default: 12); with "
+                             "--time-budget, the most candidates to try")
+    search.add_argument("--time-budget",
+                        help="wall time for the run, e.g. 30m, 1h30m, 600 (seconds), counted once the base "
+                             "model is ready: it plans the scan, a successive-halving search and a final "
+                             "fine-tune that fills the rest, and ends on time (--final-epochs is then ignored)")
     search.add_argument("--study", help="study name (default: MODEL-DATASET-BUDGET)")
     search.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the run directory)")
     search.add_argument("--out", help="run directory (default: results/STUDY)")
@@ -106,14 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--budgets", type=_ratios, help="FLOPs shares (default: 0.25,0.1,0.05)")
     bench.add_argument("--seeds", type=_ints, help="comma-separated seeds (default: 0,1,2)")
     bench.add_argument("--methods", type=_names, help="methods (default: uniform,global,seed,random,autoprune,uniform-matched; add autoprune-distill for the KD row)")
-    bench.add_argument("--trials", type=int, help="trials per search (default: 12)")
-    bench.add_argument("--train-epochs", type=_epochs, help="base training epochs (default: 15)")
+    bench.add_argument("--dataset", help="data set (default: fashion-mnist; --quick: digits)")
+    bench.add_argument("--train-images", type=int,
+                       help="train on a fixed random subset of this many images (default: 20000; 0: all)")
+    bench.add_argument("--time-budget", help="wall time of each search run, scan included, e.g. 120 or 2m "
+                       "(default: 120 s; 0: the trial-count search)")
+    bench.add_argument("--converged-epochs", type=_epochs,
+                       help="fine-tune epochs of the *-converged rows (default: 10)")
+    bench.add_argument("--trials", type=int, help="most candidates per search (default: 12)")
+    bench.add_argument("--train-epochs", type=_epochs, help="base training epochs (default: 8)")
+    bench.add_argument("--base-lr", type=float, help="base training learning rate (default: 0.05)")
     bench.add_argument("--pruner", choices=("median", "none"), help="the searches' pruner (default: median)")
     bench.add_argument("--finetune-epochs", type=_epochs, help="per-trial fine-tune epochs (default: 1)")
-    bench.add_argument("--final-epochs", type=_epochs, help="final fine-tune epochs, every method (default: 1)")
+    bench.add_argument("--final-epochs", type=_epochs,
+                       help="fine-tune epochs of uniform, global and seed (default: 1)")
     bench.add_argument("--rank-plans", type=int, help="random plans for the cheap-score rank check (default: 30)")
     bench.add_argument("--out", help="output folder (default: results/benchmarks)")
-    bench.add_argument("--quick", action="store_true", help="smoke test: resnet18, flops=0.25, one seed, 3 trials")
+    bench.add_argument("--quick", action="store_true",
+                       help="smoke test: digits, resnet18, flops=0.25, one seed, a 20 s time budget")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--quiet", action="store_true")
 
@@ -200,7 +215,7 @@ def _search(args: argparse.Namespace) -> None:
                     device=args.device, seed=args.seed, quiet=args.quiet, data_dir=args.data_dir,
                     download=args.download, distill=args.distill, distill_weight=args.distill_weight,
                     temperature=args.temperature, soft_epochs=args.soft_epochs, granularity=args.granularity,
-                    workers=args.workers, pruner=args.pruner)
+                    workers=args.workers, pruner=args.pruner, time_budget=args.time_budget)
     s = result.summary
     if args.granularity == "weight":
         _weight_summary(result)
@@ -315,8 +330,13 @@ def _bench(args: argparse.Namespace) -> None:
     from .bench import BenchConfig, benchmark, quick
 
     config = quick(BenchConfig()) if args.quick else BenchConfig()
+    from .halving import parse_duration
+
+    budget = args.time_budget
     given = {"models": args.models, "budgets": args.budgets, "methods": args.methods, "trials": args.trials,
-             "pruner": args.pruner,
+             "pruner": args.pruner, "dataset": args.dataset, "train_images": args.train_images,
+             "time_budget": None if budget is None else 0.0 if budget.strip() == "0" else parse_duration(budget),
+             "converged_epochs": args.converged_epochs, "base_lr": args.base_lr,
              "train_epochs": args.train_epochs, "finetune_epochs": args.finetune_epochs,
              "final_epochs": args.final_epochs, "rank_plans": args.rank_plans,
              "seeds": args.seeds,

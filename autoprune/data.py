@@ -19,6 +19,7 @@ from .models import load_factory
 TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 NAMES = ("digits", *TORCHVISION)
 VAL_SHARE = 0.15
+SCORE_IMAGES = 1000  # validation images that rank candidates: one image is 0.1 points
 
 
 @dataclass
@@ -35,10 +36,26 @@ class Data:
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, *self.input_shape)
 
+    @property
+    def score(self) -> Dataset:
+        """The validation images that rank candidates (sensitivity cells, trials).
+
+        Ranking needs far fewer images than reporting: with more than
+        ``SCORE_IMAGES`` validation images, a fixed random subset of that many
+        (seed 0, the same for every run and study) is used; the full split still
+        scores the base model and the final one.
+        """
+        if len(self.val) <= SCORE_IMAGES:
+            return self.val
+        order = torch.randperm(len(self.val), generator=torch.Generator().manual_seed(0))
+        return Subset(self.val, sorted(order[:SCORE_IMAGES].tolist()))
+
     def loader(self, split: str, batch_size: int = 64, shuffle: bool = False, seed: int = 0) -> DataLoader:
+        """Batches of ``train``, ``val``, ``test`` or ``score`` (see :attr:`score`)."""
+        dataset = getattr(self, split)
         generator = torch.Generator().manual_seed(seed)
-        return DataLoader(getattr(self, split), batch_size=batch_size, shuffle=shuffle,
-                          generator=generator, drop_last=shuffle and len(getattr(self, split)) > batch_size)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                          drop_last=shuffle and len(dataset) > batch_size)
 
 
 def _split(dataset: Dataset, share: float, seed: int) -> tuple[Subset, Subset]:

@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
@@ -401,11 +402,13 @@ class ChannelGroups:
     def round_keep(self, gid: str, count: float, round_to: int = 1) -> int:
         """The channel count a plan keeps for ``count``: a multiple of the group's unit and, where
         the group is that wide, of ``round_to`` (as ``budget.keep_counts`` rounds)."""
+        from .budget import round_counts  # one rounding rule for plans, scans and budgets
+
         group = self[gid]
         step = math.lcm(group.unit, round_to)
         step = step if group.channels >= step else group.unit
-        kept = int(round(count / step)) * step
-        return max(step, min(group.channels, kept)) if kept < group.channels else group.channels
+        return int(round_counts(np.array([float(count)]), np.array([step]), np.array([group.unit]),
+                                np.array([group.channels]))[0])
 
     def plan(self, keep: Mapping[str, int], meta: dict | None = None) -> Plan:
         """Turn channel counts per group into a plan that keeps the most important channels.

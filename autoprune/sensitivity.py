@@ -81,17 +81,23 @@ def scan(
     quiet: bool = False,
     round_to: int = 1,
     shared: SharedRows | None = None,
+    seconds: float | None = None,
 ) -> pd.DataFrame:
     """Fill ``path`` (sensitivity.csv) with one row per (group, ratio); reuse finished rows.
 
-    Each cell keeps the channel count a plan at that ratio would keep (rounded
+    Cells are scored on ``data.score`` (a fixed subset of a large validation
+    split); ``base_accuracy`` is the base model's accuracy there. Each cell keeps the channel count a plan at that ratio would keep (rounded
     to ``round_to`` and the group's blocks, as the search rounds it). With
     ``shared`` (the study), cells measured by any worker are taken from it
     and each new cell is added to it, so workers on other machines skip them.
     Workers scanning at once claim cells first and measure the ones others
     claimed only if those are still missing at the end (their worker may have
-    died). Returns the rows for this base model and importance criterion.
+    died). With ``seconds`` (a time budget's share) the scan starts no cell
+    after that many seconds, measuring the grid coarse to fine (every group at
+    the largest ratio, then the middle one, …) so that what it has is spread
+    over the grid. Returns the rows for this base model and importance criterion.
     """
+    stop = time.perf_counter() + seconds if seconds is not None else float("inf")
     path = Path(path)
     table = _merge(_read(path), shared.rows() if shared else [])
 
@@ -100,13 +106,18 @@ def scan(
         return {(g, round(float(r), 6)) for g, r in zip(table.loc[mine, "group"], table.loc[mine, "ratio"])}
 
     finished = done()
-    cells = [(g, r) for g in groups for r in grid if (g.id, round(r, 6)) not in finished]
+    order = coarse_to_fine(grid) if seconds is not None else grid
+    cells = [(g, r) for r in order for g in groups if (g.id, round(r, 6)) not in finished]
+    if seconds is None:
+        cells.sort(key=lambda cell: groups.ids.index(cell[0].id))  # group by group, as the table reads
     if shared:  # cells claimed by nobody else first, then whatever is still missing
         mine = [c for c in cells if shared.claim(groups.base_model, groups.importance, c[0].id, c[1])]
         cells = mine + [c for c in cells if c not in mine]
     train_loader = data.loader("train", batch_size=batch_size, shuffle=True)
-    val_loader = data.loader("val", batch_size=256)
+    val_loader = data.loader("score", batch_size=256)
     for group, ratio in tqdm(cells, desc="sensitivity", disable=quiet or not cells, unit="cell"):
+        if time.perf_counter() > stop:
+            break
         if shared:  # another worker may have measured it meanwhile
             table = _merge(table, shared.rows())
             if (group.id, round(ratio, 6)) in done():
@@ -134,6 +145,22 @@ def scan(
         table = merged
     mine = (table["base_model"].astype(str) == groups.base_model) & (table["importance"] == groups.importance)
     return table[mine].reset_index(drop=True)
+
+
+def coarse_to_fine(grid: Sequence[float]) -> list[float]:
+    """The grid's ratios in an order that covers it evenly at any length: the largest, the middle, …"""
+    ordered = sorted(grid)
+    picked: list[int] = [len(ordered) - 1]
+    spans = [(0, len(ordered) - 1)]
+    if len(ordered) > 1:
+        picked.append(0)
+    while spans:
+        lo, hi = spans.pop(0)
+        if hi - lo > 1:
+            mid = (lo + hi) // 2
+            picked.append(mid)
+            spans += [(mid, hi), (lo, mid)]
+    return [ordered[i] for i in dict.fromkeys(picked)]
 
 
 def curves(table: pd.DataFrame, ids: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

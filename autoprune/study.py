@@ -277,7 +277,8 @@ def keep_best_checkpoints(study: optuna.Study, folder: Path | None, keep: int = 
         checkpoint(folder, number).unlink(missing_ok=True)
 
 
-def _param(gid: str) -> str:
+def ratio_param(gid: str) -> str:
+    """The Optuna parameter holding group ``gid``'s pruning ratio."""
     return f"ratio:{gid}"
 
 
@@ -287,15 +288,29 @@ def trial_plan(trial: optuna.trial.FrozenTrial) -> Plan:
 
 
 class Objective:
-    """One trial: sample ratios, fit them to the budget, screen, fine-tune, score."""
+    """One trial: sample ratios, fit them to the budget, screen, fine-tune, score.
+
+    :meth:`start` cuts a candidate and takes its cheap score, :meth:`advance`
+    fine-tunes it further and scores it: a trial is one of each, and successive
+    halving (:mod:`autoprune.halving`) calls :meth:`advance` once per rung.
+    """
 
     def __init__(self, problem: Problem, settings: Settings, quiet: bool) -> None:
         self.problem, self.settings, self.quiet = problem, settings, quiet
 
     def __call__(self, trial: optuna.Trial) -> float:
+        started = time.perf_counter()
+        model = self.start(trial)
+        accuracy = self.advance(trial, model, self.settings.finetune_epochs, 1, started,
+                                checks=self.settings.checks)
+        self.finish(trial, model, started)
+        return accuracy
+
+    def start(self, trial: optuna.Trial) -> nn.Module:
+        """Sample the trial's ratios, cut the model within budget, report its cheap score as step 0."""
         p, s = self.problem, self.settings
-        start = time.perf_counter()
-        ratios = np.array([trial.suggest_float(_param(gid), float(lo), float(hi))
+        started = time.perf_counter()
+        ratios = np.array([trial.suggest_float(ratio_param(gid), float(lo), float(hi))
                            for gid, lo, hi in zip(p.costs.ids, p.low, p.high)])
         plan, model, cost = fit_plan(p.groups, p.costs, ratios, p.limits, p.low, p.high, p.round_to)
         base = p.costs.base
@@ -306,29 +321,48 @@ class Objective:
         trial.set_user_attr("params_share", cost.params / base.params)
         trial.set_constraint("budget", usage(cost, p.limits) - 1.0)
         torch.manual_seed(s.seed + trial.number)
-        train_loader = p.data.loader("train", s.batch_size, shuffle=True, seed=s.seed + trial.number)
-        val_loader = p.data.loader("val", 256)
         model.to(p.device)
-        recalibrate_bn(model, train_loader, p.device, s.trial_bn_batches)
-        cheap = evaluate(model, val_loader, p.device)
+        recalibrate_bn(model, self._train_loader(trial, 0), p.device, s.trial_bn_batches)
+        cheap = evaluate(model, p.data.loader("score", 256), p.device)
         trial.set_user_attr("val_accuracy_before_finetune", cheap)
+        self._report(trial, 0, cheap, started)  # screening: a hopeless cut is never fine-tuned
+        return model
 
-        def report(step: int, accuracy: float) -> None:
-            trial.report(accuracy, step)
-            if trial.should_prune():
-                trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
-                raise optuna.TrialPruned(f"val {accuracy:.2%} at step {step} is below the median")
-
-        report(0, cheap)  # screening: a hopeless cut is never fine-tuned
-        train(model, train_loader, s.finetune_epochs, p.device, lr=s.lr, desc=f"trial {trial.number}",
-              quiet=self.quiet, distill=from_settings(p.model, s.extra),
-              check=lambda tuned, k: report(k, evaluate(tuned, val_loader, p.device)), checks=s.checks)
-        accuracy = evaluate(model, val_loader, p.device)
+    def advance(self, trial: optuna.Trial, model: nn.Module, epochs: float, step: int,
+                started: float, checks: int = 0) -> float:
+        """Fine-tune ``model`` ``epochs`` more, score it and report the score as ``step``."""
+        p, s = self.problem, self.settings
+        score = p.data.loader("score", 256)
+        clock = time.perf_counter()
+        train(model, self._train_loader(trial, step), epochs, p.device, lr=s.lr, desc=f"trial {trial.number}",
+              quiet=self.quiet, distill=from_settings(p.model, s.extra), checks=checks,
+              check=lambda tuned, k: self._report(trial, step - 1 + k, evaluate(tuned, score, p.device),
+                                                  started))
+        trained = time.perf_counter() - clock
+        accuracy = evaluate(model, score, p.device)
         trial.set_user_attr("val_accuracy", accuracy)
-        if p.checkpoints is not None:
-            save_torch(model.state_dict(), checkpoint(p.checkpoints, trial.number))
-        trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+        attrs = trial.user_attrs
+        trial.set_user_attr("epochs", attrs.get("epochs", 0.0) + epochs)
+        trial.set_user_attr("train_seconds", round(attrs.get("train_seconds", 0.0) + trained, 3))
         return accuracy
+
+    def finish(self, trial: optuna.Trial, model: nn.Module, started: float) -> None:
+        """Keep the fine-tuned weights (the final fine-tune goes on from them) and the time taken."""
+        if self.problem.checkpoints is not None:
+            save_torch(model.state_dict(), checkpoint(self.problem.checkpoints, trial.number))
+        trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
+
+    def _train_loader(self, trial: optuna.Trial, step: int):
+        s = self.settings
+        return self.problem.data.loader("train", s.batch_size, shuffle=True,
+                                        seed=s.seed + trial.number + 100003 * max(0, step - 1))
+
+    @staticmethod
+    def _report(trial: optuna.Trial, step: int, accuracy: float, started: float) -> None:
+        trial.report(accuracy, step)
+        if trial.should_prune():
+            trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
+            raise optuna.TrialPruned(f"val {accuracy:.2%} at step {step} is below the median")
 
 
 def _describe(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> str:
@@ -488,7 +522,7 @@ def enqueue_seed(study: optuna.Study, problem: Problem) -> None:
     """Queue the sensitivity seed (equal accuracy drop) as the first trial of a new study."""
     if not study.trials:
         ratios = np.clip(problem.seed_ratios, problem.low, problem.high)  # rounding can step past a bound
-        study.enqueue_trial({_param(g): float(r) for g, r in zip(problem.costs.ids, ratios)},
+        study.enqueue_trial({ratio_param(g): float(r) for g, r in zip(problem.costs.ids, ratios)},
                             skip_if_exists=True)
 
 

@@ -1,0 +1,238 @@
+"""Searching within a wall-time budget: successive halving with weights carried from rung to rung.
+
+A user has a time budget, not a trial count. ``--time-budget 30m`` plans the
+run so it ends on time with its model exported:
+
+1. the sensitivity scan gets at most :data:`SCAN_SHARE` of the time: it
+   measures the grid coarse to fine and stops there;
+2. the search gets :data:`SEARCH_SHARE` of what is left. It is one bracket of
+   successive halving: ``n`` candidates are cut and fine-tuned ``r`` epochs,
+   the best third go on for ``3r`` more epochs *from their own weights*, and
+   so on until one is left, so each rung costs about the same and most of the
+   search's training lands on the candidates that win;
+3. the winner goes on from its weights into the final fine-tune, which gets
+   every second still left.
+
+Nothing the search trains is thrown away but the losers' short rungs. The
+first candidates are the sensitivity seed and the uniform allocation, so the
+search starts from the plan a user would otherwise have used.
+
+Example:
+    >>> parse_duration("1h30m"), parse_duration("90s"), parse_duration("2.5m")
+    (5400.0, 90.0, 150.0)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import optuna
+import torch
+from tqdm.auto import tqdm
+
+from .errors import AutopruneError
+from .study import COMPLETE, PRUNED, Objective, Problem, Settings, keep_best_checkpoints, ratio_param
+from .training import evaluate, train
+
+SCAN_SHARE = 0.15  # most of the time budget the sensitivity scan may take
+SEARCH_SHARE = 0.35  # of the time left after the scan; the final fine-tune gets the rest
+ETA = 3  # a rung keeps the best third of its candidates
+MIN_RUNG_EPOCHS = 0.05  # candidates trained less than this are not told apart
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^(?:([0-9]*\.?[0-9]+)\s*([smh]))+$")
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds in ``30m``, ``1h30m``, ``90s``, ``2.5m`` or a bare number of seconds."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        cleaned = str(text).strip().lower().replace(" ", "")
+        if re.fullmatch(r"[0-9]*\.?[0-9]+", cleaned):
+            seconds = float(cleaned)
+        elif _DURATION.match(cleaned):
+            seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(r"([0-9]*\.?[0-9]+)([smh])", cleaned))
+        else:
+            raise AutopruneError(f"cannot read time budget {text!r}; write it as 30m, 1h30m, 90s or 600")
+    if not seconds > 0:
+        raise AutopruneError(f"the time budget must be more than 0 seconds, not {text!r}")
+    return seconds
+
+
+class Deadline:
+    """Seconds left until a fixed moment."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.perf_counter() + seconds
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+
+@dataclass(frozen=True)
+class Bracket:
+    """One bracket of successive halving: ``candidates`` at first, rung ``k`` trains ``epochs * ETA**k``."""
+
+    candidates: int
+    rungs: int
+    epochs: float
+
+    def survivors(self, rung: int) -> int:
+        return max(1, math.ceil(self.candidates / ETA ** rung))
+
+    def cost(self) -> float:
+        """Epochs trained by every candidate in every rung together."""
+        return sum(self.survivors(k) * self.epochs * ETA ** k for k in range(self.rungs))
+
+
+def plan_bracket(seconds: float, epoch_seconds: float, overhead: float, most: int) -> Bracket:
+    """The widest bracket whose first rung still trains each candidate ``MIN_RUNG_EPOCHS``.
+
+    ``overhead`` is what a candidate costs besides training (cut, thop check,
+    scores); ``most`` caps the candidates (``--trials``).
+    """
+    best = Bracket(1, 1, max(seconds - overhead, 0.0) / epoch_seconds)
+    for rungs in range(2, 6):
+        candidates = ETA ** (rungs - 1)
+        if candidates > most:
+            break
+        unit = Bracket(candidates, rungs, 1.0)
+        epochs = (seconds - overhead * (candidates + rungs)) / (unit.cost() * epoch_seconds)
+        if epochs < MIN_RUNG_EPOCHS:
+            break
+        best = Bracket(candidates, rungs, epochs)
+    return best
+
+
+@dataclass(frozen=True)
+class Speed:
+    """What a candidate at the budget costs here, in seconds."""
+
+    epoch: float  # one fine-tune epoch
+    score: float  # one pass over the scoring images
+    cut: float  # projection, surgery and the thop check
+
+
+def measure_speed(problem: Problem, settings: Settings, steps: int = 6) -> Speed:
+    """Time a model at the budget (the sensitivity seed's): a few training steps, a score, a cut."""
+    from .budget import fit_plan
+
+    started = time.perf_counter()
+    _, model, _ = fit_plan(problem.groups, problem.costs, problem.seed_ratios, problem.limits, problem.low,
+                           problem.high, problem.round_to)
+    cut = time.perf_counter() - started
+    loader = problem.data.loader("train", settings.batch_size, shuffle=True, seed=settings.seed)
+    train(model, loader, 2 / len(loader), problem.device, quiet=True)  # warm-up: allocation, first calls
+    started = time.perf_counter()
+    train(model, loader, steps / len(loader), problem.device, quiet=True)
+    epoch = (time.perf_counter() - started) / steps * len(loader)
+    started = time.perf_counter()
+    evaluate(model, problem.data.loader("score", 256), problem.device)
+    return Speed(epoch, time.perf_counter() - started, cut)
+
+
+def timed_search(problem: Problem, study: optuna.Study, settings: Settings, deadline: Deadline,
+                 reserve: float = 0.0, quiet: bool = False, sampler: optuna.samplers.BaseSampler | None = None,
+                 seed_first: bool = True) -> tuple[optuna.trial.FrozenTrial, float]:
+    """Search until :data:`SEARCH_SHARE` of the time left is spent; the winner and its final epochs.
+
+    ``settings.trials`` caps the candidates. The final fine-tune's epochs fill
+    what is left of ``deadline`` after ``reserve`` seconds (the export's own
+    scoring and saving). A study that already has a winner searches no more.
+    """
+    speed = measure_speed(problem, settings)
+    done = study.get_trials(deepcopy=False, states=(COMPLETE,))
+    if done:
+        chosen = max(done, key=lambda t: t.value)
+    else:
+        left = deadline.left() - reserve
+        bracket = plan_bracket(SEARCH_SHARE * left, speed.epoch, speed.cut + 2 * speed.score, settings.trials)
+        if not quiet:
+            print(f"time budget: {left:.0f} s left after the scan; search: {bracket.candidates} candidates, "
+                  f"{bracket.rungs} rung(s) from {bracket.epochs:.2f} epochs (an epoch takes {speed.epoch:.1f} s)")
+        study.sampler = sampler or optuna.samplers.TPESampler(seed=settings.seed + len(study.trials),
+                                                              multivariate=True)
+        study.pruner = optuna.pruners.NopPruner()  # the bracket decides who goes on
+        chosen = successive_halving(problem, study, settings, bracket, deadline, quiet, seed_first)
+    epoch = speed.epoch
+    if chosen.user_attrs.get("epochs", 0.0) >= 0.2:  # the winner's own training is the better clock
+        epoch = chosen.user_attrs["train_seconds"] / chosen.user_attrs["epochs"]
+    final = max(0.0, (deadline.left() - reserve) / epoch)
+    return chosen, final
+
+
+def enqueue_starts(study: optuna.Study, problem: Problem) -> None:
+    """Queue the sensitivity seed and the uniform allocation as the bracket's first candidates."""
+    for ratios in (problem.seed_ratios, np.full(len(problem.low), 0.5)):
+        clipped = np.clip(ratios, problem.low, problem.high)
+        study.enqueue_trial({ratio_param(g): float(r) for g, r in zip(problem.costs.ids, clipped)},
+                            skip_if_exists=True)
+
+
+def successive_halving(problem: Problem, study: optuna.Study, settings: Settings, bracket: Bracket,
+                       deadline: Deadline, quiet: bool = False, seed_first: bool = True) -> optuna.trial.FrozenTrial:
+    """Run one bracket on ``study`` and return the winning trial (COMPLETE; the others PRUNED).
+
+    Every candidate is an Optuna trial that stays open through the rungs it
+    survives: its score after each rung is reported as step ``k + 1``, so the
+    study keeps the whole race. Survivors keep their weights in memory between
+    rungs; the winner's are saved as its checkpoint. A rung that would run past
+    ``deadline`` is not started: the best candidate so far wins.
+    """
+    if seed_first:
+        enqueue_starts(study, problem)
+    objective = Objective(problem, settings, quiet)
+    alive: list[tuple[optuna.Trial, torch.nn.Module, float]] = []
+    bar = tqdm(total=bracket.candidates, desc="search: cut", unit="candidate", disable=quiet)
+    for _ in range(bracket.candidates):
+        trial = study.ask()
+        started = time.perf_counter()
+        alive.append((trial, objective.start(trial), started))
+        bar.update()
+    bar.close()
+    scores: dict[int, float] = {}
+    for rung in range(bracket.rungs):
+        epochs = bracket.epochs * ETA ** rung
+        if rung and deadline.left() < _rung_seconds(alive, epochs, scores, rung):
+            break
+        for trial, model, started in tqdm(alive, desc=f"search: rung {rung + 1} of {bracket.rungs}",
+                                          unit="candidate", disable=quiet):
+            scores[trial.number] = objective.advance(trial, model, epochs, rung + 1, started)
+            trial.report(scores[trial.number], rung + 1)
+            trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
+        alive.sort(key=lambda item: scores[item[0].number], reverse=True)
+        keep = bracket.survivors(rung + 1) if rung + 1 < bracket.rungs else 1
+        for trial, _, _ in alive[keep:]:
+            _end(study, trial, PRUNED, quiet, f"dropped after rung {rung + 1}: val {scores[trial.number]:.2%}")
+        alive = alive[:keep]
+    for trial, _, _ in alive[1:]:  # out of time before the last rung
+        _end(study, trial, PRUNED, quiet, f"out of time: val {scores[trial.number]:.2%}")
+    trial, model, started = alive[0]
+    objective.finish(trial, model, started)
+    frozen = study.tell(trial, scores[trial.number])
+    if not quiet:
+        tqdm.write(f"trial {trial.number} wins: val {frozen.value:.2%} after "
+                   f"{frozen.user_attrs['epochs']:.2f} epochs | FLOPs {frozen.user_attrs['flops_share']:.1%} "
+                   "of base (thop MACs)")
+    keep_best_checkpoints(study, problem.checkpoints)
+    return frozen
+
+
+def _rung_seconds(alive: list, epochs: float, scores: dict[int, float], rung: int) -> float:
+    """How long the next rung will take, from how fast the last one trained."""
+    spent = [t.user_attrs.get("train_seconds", 0.0) / max(t.user_attrs.get("epochs", 1.0), 1e-9)
+             for t, _, _ in alive]
+    return len(alive) * epochs * float(np.mean(spent)) if spent else 0.0
+
+
+def _end(study: optuna.Study, trial: optuna.Trial, state, quiet: bool, why: str) -> None:
+    trial.set_user_attr("dropped", why)
+    study.tell(trial, state=state)
+    if not quiet:
+        tqdm.write(f"trial {trial.number}: {why}")
+

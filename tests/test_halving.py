@@ -1,0 +1,93 @@
+"""Time budgets: durations, the successive-halving plan, coarse-to-fine scans, a timed run, and
+rounding that never makes a budget unreachable."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import autoprune
+from autoprune.budget import Budget, fit_plan, keep_counts, round_counts
+from autoprune.costmodel import CostModel
+from autoprune.errors import AutopruneError
+from autoprune.groups import ChannelGroups
+from autoprune.halving import ETA, MIN_RUNG_EPOCHS, Bracket, plan_bracket, parse_duration
+from autoprune.sensitivity import coarse_to_fine
+from autoprune.space import load_space
+from tiny_models import TinyResNet
+
+
+@pytest.mark.parametrize("text, seconds", [("30m", 1800), ("1h30m", 5400), ("90s", 90), ("2.5m", 150),
+                                           ("600", 600), (45, 45), ("1h 5s", 3605)])
+def test_durations_parse(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "abc", "10x", "0", "-5m", "m"])
+def test_bad_durations_are_refused_with_the_forms_that_work(text):
+    with pytest.raises(AutopruneError, match="30m|more than 0"):
+        parse_duration(text)
+
+
+def test_the_bracket_fits_the_time_and_halves_by_eta():
+    bracket = plan_bracket(seconds=300, epoch_seconds=10, overhead=1.0, most=100)
+    assert bracket.rungs >= 3 and bracket.candidates == ETA ** (bracket.rungs - 1)
+    assert bracket.epochs >= MIN_RUNG_EPOCHS
+    spent = bracket.cost() * 10 + 1.0 * (bracket.candidates + bracket.rungs)
+    assert spent <= 300 + 1e-6
+    assert [bracket.survivors(k) for k in range(bracket.rungs)] == [ETA ** (bracket.rungs - 1 - k)
+                                                                   for k in range(bracket.rungs)]
+    # Every rung costs the same: n/3 candidates train 3 times as long.
+    assert {bracket.survivors(k) * ETA ** k for k in range(bracket.rungs)} == {bracket.candidates}
+
+
+def test_the_bracket_respects_the_candidate_cap_and_a_short_budget():
+    assert plan_bracket(seconds=10_000, epoch_seconds=1, overhead=0, most=4).candidates == 3
+    short = plan_bracket(seconds=1, epoch_seconds=100, overhead=0, most=100)
+    assert short == Bracket(1, 1, pytest.approx(0.01))  # too short to race: one candidate, all the time
+
+
+def test_coarse_to_fine_covers_the_grid_once_largest_first():
+    grid = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    order = coarse_to_fine(grid)
+    assert sorted(order) == grid and order[0] == 0.9
+    assert set(order[:3]) == {0.9, 0.1, 0.5}  # any prefix spreads over the grid
+
+
+def test_rounding_below_one_step_moves_in_whole_blocks():
+    kept = round_counts(np.array([1.6, 3.2, 12.0, 20.0]), np.array([8.0, 8, 8, 8]), np.array([1.0, 1, 1, 1]),
+                        np.array([16.0, 32, 64, 64]))
+    assert kept.tolist() == [2, 4, 16, 16]  # below 8: up to whole channels; above: multiples of 8
+
+
+def test_rounding_never_makes_a_budget_unreachable_on_a_narrow_user_model():
+    """A user's 16-32 channel residual model under the shipped resnet space (round_to 8) reaches 10 %."""
+    torch.manual_seed(0)
+    model = TinyResNet(10, width=16).eval()
+    space = load_space("resnet")
+    groups = ChannelGroups(model, torch.zeros(1, 3, 32, 32))
+    costs = CostModel(groups)
+    n = len(groups)
+    limits = Budget.parse("flops=0.1").limits(costs.base)
+    plan, pruned, cost = fit_plan(groups, costs, np.zeros(n), limits, np.zeros(n), np.full(n, space.max_ratio),
+                                  space.round_to)
+    assert cost.flops <= limits.flops
+    assert pruned(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert keep_counts(costs, np.full(n, space.max_ratio), space.round_to).min() < 8
+
+
+def test_a_timed_search_ends_within_its_budget_with_a_model_written(tiny_run, tmp_path):
+    budget = 45.0
+    started = time.perf_counter()
+    result = autoprune.search(TinyResNet(10), "digits", "flops=0.4", weights=str(tiny_run / "base.pt"),
+                              time_budget=f"{budget:g}s", out=tmp_path / "timed", quiet=True, grid=[0.25, 0.5, 0.75])
+    took = time.perf_counter() - started
+    # Generous slack: the planner only measures the machine; a loaded machine runs the fixed steps slower.
+    assert took <= budget * 1.5 + 15, f"a {budget:g} s budget took {took:.0f} s"
+    summary = json.loads((tmp_path / "timed" / "summary.json").read_text())
+    assert summary["time_budget_seconds"] == budget and summary["final_epochs"] > 0
+    assert summary["flops_share"] <= 0.4 + 1e-9
+    assert result.model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert (tmp_path / "timed" / "model.pt").is_file()

@@ -6,10 +6,13 @@ for the final report.
 
 from __future__ import annotations
 
+import gzip
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, random_split
 
@@ -20,6 +23,11 @@ TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CI
 NAMES = ("digits", *TORCHVISION)
 VAL_SHARE = 0.15
 SCORE_IMAGES = 1000  # validation images that rank candidates: one image is 0.1 points
+# Read from the idx files directly: Debian's copies are recompressed, so torchvision's checksums refuse them.
+IDX_APT = {"fashion-mnist": "dataset-fashion-mnist"}  # Debian has no MNIST package
+IDX_SYSTEM = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}  # labels (N,), images (N, rows, cols); uint8 data
 
 
 @dataclass
@@ -82,10 +90,7 @@ def digits(seed: int = 0) -> Data:
 def _torchvision(name: str, data_dir: Path, download: bool, seed: int) -> Data:
     from torchvision import datasets, transforms
 
-    gray = name in ("mnist", "fashion-mnist")
-    steps = [transforms.Resize(32), transforms.Grayscale(3)] if gray else []
-    transform = transforms.Compose([*steps, transforms.ToTensor(),
-                                    transforms.Normalize([0.5] * 3, [0.25] * 3)])
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.25] * 3)])
     cls = getattr(datasets, TORCHVISION[name])
     try:
         full = cls(str(data_dir), train=True, download=download, transform=transform)
@@ -95,6 +100,113 @@ def _torchvision(name: str, data_dir: Path, download: bool, seed: int) -> Data:
                              "or --data-dir to where it is") from None
     train, val = _split(full, 0.1, seed)
     return Data(name, train, val, test, len(full.classes), (3, 32, 32))
+
+
+class GrayImages(Dataset):
+    """Decoded gray images kept once as (N, 1, H, W) float32 and seen as three channels.
+
+    ``expand`` makes the three channels a view, so memory is a third of a 3-channel copy.
+
+    Example:
+        >>> ds = GrayImages(torch.zeros(4, 1, 32, 32), torch.arange(4))
+        >>> ds[1][0].shape, int(ds[1][1]), len(ds)
+        (torch.Size([3, 32, 32]), 1, 4)
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor):
+        self.images, self.targets = images, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index].expand(3, -1, -1), self.targets[index]
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An idx file (``.gz`` or not) as a uint8 array, its magic number and size checked.
+
+    Example:
+        >>> read_idx(Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"), 1).shape
+        (10000,)
+    """
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:  # gzip's errors included: bad header, truncated stream
+        raise AutopruneError(f"{path} cannot be read ({err}); delete it and pass --download, "
+                             "or point --data-dir at an intact copy") from None
+    header = 4 + 4 * ndim
+    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    if magic != IDX_MAGIC[ndim] or len(raw) < header:
+        found = "a short file" if magic is None else f"magic 0x{magic:08x}"
+        raise AutopruneError(f"{path} is not an idx{ndim} file ({found}, expected 0x{IDX_MAGIC[ndim]:08x}); "
+                             "delete it and pass --download, or point --data-dir at an intact copy")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
+    if len(raw) != header + math.prod(dims):
+        raise AutopruneError(f"{path} holds {len(raw) - header} bytes of data but its header says "
+                             f"{'×'.join(map(str, dims))}; delete it and pass --download, or point --data-dir "
+                             "at an intact copy")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def _idx_paths(name: str, data_dir: Path) -> dict[str, Path] | None:
+    """The four idx files of the first folder holding all of them (plain preferred to ``.gz``)."""
+    folders = [data_dir, data_dir / TORCHVISION[name] / "raw"]
+    folders += [IDX_SYSTEM[name]] if name in IDX_SYSTEM else []
+    for folder in folders:
+        found = {}
+        for stem in IDX_FILES:
+            found[stem] = next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None)
+        if all(found.values()):
+            return found
+    return None
+
+
+def _download_idx(name: str, data_dir: Path) -> None:
+    from torchvision import datasets
+
+    try:  # fetches all four files into data_dir/<Name>/raw/, then reads the small test split
+        getattr(datasets, TORCHVISION[name])(str(data_dir), train=False, download=True)
+    except (RuntimeError, OSError) as err:
+        raise AutopruneError(f"could not download {name} into {data_dir} ({err}); fetch its idx files "
+                             "by hand and pass --data-dir to where they are") from None
+
+
+def _gray_images(images: np.ndarray, size: int = 32, chunk: int = 10000) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> normalised float32 (N, 1, size, size), resized bilinearly once.
+
+    Chunked so the float copies at 28×28 stay small; mean 0.5, std 0.25 of [0, 1] pixels as
+    torchvision's Resize(32) + ToTensor + Normalize gave (within one grey level: PIL rounds).
+    """
+    out = torch.empty(len(images), 1, size, size)
+    for start in range(0, len(images), chunk):
+        part = torch.tensor(images[start:start + chunk]).unsqueeze(1).float().div_(255)  # copy: read-only buffer
+        part = torch.nn.functional.interpolate(part, size=(size, size), mode="bilinear", align_corners=False)
+        out[start:start + chunk] = part.sub_(0.5).div_(0.25)
+    return out
+
+
+def _idx(name: str, data_dir: Path, download: bool, seed: int) -> Data:
+    """MNIST or Fashion-MNIST from its idx files: decoded once, no per-image work in an epoch."""
+    paths = _idx_paths(name, data_dir)
+    if paths is None and download:
+        _download_idx(name, data_dir)
+        paths = _idx_paths(name, data_dir)
+    if paths is None:
+        system = f" nor {IDX_SYSTEM[name]}" if name in IDX_SYSTEM else ""
+        apt = f"apt-get install {IDX_APT[name]}, " if name in IDX_APT else ""
+        raise AutopruneError(f"{name} is not in {data_dir} (flat or {TORCHVISION[name]}/raw/){system}; "
+                             f"{apt}pass --data-dir to where its idx files are, or --download to fetch them")
+    splits = {}
+    for split in ("train", "t10k"):
+        images = read_idx(paths[f"{split}-images-idx3-ubyte"], 3)
+        labels = read_idx(paths[f"{split}-labels-idx1-ubyte"], 1)
+        if len(images) != len(labels):
+            raise AutopruneError(f"{paths[f'{split}-images-idx3-ubyte'].parent}: {len(images)} {split} images "
+                                 f"but {len(labels)} labels; delete the files and pass --download")
+        splits[split] = GrayImages(_gray_images(images), torch.from_numpy(labels.astype(np.int64)))
+    train, val = _split(splits["train"], 0.1, seed)
+    return Data(name, train, val, splits["t10k"], 10, (3, 32, 32))
 
 
 def _image_folder(root: Path, image_size: int, seed: int) -> Data:
@@ -142,6 +254,9 @@ def load_data(spec: str, data_dir: str | Path = "data", download: bool = False,
               seed: int = 0, image_size: int = 64) -> Data:
     """Resolve ``--dataset``: a known name, an image-folder path, or ``file.py:factory``.
 
+    ``mnist`` and ``fashion-mnist`` are read offline from their idx files in ``data_dir``
+    (flat or torchvision's ``<Name>/raw/``) or Debian's ``dataset-fashion-mnist`` folder.
+
     Example:
         >>> data = load_data("digits")
         >>> data.num_classes, data.input_shape
@@ -150,6 +265,8 @@ def load_data(spec: str, data_dir: str | Path = "data", download: bool = False,
     key = spec.lower()
     if key == "digits":
         return digits(seed)
+    if key in ("mnist", "fashion-mnist"):
+        return _idx(key, Path(data_dir), download, seed)
     if key in TORCHVISION:
         return _torchvision(key, Path(data_dir), download, seed)
     if ":" in spec and not Path(spec).is_dir():

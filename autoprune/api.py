@@ -179,6 +179,8 @@ def search(
         raise AutopruneError(f"--soft-epochs cannot be negative, not {soft_epochs}")
     extra = extra_settings(distill, distill_weight, temperature, soft_epochs)
     if granularity == "weight":
+        if time_budget is not None:
+            raise AutopruneError("--time-budget plans channel searches only; leave it out with --granularity weight")
         if soft_epochs:
             raise AutopruneError("--soft-epochs prunes channels; leave it out with --granularity weight")
         from .unstructured import search_weights

@@ -78,7 +78,7 @@ DEFAULT_METHODS = METHODS[:6]  # distillation and converged rows are asked for w
 DISTILL = {"distill": {"weight": 0.5, "temperature": 4.0}}
 COLUMNS = ["model", "budget", "seed", "method", "test_accuracy", "val_accuracy", "base_test_accuracy", "flops",
            "params", "flops_share", "params_share", "trials", "pruned", "search_seconds", "final_epochs",
-           "seconds", "wall_seconds", "time_budget", "plan", "note"]
+           "seconds", "wall_seconds", "time_budget", "overhead", "plan", "note"]
 
 
 @dataclass
@@ -94,7 +94,7 @@ class BenchConfig:
     time_budget: float = 120.0  # seconds per search run, scan included (0: the trial-count search)
     trials: int = 12
     pruner: str = "median"
-    train_epochs: float = 8.0
+    train_epochs: float = 5.0
     base_lr: float = 0.05
     finetune_epochs: float = 1.0
     final_epochs: float = 1.0  # the floor methods' short fine-tune
@@ -293,7 +293,7 @@ def _run_one(subject: Subject, problem: Problem, method: str, seed: int, config:
     """One (method, seed): its plan, its fine-tune, the numbers. ``prior``: this seed's rows so far."""
     start = time.perf_counter()
     trials = stopped = 0
-    epochs, note, weights, charged = config.final_epochs, "", None, 0.0
+    epochs, note, weights, charged, overhead = config.final_epochs, "", None, 0.0, float("nan")
     extra = DISTILL if method == "autoprune-distill" else {}
     with tempfile.TemporaryDirectory(prefix="autoprune-bench-") as folder:
         if method in CONVERGED:
@@ -310,6 +310,7 @@ def _run_one(subject: Subject, problem: Problem, method: str, seed: int, config:
                                                      deadline, reserve)
             trials = len(study.trials)
             stopped = count_pruned(study)
+            overhead = _overhead(study)
         else:
             plan = _plan_of(method, problem, config)
         search_seconds = time.perf_counter() - start
@@ -324,7 +325,15 @@ def _run_one(subject: Subject, problem: Problem, method: str, seed: int, config:
     return {**result, "trials": trials, "pruned": stopped, "search_seconds": round(search_seconds, 1),
             "final_epochs": round(epochs, 2), "seconds": round(time.perf_counter() - start, 1),
             "wall_seconds": round(wall, 1), "time_budget": config.time_budget if trials else float("nan"),
-            "plan": json.dumps(plan.to_dict()), "note": note}
+            "overhead": overhead, "plan": json.dumps(plan.to_dict()), "note": note}
+
+
+def _overhead(study: optuna.Study) -> float:
+    """The share of the search's trial time spent on neither training nor scoring (cuts, thop checks)."""
+    attrs = [t.user_attrs for t in study.trials if "seconds" in t.user_attrs]
+    total = sum(a["seconds"] for a in attrs)
+    useful = sum(a.get("train_seconds", 0.0) + a.get("score_seconds", 0.0) for a in attrs)
+    return max(0.0, 1.0 - useful / total) if total else float("nan")
 
 
 def benchmark(config: BenchConfig) -> pd.DataFrame:
@@ -453,7 +462,7 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
                         runs=("test_accuracy", "size"), flops_share=("flops_share", "mean"),
                         params_share=("params_share", "mean"), seconds=("seconds", "mean"),
                         wall=("wall_seconds", "mean"), epochs=("final_epochs", "mean"),
-                        base=("base_test_accuracy", "mean"),
+                        base=("base_test_accuracy", "mean"), overhead=("overhead", "mean"),
                         trials=("trials", "mean"), pruned=("pruned", "mean")).reset_index()
     order = {method: i for i, method in enumerate(METHODS)}  # rows measured in any order read in one
     table = table.sort_values(["budget", "method"], ascending=[False, True], kind="stable",
@@ -476,14 +485,15 @@ def report(frame: pd.DataFrame, config: BenchConfig) -> None:
         base = table.loc[table["model"] == model, "base"].dropna()
         lines += [f"## {model}", "", f"Base model: test accuracy {base.iloc[0]:.2%}." if len(base) else "",
                   "", "| budget | method | test accuracy | vs base | FLOPs share | params share | wall s "
-                  "| fine-tune epochs | trials (dropped) | runs |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| fine-tune epochs | trials (dropped) | trial overhead | runs |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in table[table["model"] == model].itertuples():
             trials = f"{row.trials:.0f} ({row.pruned:.1f})" if row.trials else ""
+            overhead = f"{row.overhead:.1%}" if row.overhead == row.overhead else ""
             gap = f"{100 * (row.test_mean - row.base):+.2f}" if row.base == row.base else ""
             lines.append(f"| {row.budget:g} | {row.method} | {row.test_mean:.2%} ± {row.test_std:.2%} | {gap} | "
                          f"{row.flops_share:.1%} | {row.params_share:.1%} | {row.wall:.0f} | {row.epochs:.1f} | "
-                         f"{trials} | {row.runs} |")
+                         f"{trials} | {overhead} | {row.runs} |")
         scan = _read_any(config.out / "cache" / config.dataset / Path(model).stem / "sensitivity.csv")
         if len(scan):
             charged = "and is charged to every search run's wall time" if config.time_budget else \
@@ -525,7 +535,8 @@ def _protocol(config: BenchConfig) -> str:
                  "the sensitivity scan's time included (`autoprune search --time-budget`: successive halving "
                  "whose survivors carry their weights into a final fine-tune that fills the rest). "
                  "uniform-matched fine-tunes the uniform plan for as long as that seed's autoprune run took "
-                 "('wall s'). ")
+                 "('wall s'). 'trial overhead': the share of the search's trial time spent neither training "
+                 "nor scoring (cuts, thop checks). ")
     else:
         text += (f"Searches (random, autoprune): {config.trials} trials, {config.finetune_epochs:g} fine-tune "
                  f"epoch(s) each, pruner {config.pruner}; uniform-matched is fine-tuned as long as autoprune took. ")

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--converged-epochs", type=_epochs,
                        help="fine-tune epochs of the *-converged rows (default: 10)")
     bench.add_argument("--trials", type=int, help="most candidates per search (default: 12)")
-    bench.add_argument("--train-epochs", type=_epochs, help="base training epochs (default: 8)")
+    bench.add_argument("--train-epochs", type=_epochs, help="base training epochs (default: 5)")
     bench.add_argument("--base-lr", type=float, help="base training learning rate (default: 0.05)")
     bench.add_argument("--pruner", choices=("median", "none"), help="the searches' pruner (default: median)")
     bench.add_argument("--finetune-epochs", type=_epochs, help="per-trial fine-tune epochs (default: 1)")

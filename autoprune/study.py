@@ -323,7 +323,9 @@ class Objective:
         torch.manual_seed(s.seed + trial.number)
         model.to(p.device)
         recalibrate_bn(model, self._train_loader(trial, 0), p.device, s.trial_bn_batches)
+        clock = time.perf_counter()
         cheap = evaluate(model, p.data.loader("score", 256), p.device)
+        trial.set_user_attr("score_seconds", round(time.perf_counter() - clock, 3))
         trial.set_user_attr("val_accuracy_before_finetune", cheap)
         self._report(trial, 0, cheap, started)  # screening: a hopeless cut is never fine-tuned
         return model
@@ -338,10 +340,12 @@ class Objective:
               quiet=self.quiet, distill=from_settings(p.model, s.extra), checks=checks,
               check=lambda tuned, k: self._report(trial, step - 1 + k, evaluate(tuned, score, p.device),
                                                   started))
-        trained = time.perf_counter() - clock
+        trained, clock = time.perf_counter() - clock, time.perf_counter()
         accuracy = evaluate(model, score, p.device)
+        scored = time.perf_counter() - clock
         trial.set_user_attr("val_accuracy", accuracy)
         attrs = trial.user_attrs
+        trial.set_user_attr("score_seconds", round(attrs.get("score_seconds", 0.0) + scored, 3))
         trial.set_user_attr("epochs", attrs.get("epochs", 0.0) + epochs)
         trial.set_user_attr("train_seconds", round(attrs.get("train_seconds", 0.0) + trained, 3))
         return accuracy

@@ -69,7 +69,7 @@ from .sensitivity import GRID, bounds, equal_drop, scan
 from .space import SearchSpace, resolve
 from .export import finetune
 from .halving import SCAN_SHARE, Deadline, timed_search
-from .study import Problem, Settings, checkpoint, count_pruned, run, trial_plan
+from .study import COMPLETE, PRUNED, Problem, Settings, checkpoint, count_pruned, run, trial_plan
 from .training import evaluate, recalibrate_bn, resolve_device, train
 
 CONVERGED = ("uniform-converged", "seed-converged", "autoprune-converged")
@@ -308,7 +308,7 @@ def _run_one(subject: Subject, problem: Problem, method: str, seed: int, config:
             reserve = subject.eval_seconds * 0.2 * (len(problem.data.val) + len(problem.data.test))
             plan, weights, study, epochs = _searched(problem, config, seed, sampler, extra, Path(folder),
                                                      deadline, reserve)
-            trials = len(study.trials)
+            trials = len(study.get_trials(deepcopy=False, states=(COMPLETE, PRUNED)))
             stopped = count_pruned(study)
             overhead = _overhead(study)
         else:

@@ -35,13 +35,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import AutopruneError
-from .study import COMPLETE, PRUNED, Objective, Problem, Settings, keep_best_checkpoints, ratio_param
+from .study import (COMPLETE, PRUNED, Objective, Problem, Settings, claim, keep_best_checkpoints, ratio_param,
+                    recover)
 from .training import evaluate, train
 
 SCAN_SHARE = 0.15  # most of the time budget the sensitivity scan may take
 SEARCH_SHARE = 0.35  # of the time left after the scan; the final fine-tune gets the rest
 ETA = 3  # a rung keeps the best third of its candidates
-MIN_RUNG_EPOCHS = 0.05  # candidates trained less than this are not told apart
+MIN_RUNG_EPOCHS = 0.1  # candidates trained less than this are not told apart
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"^(?:([0-9]*\.?[0-9]+)\s*([smh]))+$")
@@ -145,6 +146,7 @@ def timed_search(problem: Problem, study: optuna.Study, settings: Settings, dead
     what is left of ``deadline`` after ``reserve`` seconds (the export's own
     scoring and saving). A study that already has a winner searches no more.
     """
+    recover(study)
     speed = measure_speed(problem, settings)
     done = study.get_trials(deepcopy=False, states=(COMPLETE,))
     if done:
@@ -166,9 +168,9 @@ def timed_search(problem: Problem, study: optuna.Study, settings: Settings, dead
     return chosen, final
 
 
-def enqueue_starts(study: optuna.Study, problem: Problem) -> None:
-    """Queue the sensitivity seed and the uniform allocation as the bracket's first candidates."""
-    for ratios in (problem.seed_ratios, np.full(len(problem.low), 0.5)):
+def enqueue_starts(study: optuna.Study, problem: Problem, most: int = 2) -> None:
+    """Queue the sensitivity seed and the uniform allocation (the first ``most`` of them) as candidates."""
+    for ratios in (problem.seed_ratios, np.full(len(problem.low), 0.5))[:most]:
         clipped = np.clip(ratios, problem.low, problem.high)
         study.enqueue_trial({ratio_param(g): float(r) for g, r in zip(problem.costs.ids, clipped)},
                             skip_if_exists=True)
@@ -185,12 +187,13 @@ def successive_halving(problem: Problem, study: optuna.Study, settings: Settings
     ``deadline`` is not started: the best candidate so far wins.
     """
     if seed_first:
-        enqueue_starts(study, problem)
+        enqueue_starts(study, problem, bracket.candidates)
     objective = Objective(problem, settings, quiet)
     alive: list[tuple[optuna.Trial, torch.nn.Module, float]] = []
     bar = tqdm(total=bracket.candidates, desc="search: cut", unit="candidate", disable=quiet)
     for _ in range(bracket.candidates):
         trial = study.ask()
+        claim(study, trial._trial_id)  # a rerun after a kill fails these trials at once
         started = time.perf_counter()
         alive.append((trial, objective.start(trial), started))
         bar.update()

@@ -470,12 +470,17 @@ def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         study.enqueue_trial(params, user_attrs={"retry_of": trial.number, "retries": retries + 1})
 
 
+def claim(study: optuna.Study, trial_id: int) -> None:
+    """Record this process as the trial's worker, so :func:`recover` knows when it died."""
+    study._storage.set_trial_system_attr(trial_id, "autoprune:worker", asdict(Worker.me()))
+    study._storage.set_trial_system_attr(trial_id, "autoprune:beat", time.time())
+
+
 @contextmanager
 def _heartbeat(study: optuna.Study, trial_id: int, interval: float = HEARTBEAT_S) -> Iterator[None]:
     """Record the worker on the trial and keep stamping the time while the trial runs."""
     storage = study._storage
-    storage.set_trial_system_attr(trial_id, "autoprune:worker", asdict(Worker.me()))
-    storage.set_trial_system_attr(trial_id, "autoprune:beat", time.time())
+    claim(study, trial_id)
     stop = threading.Event()
 
     def beat() -> None:

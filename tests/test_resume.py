@@ -101,6 +101,7 @@ def test_killed_three_times_then_resumed_ends_with_exactly_the_requested_trials(
     process = _start(out)
     _kill_when(process, lambda: (out / "sensitivity.csv").is_file())
     scanned = len(pd.read_csv(out / "sensitivity.csv"))
+    assert not [t for t in _trials(db) if t.state.name == "RUNNING"], "the kill came after the scan"
     # 3: while a trial runs, after one has finished
     process = _start(out)
     _kill_when(process, lambda: sum(t.state.name == "COMPLETE" for t in _trials(db)) >= 1

@@ -520,6 +520,35 @@ def _surplus(study: optuna.Study, number: int, wanted: int) -> str | None:
     return None
 
 
+HOLD_ENV = "AUTOPRUNE_TEST_HOLD_UNTIL_WORKERS"  # test-only; see _hold_for_test
+HOLD_TIMEOUT_S = 240.0
+
+
+def _hold_for_test(study: optuna.Study) -> None:
+    """Test-only: hold a started trial until ``$AUTOPRUNE_TEST_HOLD_UNTIL_WORKERS`` processes have started one.
+
+    A test of several workers sets it so that each worker's first trial runs
+    however late a worker starts; no timing decides whether all took part. A
+    worker that never starts a trial fails the trial after ``HOLD_TIMEOUT_S``.
+    Unset (always, outside tests) it does nothing.
+    """
+    wanted = int(os.environ.get(HOLD_ENV) or 0)
+    if not wanted:
+        return
+    end = time.monotonic() + HOLD_TIMEOUT_S
+    while len(seen := _trial_workers(study)) < wanted:
+        if time.monotonic() > end:
+            raise AutopruneError(f"{HOLD_ENV}={wanted}: only {len(seen)} worker process(es) started a trial "
+                                 f"within {HOLD_TIMEOUT_S:.0f} s")
+        time.sleep(0.1)
+
+
+def _trial_workers(study: optuna.Study) -> set[tuple[str, int]]:
+    """The (host, pid) of every process that ran or runs a trial of ``study``."""
+    return {(w["host"], w["pid"]) for t in study.get_trials(deepcopy=False)
+            if (w := t.system_attrs.get("autoprune:worker"))}
+
+
 def _counts(study: optuna.Study) -> tuple[int, int]:
     """Trials ended (finished or pruned) and running."""
     trials = study.get_trials(deepcopy=False, states=(*ENDED, RUNNING))
@@ -584,6 +613,7 @@ def _run_one(study: optuna.Study, objective: Objective, wanted: int, quiet: bool
         return
     try:
         with _heartbeat(study, trial._trial_id):
+            _hold_for_test(study)
             value = objective(trial)
     except optuna.TrialPruned:
         frozen = study.tell(trial, state=PRUNED)

@@ -1,3 +1,4 @@
+import hashlib
 import sys
 from pathlib import Path
 
@@ -22,12 +23,23 @@ TINY_STUDY = "tiny_models-digits-flops0.4"
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """The run directory of the small search (study.db, base.pt, sensitivity.csv, model.pt, ...)."""
+    """The run directory of the small search (study.db, base.pt, sensitivity.csv, model.pt, ...).
+
+    Read only, so that no test depends on which tests ran before it: a test that
+    runs the search again or writes into it works on a copy (test_cli's ``own_run``).
+    """
     from autoprune.cli import main
 
     out = tmp_path_factory.mktemp("run")
     assert main([*SEARCH_ARGS, "--out", str(out)]) == 0
-    return out
+    before = _contents(out)
+    yield out
+    assert _contents(out) == before, "a test changed the shared tiny_run; give it a copy instead"
+
+
+def _contents(folder: Path) -> dict[str, str]:
+    return {str(f.relative_to(folder)): hashlib.sha1(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,7 +20,14 @@ ARGS = SEARCH_ARGS
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_run):
+    """The shared search, to read only (other test modules assert on it too)."""
     return tiny_run
+
+
+@pytest.fixture
+def own_run(tiny_run, tmp_path):
+    """A copy of the shared search for a test that runs it again."""
+    return shutil.copytree(tiny_run, tmp_path / "run")
 
 
 def test_search_writes_a_pruned_model_within_budget(run_dir):
@@ -48,30 +56,30 @@ def test_plan_and_model_give_the_same_outputs(run_dir):
     assert rebuilt(x).shape == (4, 10)
 
 
-def test_running_again_adds_no_trials_and_trains_nothing(run_dir, monkeypatch):
+def test_running_again_adds_no_trials_and_trains_nothing(own_run, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run trained again")
 
     for module in ("api", "study", "export"):
         monkeypatch.setattr(f"autoprune.{module}.train", no_training)
-    stamps = {f: (run_dir / f).stat().st_mtime_ns for f in ("base.pt", "sensitivity.csv", "model.pt")}
-    assert main([*ARGS, "--out", str(run_dir)]) == 0
-    study = optuna.load_study(study_name="tiny_models-digits-flops0.4", storage=f"sqlite:///{run_dir / 'study.db'}")
+    stamps = {f: (own_run / f).stat().st_mtime_ns for f in ("base.pt", "sensitivity.csv", "model.pt")}
+    assert main([*ARGS, "--out", str(own_run)]) == 0
+    study = optuna.load_study(study_name="tiny_models-digits-flops0.4", storage=f"sqlite:///{own_run / 'study.db'}")
     assert len(study.trials) == 3
-    assert stamps == {f: (run_dir / f).stat().st_mtime_ns for f in stamps}
+    assert stamps == {f: (own_run / f).stat().st_mtime_ns for f in stamps}
 
 
-def test_more_trials_resume_the_study(run_dir):
+def test_more_trials_resume_the_study(own_run):
     args = [a if a != "3" else "4" for a in ARGS]
-    assert main([*args, "--out", str(run_dir)]) == 0
-    study = optuna.load_study(study_name="tiny_models-digits-flops0.4", storage=f"sqlite:///{run_dir / 'study.db'}")
+    assert main([*args, "--out", str(own_run)]) == 0
+    study = optuna.load_study(study_name="tiny_models-digits-flops0.4", storage=f"sqlite:///{own_run / 'study.db'}")
     ended = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]  # pruned ones count
     assert len(ended) == 4 and [t.state.name for t in study.trials[:3]] == ["COMPLETE"] * 3
     assert all(t.user_attrs["flops_share"] <= 0.4 for t in ended)
 
 
-def test_changed_budget_on_the_same_study_is_refused(run_dir, capsys):
-    args = [*ARGS, "--out", str(run_dir), "--study", "tiny_models-digits-flops0.4", "--budget", "flops=0.5"]
+def test_changed_budget_on_the_same_study_is_refused(own_run, capsys):
+    args = [*ARGS, "--out", str(own_run), "--study", "tiny_models-digits-flops0.4", "--budget", "flops=0.5"]
     assert main(args) == 2
     assert "budget was 'flops=0.4', now 'flops=0.5'" in capsys.readouterr().err
 

@@ -2,7 +2,8 @@ import optuna
 import pytest
 
 from autoprune.errors import AutopruneError
-from autoprune.study import SharedTable, Worker, _heartbeat, _surplus, open_study, recover, storage_for
+from autoprune.study import (HOLD_ENV, SharedTable, Worker, _heartbeat, _hold_for_test, _surplus, open_study, recover,
+                             storage_for)
 
 
 def test_resuming_with_another_configuration_names_what_differs(tmp_path):
@@ -44,6 +45,7 @@ def test_a_killed_workers_trial_is_failed_and_queued_again_once(tmp_path):
     assert retry.suggest_float("x", 0, 1) == x and retry.user_attrs == {"retry_of": 0, "retries": 1}
 
 
+@pytest.mark.process
 def test_a_live_trial_of_this_host_is_left_alone_and_silence_elsewhere_is_death(tmp_path):
     study = open_study("s", str(tmp_path / "study.log"), {"a": 1})
     with _heartbeat(study, study.ask()._trial_id):
@@ -53,6 +55,21 @@ def test_a_live_trial_of_this_host_is_left_alone_and_silence_elsewhere_is_death(
                                          {"host": "elsewhere", "pid": 1, "started": ""})
     study._storage.set_trial_system_attr(other._trial_id, "autoprune:beat", 1.0)  # silent since 1970
     assert recover(study, grace=60) == [other.number]
+
+
+@pytest.mark.process
+def test_the_test_only_hold_waits_for_every_worker_and_fails_without_them(tmp_path, monkeypatch):
+    study = open_study("s", str(tmp_path / "study.log"), {"a": 1})
+    _hold_for_test(study)  # unset: nothing to wait for
+    monkeypatch.setenv(HOLD_ENV, "2")
+    monkeypatch.setattr("autoprune.study.HOLD_TIMEOUT_S", 0.0)
+    with _heartbeat(study, study.ask()._trial_id):
+        with pytest.raises(AutopruneError, match="only 1 worker process"):
+            _hold_for_test(study)  # the other worker never started a trial
+        other = study.ask()
+        study._storage.set_trial_system_attr(other._trial_id, "autoprune:worker",
+                                             {"host": "elsewhere", "pid": 1, "started": ""})
+        _hold_for_test(study)  # both have: it returns
 
 
 def test_a_trial_started_past_the_total_is_surplus(tmp_path):

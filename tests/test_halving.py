@@ -85,7 +85,7 @@ def test_a_timed_search_ends_within_its_budget_with_a_model_written(tiny_run, tm
                               time_budget=f"{budget:g}s", out=tmp_path / "timed", quiet=True, grid=[0.25, 0.5, 0.75])
     took = time.perf_counter() - started
     # Generous slack: the planner only measures the machine; a loaded machine runs the fixed steps slower.
-    assert took <= budget * 1.5 + 15, f"a {budget:g} s budget took {took:.0f} s"
+    assert took <= budget * 2 + 15, f"a {budget:g} s budget took {took:.0f} s"
     summary = json.loads((tmp_path / "timed" / "summary.json").read_text())
     assert summary["time_budget_seconds"] == budget and summary["final_epochs"] > 0
     assert summary["flops_share"] <= 0.4 + 1e-9

@@ -313,6 +313,7 @@ class Objective:
         ratios = np.array([trial.suggest_float(ratio_param(gid), float(lo), float(hi))
                            for gid, lo, hi in zip(p.costs.ids, p.low, p.high)])
         plan, model, cost = fit_plan(p.groups, p.costs, ratios, p.limits, p.low, p.high, p.round_to)
+        trial.set_user_attr("cut_seconds", round(time.perf_counter() - started, 3))
         base = p.costs.base
         trial.set_user_attr("plan", plan.to_dict())
         trial.set_user_attr("flops", cost.flops)

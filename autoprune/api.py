@@ -35,7 +35,7 @@ from .errors import AutopruneError
 from .export import export
 from .files import command_line, fingerprint, save_torch, sweep, versions, write_json, write_text
 from .groups import ChannelGroups, apply_plan
-from .halving import SCAN_SHARE, Deadline, parse_duration, timed_search
+from .halving import SCAN_SHARE, Deadline, parse_duration, scoring_seconds, timed_search
 from .importance import criterion
 from .models import build_model, load_weights, read_state_dict
 from .plan import Plan
@@ -257,7 +257,7 @@ def search(
         run(problem, the_study, settings, True, stream + 100003 * _worker)
         return None
     if deadline:
-        reserve = base_eval * len(data.test) + 0.2 * base_eval * (len(data.val) + len(data.test)) + 2.0
+        reserve = scoring_seconds(base_eval, data) + base_eval * len(data.test) + 2.0  # the base is tested too
         chosen, final_epochs = timed_search(problem, the_study, settings, deadline, reserve, quiet)
         settings = replace(settings, final_epochs=final_epochs)
         return _finish(problem, the_study, chosen, settings, out, quiet, started, dict(

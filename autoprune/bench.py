@@ -68,7 +68,7 @@ from .plan import Plan
 from .sensitivity import GRID, bounds, equal_drop, scan
 from .space import SearchSpace, resolve
 from .export import finetune
-from .halving import SCAN_SHARE, Deadline, timed_search
+from .halving import SCAN_SHARE, Deadline, scoring_seconds, timed_search
 from .study import COMPLETE, PRUNED, Problem, Settings, checkpoint, count_pruned, run, trial_plan
 from .training import evaluate, recalibrate_bn, resolve_device, train
 
@@ -305,7 +305,7 @@ def _run_one(subject: Subject, problem: Problem, method: str, seed: int, config:
             sampler = optuna.samplers.RandomSampler(seed=seed) if method == "random" else None
             charged = subject.scan_seconds if config.time_budget else 0.0
             deadline = Deadline(config.time_budget - charged) if config.time_budget else None
-            reserve = subject.eval_seconds * 0.2 * (len(problem.data.val) + len(problem.data.test))
+            reserve = scoring_seconds(subject.eval_seconds, problem.data)
             plan, weights, study, epochs = _searched(problem, config, seed, sampler, extra, Path(folder),
                                                      deadline, reserve)
             trials = len(study.get_trials(deepcopy=False, states=(COMPLETE, PRUNED)))

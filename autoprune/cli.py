@@ -328,10 +328,9 @@ def _bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .bench import BenchConfig, benchmark, quick
-
-    config = quick(BenchConfig()) if args.quick else BenchConfig()
     from .halving import parse_duration
 
+    config = quick(BenchConfig()) if args.quick else BenchConfig()
     budget = args.time_budget
     given = {"models": args.models, "budgets": args.budgets, "methods": args.methods, "trials": args.trials,
              "pruner": args.pruner, "dataset": args.dataset, "train_images": args.train_images,

@@ -10,6 +10,7 @@ import gzip
 import math
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ class Data:
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, *self.input_shape)
 
-    @property
+    @cached_property
     def score(self) -> Dataset:
         """The validation images that rank candidates (sensitivity cells, trials).
 

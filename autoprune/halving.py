@@ -34,6 +34,7 @@ import optuna
 import torch
 from tqdm.auto import tqdm
 
+from .data import Data
 from .errors import AutopruneError
 from .study import (COMPLETE, PRUNED, Objective, Problem, Settings, claim, keep_best_checkpoints, ratio_param,
                     recover)
@@ -147,11 +148,12 @@ def timed_search(problem: Problem, study: optuna.Study, settings: Settings, dead
     scoring and saving). A study that already has a winner searches no more.
     """
     recover(study)
-    speed = measure_speed(problem, settings)
     done = study.get_trials(deepcopy=False, states=(COMPLETE,))
+    speed = None
     if done:
         chosen = max(done, key=lambda t: t.value)
     else:
+        speed = measure_speed(problem, settings)
         left = deadline.left() - reserve
         bracket = plan_bracket(SEARCH_SHARE * left, speed.epoch, speed.cut + 2 * speed.score, settings.trials)
         if not quiet:
@@ -161,11 +163,22 @@ def timed_search(problem: Problem, study: optuna.Study, settings: Settings, dead
                                                               multivariate=True)
         study.pruner = optuna.pruners.NopPruner()  # the bracket decides who goes on
         chosen = successive_halving(problem, study, settings, bracket, deadline, quiet, seed_first)
-    epoch = speed.epoch
     if chosen.user_attrs.get("epochs", 0.0) >= 0.2:  # the winner's own training is the better clock
-        epoch = chosen.user_attrs["train_seconds"] / chosen.user_attrs["epochs"]
+        epoch = _epoch_seconds(chosen.user_attrs)
+    else:
+        epoch = (speed or measure_speed(problem, settings)).epoch
     final = max(0.0, (deadline.left() - reserve) / epoch)
     return chosen, final
+
+
+def scoring_seconds(per_image: float, data: Data) -> float:
+    """About how long scoring a pruned model on the validation and test splits takes.
+
+    ``per_image`` is the base model's time per image; a model at a tight budget
+    scores in a fraction of it (a fifth, taken generously). What a time budget
+    keeps back for the export's own scoring.
+    """
+    return 0.2 * per_image * (len(data.val) + len(data.test))
 
 
 def enqueue_starts(study: optuna.Study, problem: Problem, most: int = 2) -> None:
@@ -201,7 +214,7 @@ def successive_halving(problem: Problem, study: optuna.Study, settings: Settings
     scores: dict[int, float] = {}
     for rung in range(bracket.rungs):
         epochs = bracket.epochs * ETA ** rung
-        if rung and deadline.left() < _rung_seconds(alive, epochs, scores, rung):
+        if rung and deadline.left() < _rung_seconds(alive, epochs):
             break
         for trial, model, started in tqdm(alive, desc=f"search: rung {rung + 1} of {bracket.rungs}",
                                           unit="candidate", disable=quiet):
@@ -211,10 +224,10 @@ def successive_halving(problem: Problem, study: optuna.Study, settings: Settings
         alive.sort(key=lambda item: scores[item[0].number], reverse=True)
         keep = bracket.survivors(rung + 1) if rung + 1 < bracket.rungs else 1
         for trial, _, _ in alive[keep:]:
-            _end(study, trial, PRUNED, quiet, f"dropped after rung {rung + 1}: val {scores[trial.number]:.2%}")
+            _drop(study, trial, quiet, f"dropped after rung {rung + 1}: val {scores[trial.number]:.2%}")
         alive = alive[:keep]
     for trial, _, _ in alive[1:]:  # out of time before the last rung
-        _end(study, trial, PRUNED, quiet, f"out of time: val {scores[trial.number]:.2%}")
+        _drop(study, trial, quiet, f"out of time: val {scores[trial.number]:.2%}")
     trial, model, started = alive[0]
     objective.finish(trial, model, started)
     frozen = study.tell(trial, scores[trial.number])
@@ -226,16 +239,21 @@ def successive_halving(problem: Problem, study: optuna.Study, settings: Settings
     return frozen
 
 
-def _rung_seconds(alive: list, epochs: float, scores: dict[int, float], rung: int) -> float:
+def _epoch_seconds(attrs: dict) -> float:
+    """How long an epoch of a trial's training took, from its own rungs."""
+    return attrs.get("train_seconds", 0.0) / max(attrs.get("epochs", 1.0), 1e-9)
+
+
+def _rung_seconds(alive: list, epochs: float) -> float:
     """How long the next rung will take, from how fast the last one trained."""
-    spent = [t.user_attrs.get("train_seconds", 0.0) / max(t.user_attrs.get("epochs", 1.0), 1e-9)
-             for t, _, _ in alive]
+    spent = [_epoch_seconds(t.user_attrs) for t, _, _ in alive]
     return len(alive) * epochs * float(np.mean(spent)) if spent else 0.0
 
 
-def _end(study: optuna.Study, trial: optuna.Trial, state, quiet: bool, why: str) -> None:
+def _drop(study: optuna.Study, trial: optuna.Trial, quiet: bool, why: str) -> None:
+    """End a candidate the bracket does not carry on, as PRUNED with the reason."""
     trial.set_user_attr("dropped", why)
-    study.tell(trial, state=state)
+    study.tell(trial, state=PRUNED)
     if not quiet:
         tqdm.write(f"trial {trial.number}: {why}")
 

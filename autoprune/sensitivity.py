@@ -106,10 +106,10 @@ def scan(
         return {(g, round(float(r), 6)) for g, r in zip(table.loc[mine, "group"], table.loc[mine, "ratio"])}
 
     finished = done()
-    order = coarse_to_fine(grid) if seconds is not None else grid
-    cells = [(g, r) for r in order for g in groups if (g.id, round(r, 6)) not in finished]
-    if seconds is None:
-        cells.sort(key=lambda cell: groups.ids.index(cell[0].id))  # group by group, as the table reads
+    cells = [(g, r) for g in groups for r in grid if (g.id, round(r, 6)) not in finished]
+    if seconds is not None:  # ratio by ratio, coarse to fine, so a scan cut short still spans the grid
+        order = coarse_to_fine(grid)
+        cells.sort(key=lambda cell: order.index(cell[1]))
     if shared:  # cells claimed by nobody else first, then whatever is still missing
         mine = [c for c in cells if shared.claim(groups.base_model, groups.importance, c[0].id, c[1])]
         cells = mine + [c for c in cells if c not in mine]

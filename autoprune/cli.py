@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmark autoprune against uniform, global, seed-only and "
                                 "random pruning at the same budgets (writes results/benchmarks/)")
-    bench.add_argument("--models", type=_names, help="comma-separated models (default: resnet18,mobilenet_v2,vgg11_bn)")
-    bench.add_argument("--budgets", type=_ratios, help="FLOPs shares (default: 0.25,0.1,0.05)")
+    bench.add_argument("--models", type=_names, help="comma-separated models (default: resnet18,mobilenet_v2)")
+    bench.add_argument("--budgets", type=_ratios, help="FLOPs shares (default: 0.1,0.05,0.02)")
     bench.add_argument("--seeds", type=_ints, help="comma-separated seeds (default: 0,1,2)")
     bench.add_argument("--methods", type=_names, help="methods (default: uniform,global,seed,random,autoprune,uniform-matched; add autoprune-distill for the KD row)")
     bench.add_argument("--dataset", help="data set (default: fashion-mnist; --quick: digits)")
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--converged-epochs", type=_epochs,
                        help="fine-tune epochs of the *-converged rows (default: 10)")
     bench.add_argument("--trials", type=int, help="most candidates per search (default: 12)")
-    bench.add_argument("--train-epochs", type=_epochs, help="base training epochs (default: 5)")
+    bench.add_argument("--train-epochs", type=_epochs, help="base training epochs (default: 15)")
     bench.add_argument("--base-lr", type=float, help="base training learning rate (default: 0.05)")
     bench.add_argument("--pruner", choices=("median", "none"), help="the searches' pruner (default: median)")
     bench.add_argument("--finetune-epochs", type=_epochs, help="per-trial fine-tune epochs (default: 1)")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import autoprune
-from autoprune.budget import Budget, fit_plan, keep_counts, round_counts
+from autoprune.budget import Budget, fit_plan, keep_counts, project, round_counts
 from autoprune.costmodel import CostModel
 from autoprune.errors import AutopruneError
 from autoprune.groups import ChannelGroups
@@ -46,7 +46,7 @@ def test_the_bracket_fits_the_time_and_halves_by_eta():
 def test_the_bracket_respects_the_candidate_cap_and_a_short_budget():
     assert plan_bracket(seconds=10_000, epoch_seconds=1, overhead=0, most=4).candidates == 3
     short = plan_bracket(seconds=1, epoch_seconds=100, overhead=0, most=100)
-    assert short == Bracket(1, 1, pytest.approx(0.01))  # too short to race: one candidate, all the time
+    assert short == Bracket(1, 1, 0.0)  # too short to race: one candidate, trained in the final fine-tune
 
 
 def test_coarse_to_fine_covers_the_grid_once_largest_first():
@@ -91,3 +91,28 @@ def test_a_timed_search_ends_within_its_budget_with_a_model_written(tiny_run, tm
     assert summary["flops_share"] <= 0.4 + 1e-9
     assert result.model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert (tmp_path / "timed" / "model.pt").is_file()
+
+
+def test_start_candidates_begin_with_the_seed_and_uniform_and_stay_within_bounds():
+    """A bracket compares the sensitivity seed, uniform pruning and plans on the line through them."""
+    from autoprune.halving import start_candidates
+    from autoprune.study import Problem
+
+    torch.manual_seed(0)
+    model = TinyResNet(10, width=16).eval()
+    groups = ChannelGroups(model, torch.zeros(1, 3, 32, 32))
+    costs = CostModel(groups)
+    n = len(groups)
+    seed = np.linspace(0.1, 0.8, n)
+    limits = Budget.parse("flops=0.3").limits(costs.base)
+    problem = Problem(model, None, groups, costs, limits, np.full(n, 0.05), np.full(n, 0.85), seed, 0.9,
+                      torch.device("cpu"))
+    found = start_candidates(problem, 7, seed=0)
+    assert len(found) == 7 and len(start_candidates(problem, 2)) == 2
+    assert all(((r >= 0.05 - 1e-9) & (r <= 0.85 + 1e-9)).all() for r in found)
+    keep = [1.0 - r for r in found]
+    # Proportions are what the projection keeps: the first is the seed's, the second uniform.
+    assert np.allclose(found[0], seed) and np.ptp(found[1]) < 1e-9
+    assert np.allclose(np.log(keep[2]), (np.log(1 - seed) + np.log(keep[1])) / 2)
+    plans = {tuple(project(costs, r, limits, problem.low, problem.high)) for r in found}
+    assert len(plans) == 7  # seven different plans, not seven spellings of one

@@ -164,10 +164,17 @@ def coarse_to_fine(grid: Sequence[float]) -> list[float]:
 
 
 def curves(table: pd.DataFrame, ids: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per group, ratios (from 0) and the accuracy drop at each, made non-decreasing."""
+    """Per group, ratios (from 0) and the accuracy drop at each, made non-decreasing.
+
+    A group the scan did not reach (a time budget cut it short) gets the mean
+    curve of the groups it did reach: taken as averagely sensitive, rather than
+    as never to be pruned.
+    """
     found = {}
+    typical = table.groupby("ratio", as_index=False)["drop"].mean()
     for gid in ids:
         rows = table[table["group"] == gid].sort_values("ratio")
+        rows = rows if len(rows) else typical.sort_values("ratio")
         ratios = np.concatenate([[0.0], rows["ratio"].to_numpy(float)])
         drops = np.maximum.accumulate(np.concatenate([[0.0], np.maximum(rows["drop"].to_numpy(float), 0)]))
         found[gid] = (ratios, drops)

@@ -53,6 +53,14 @@ def test_curves_make_drops_non_decreasing():
     assert list(ratios) == [0, 0.1, 0.2, 0.3] and list(drops) == [0, 0.1, 0.1, 0.2]
 
 
+def test_a_group_the_scan_did_not_reach_is_taken_as_averagely_sensitive():
+    """A scan cut short by a time budget must not leave a group unprunable (a zero curve)."""
+    table = pd.DataFrame({"group": ["a", "b"], "ratio": [0.9, 0.9], "drop": [0.1, 0.3]})
+    ratios, drops = curves(table, ["a", "b", "c"])["c"]
+    assert list(ratios) == [0, 0.9] and drops[-1] == pytest.approx(0.2)
+    assert ratio_at_drop((ratios, drops), 0.1) == pytest.approx(0.45)
+
+
 def synthetic_table(groups, fragile):
     rows = []
     for g in groups:

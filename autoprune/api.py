@@ -259,7 +259,8 @@ def search(
     if deadline:
         reserve = scoring_seconds(base_eval, data) + base_eval * len(data.test) + 2.0  # the base is tested too
         chosen, final_epochs = timed_search(problem, the_study, settings, deadline, reserve, quiet)
-        settings = replace(settings, final_epochs=final_epochs)
+        # The final fine-tune trains by the clock: an epoch-time estimate would end early or late.
+        settings = replace(settings, final_epochs=final_epochs, final_seconds=max(deadline.left() - reserve, 0.0))
         return _finish(problem, the_study, chosen, settings, out, quiet, started, dict(
             budget=budget, limits=limits, name=name, base_id=base_id, data=data, study_name=study_name,
             storage=storage, device=device, extra=extra, time_budget=seconds))
@@ -297,7 +298,7 @@ def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.Froz
         previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
         if all(previous.get(k) == record[k] for k in ("study", "trial", "time_budget_seconds")):
             record["final_epochs"] = previous.get("final_epochs", record["final_epochs"])
-            settings = replace(settings, final_epochs=record["final_epochs"])
+            settings = replace(settings, final_epochs=record["final_epochs"], final_seconds=0.0)
     summary = _export_once(problem, plan, out, settings, quiet, record, start)
     summary.update(seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
     write_json(out / "summary.json", summary)

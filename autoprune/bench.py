@@ -246,26 +246,22 @@ def _searched(problem: Problem, config: BenchConfig, seed: int, sampler: optuna.
 
 
 def finish(problem: Problem, plan: Plan, epochs: float, seed: int, start: Path | None = None,
-           extra: dict | None = None) -> dict:
-    """The final recipe every method gets (:func:`autoprune.export.finetune`), then validation and one test."""
+           extra: dict | None = None, seconds: float = 0.0) -> dict:
+    """The final recipe every method gets (:func:`autoprune.export.finetune`), then validation and one test.
+
+    ``seconds`` (a time budget's rest, or the wall time uniform-matched is given) trains by the clock
+    instead of for ``epochs``; ``final_epochs`` is what was trained."""
     data, device = problem.data, problem.device
     clock = time.perf_counter()
-    model, _ = finetune(problem, plan, Settings(final_epochs=epochs, seed=seed, extra=extra or {}), start)
+    settings = Settings(final_epochs=epochs, final_seconds=seconds, seed=seed, extra=extra or {})
+    model, _, epochs = finetune(problem, plan, settings, start)
     tuned = time.perf_counter() - clock
     cost = count(model, problem.groups.example_input)
     base = problem.costs.base
     return {"test_accuracy": evaluate(model, data.loader("test", 256), device),
             "val_accuracy": evaluate(model, data.loader("val", 256), device),
             "flops": cost.flops, "params": cost.params, "flops_share": cost.flops / base.flops,
-            "params_share": cost.params / base.params, "finetune_seconds": tuned}
-
-
-def seconds_per_epoch(problem: Problem, plan: Plan, epochs: float = 0.25) -> float:
-    """How long one epoch of fine-tuning ``plan``'s model takes here."""
-    model = problem.groups.apply(plan)
-    start = time.perf_counter()
-    train(model, problem.data.loader("train", 64, shuffle=True), epochs, problem.device, quiet=True)
-    return (time.perf_counter() - start) / epochs
+            "params_share": cost.params / base.params, "finetune_seconds": tuned, "final_epochs": epochs}
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -294,6 +290,7 @@ def _run_one(subject: Subject, problem: Problem, method: str, seed: int, config:
     start = time.perf_counter()
     trials = stopped = 0
     epochs, note, weights, charged, overhead = config.final_epochs, "", None, 0.0, float("nan")
+    seconds = 0.0  # a fine-tune by the clock: a time budget's rest, or the wall time uniform-matched gets
     extra = DISTILL if method == "autoprune-distill" else {}
     with tempfile.TemporaryDirectory(prefix="autoprune-bench-") as folder:
         if method in CONVERGED:
@@ -308,22 +305,23 @@ def _run_one(subject: Subject, problem: Problem, method: str, seed: int, config:
             reserve = scoring_seconds(subject.eval_seconds, problem.data)
             plan, weights, study, epochs = _searched(problem, config, seed, sampler, extra, Path(folder),
                                                      deadline, reserve)
+            seconds = max(deadline.left() - reserve, 0.0) if deadline else 0.0
             trials = len(study.get_trials(deepcopy=False, states=(COMPLETE, PRUNED)))
             stopped = count_pruned(study)
             overhead = _overhead(study)
         else:
             plan = _plan_of(method, problem, config)
         search_seconds = time.perf_counter() - start
-        if method == "uniform-matched":  # the autoprune run's wall time, as epochs of this model's fine-tune
+        if method == "uniform-matched":  # the autoprune run's wall time, trained by the clock
             searched = prior.get("autoprune", {}).get("wall_seconds")
             if searched is None or searched != searched:
                 raise AutopruneError("uniform-matched needs the autoprune row of this seed first")
-            epochs = searched / seconds_per_epoch(problem, plan)
-            note = f"{searched:.0f}s of autoprune = {epochs:.1f} epochs"
-        result = finish(problem, plan, epochs, seed, weights, extra)
-    wall = charged + search_seconds + result.pop("finetune_seconds")
+            seconds = max(searched - search_seconds, 1e-3)
+            note = f"{searched:.0f}s of autoprune"
+        result = finish(problem, plan, epochs, seed, weights, extra, seconds)
+    wall, trained = charged + search_seconds + result.pop("finetune_seconds"), result.pop("final_epochs")
     return {**result, "trials": trials, "pruned": stopped, "search_seconds": round(search_seconds, 1),
-            "final_epochs": round(epochs, 2), "seconds": round(time.perf_counter() - start, 1),
+            "final_epochs": round(trained, 2), "seconds": round(time.perf_counter() - start, 1),
             "wall_seconds": round(wall, 1), "time_budget": config.time_budget if trials else float("nan"),
             "overhead": overhead, "plan": json.dumps(plan.to_dict()), "note": note}
 

@@ -20,14 +20,16 @@ from .training import evaluate, recalibrate_bn, train
 
 
 def finetune(problem: Problem, plan: Plan, settings: Settings, start: Path | None = None,
-             quiet: bool = True) -> tuple[nn.Module, Plan]:
-    """The final recipe: cut the plan, recalibrate BatchNorm, fine-tune ``settings.final_epochs``.
+             quiet: bool = True) -> tuple[nn.Module, Plan, float]:
+    """The final recipe: cut the plan, recalibrate BatchNorm, fine-tune ``settings.final_epochs``
+    (or for ``settings.final_seconds``, where set).
 
     ``start`` holds the fine-tuned weights of the trial that found ``plan``
     (:func:`autoprune.study.checkpoint`): the fine-tune goes on from them rather
     than from the cut base model, so the search's training is not thrown away.
     Soft pruning re-selects the channels from the base model and ignores ``start``.
-    Returns the model and the plan (soft pruning records which channels it kept).
+    Returns the model, the plan (soft pruning records which channels it kept)
+    and the epochs the final fine-tune trained.
     """
     p, s = problem, settings
     device = p.device
@@ -43,9 +45,14 @@ def finetune(problem: Problem, plan: Plan, settings: Settings, start: Path | Non
             model.load_state_dict(read_state_dict(start))
         model.to(device)
     recalibrate_bn(model, train_loader, device, s.bn_batches)
+    steps = [0]
+
+    def counted(_: nn.Module) -> None:
+        steps[0] += 1
+
     train(model, train_loader, s.final_epochs, device, lr=s.lr, desc="final fine-tune", quiet=quiet,
-          distill=from_settings(p.model, s.extra))
-    return model, plan
+          distill=from_settings(p.model, s.extra), after_step=counted, seconds=s.final_seconds or None)
+    return model, plan, steps[0] / len(train_loader)
 
 
 def export(problem: Problem, plan: Plan, out: Path, settings: Settings, quiet: bool = False,
@@ -58,7 +65,7 @@ def export(problem: Problem, plan: Plan, out: Path, settings: Settings, quiet: b
     :func:`finetune`. Returns the summary.
     """
     p, data, device = problem, problem.data, problem.device
-    model, plan = finetune(p, plan, settings, start, quiet)
+    model, plan, epochs = finetune(p, plan, settings, start, quiet)
     val_accuracy = evaluate(model, data.loader("val", 256), device)
     # The test split is read here and nowhere else: once for the base, once for the winner.
     test_loader = data.loader("test", 256)
@@ -79,6 +86,7 @@ def export(problem: Problem, plan: Plan, out: Path, settings: Settings, quiet: b
         "base_val_accuracy": p.base_val_accuracy, "val_accuracy": val_accuracy,
         "base_test_accuracy": base_test, "test_accuracy": test_accuracy,
         **summary,
+        "final_epochs": round(epochs, 3),  # as trained: a time budget's fine-tune ends by the clock
     }
     write_json(out / "summary.json", result)
     return result

@@ -88,6 +88,7 @@ class Settings:
     pruner: str = "median"  # or "none": every trial is fine-tuned to the end
     trial_bn_batches: int = 2  # BatchNorm recalibration before a trial's cheap score
     checks: int = 1  # validation checks (chances to be pruned) during a trial's fine-tune
+    final_seconds: float = 0.0  # with a time budget: the final fine-tune trains this long, not final_epochs
 
     def __post_init__(self) -> None:
         if self.pruner not in PRUNERS:

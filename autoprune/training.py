@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from itertools import islice
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -48,6 +49,7 @@ def train(
     after_step: Callable[[nn.Module], None] | None = None,
     check: Callable[[nn.Module, int], None] | None = None,
     checks: int = 0,
+    seconds: float | None = None,
 ) -> nn.Module:
     """Train ``model`` for ``epochs`` passes over ``loader`` (fractions allowed).
 
@@ -57,14 +59,21 @@ def train(
     runs after every optimiser step (weight-level pruning re-applies its masks there).
     ``check(model, k)`` runs ``checks`` times, evenly spaced before the end
     (k = 1 … checks); it may raise to stop the training (a search's pruner does).
+    ``seconds`` trains for that long instead, the cosine schedule spread over
+    the time rather than the steps, so a fine-tune given a wall time uses all
+    of it and ends at a learning rate of zero (``epochs`` is then ignored).
     """
-    steps = max(1, math.ceil(epochs * len(loader))) if epochs > 0 else 0
+    if seconds is not None:
+        steps = None if seconds > 0 else 0  # None: no step count, the clock ends it
+    else:
+        steps = max(1, math.ceil(epochs * len(loader))) if epochs > 0 else 0
     model.to(device).train()
     if steps == 0:
         return model.eval()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
                                 weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if steps else None
+    end = time.perf_counter() + seconds if seconds else None
     loss_fn = nn.CrossEntropyLoss()
     if distill is not None:
         from .distill import kd_loss
@@ -72,8 +81,14 @@ def train(
         distill.teacher.to(device).eval()
     bar = tqdm(islice(_endless(loader), steps), total=steps, desc=desc, disable=quiet, leave=False,
                unit="step")
-    at = {math.ceil(k * steps / (checks + 1)): k for k in range(1, checks + 1)} if check else {}
+    at = {math.ceil(k * steps / (checks + 1)): k for k in range(1, checks + 1)} if check and steps else {}
     for step, (inputs, targets) in enumerate(bar, 1):
+        if end is not None:  # time-based cosine: the share of the time spent sets the learning rate
+            spent = 1.0 - (end - time.perf_counter()) / seconds
+            if spent >= 1.0:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * spent))
         inputs, targets = inputs.to(device), targets.to(device)
         logits = model(inputs)
         if distill is None:
@@ -87,7 +102,8 @@ def train(
         optimizer.step()
         if after_step is not None:
             after_step(model)
-        schedule.step()
+        if schedule is not None:
+            schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if step in at:
             check(model, at[step])

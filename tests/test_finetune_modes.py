@@ -73,3 +73,35 @@ def test_mlp_sweep_compares_uniform_pruning_with_the_search(digits_data):
     assert row.search_nonzero_share <= row.nonzero_share + 1e-9
     assert row.base > 0.5 and row.drop == row.pruned - row.base
     assert "50%" in format_row(row) and "thop counts dense" in FOOTNOTE
+
+
+def test_a_fine_tune_by_the_clock_trains_until_its_time_is_up_on_a_cosine_of_the_time():
+    """``train(seconds=)`` (a time budget's final fine-tune) ignores epochs and anneals to zero."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tiny_models import TinyResNet
+
+    torch.manual_seed(0)
+    model = TinyResNet(10, width=8)
+    loader = DataLoader(TensorDataset(torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))), batch_size=16)
+    rates, steps = [], []
+    optimizers = []
+    real_sgd = torch.optim.SGD
+
+    def spy(*args, **kwargs):  # the optimiser the fine-tune makes, to read its learning rate after each step
+        optimizers.append(real_sgd(*args, **kwargs))
+        return optimizers[-1]
+
+    def after(_):
+        steps.append(1)
+        rates.append(optimizers[-1].param_groups[0]["lr"])
+
+    torch.optim.SGD = spy
+    try:
+        training.train(model, loader, 0.25, torch.device("cpu"), lr=0.1, quiet=True, after_step=after, seconds=1.0)
+        training.train(model, loader, 5.0, torch.device("cpu"), lr=0.1, quiet=True, after_step=after, seconds=0.0)
+    finally:
+        torch.optim.SGD = real_sgd
+    assert len(steps) > len(loader) // 4  # past the quarter epoch asked for: the clock decides
+    assert rates[0] <= 0.1 and rates == sorted(rates, reverse=True)  # a cosine falling with the time spent
+    assert len(optimizers) == 1  # seconds=0: nothing trained, no optimiser made

@@ -104,8 +104,8 @@ def test_the_final_fine_tune_goes_on_from_the_winning_trials_weights(problem):
     best = study.best_trial
     start = checkpoint(problem.checkpoints, best.number)
     plan = trial_plan(best)
-    warm, _ = finetune(problem, plan, Settings(final_epochs=0.0), start)
-    cold, _ = finetune(problem, plan, Settings(final_epochs=0.0))
+    warm, _, _ = finetune(problem, plan, Settings(final_epochs=0.0), start)
+    cold, _, _ = finetune(problem, plan, Settings(final_epochs=0.0))
     saved = torch.load(start)
     weights = {k: v for k, v in warm.state_dict().items() if k.endswith("weight")}
     assert all(torch.equal(v, saved[k]) for k, v in weights.items())  # the trial's weights, not the base's

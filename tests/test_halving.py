@@ -13,7 +13,7 @@ from autoprune.budget import Budget, fit_plan, keep_counts, project, round_count
 from autoprune.costmodel import CostModel
 from autoprune.errors import AutopruneError
 from autoprune.groups import ChannelGroups
-from autoprune.halving import ETA, MIN_RUNG_EPOCHS, Bracket, plan_bracket, parse_duration
+from autoprune.halving import CHECK_EPOCHS, ETA, MIN_RUNG_EPOCHS, Bracket, plan_bracket, parse_duration
 from autoprune.sensitivity import coarse_to_fine
 from autoprune.space import load_space
 from tiny_models import TinyResNet
@@ -47,6 +47,9 @@ def test_the_bracket_respects_the_candidate_cap_and_a_short_budget():
     assert plan_bracket(seconds=10_000, epoch_seconds=1, overhead=0, most=4).candidates == 3
     short = plan_bracket(seconds=1, epoch_seconds=100, overhead=0, most=100)
     assert short == Bracket(1, 1, 0.0)  # too short to race: one candidate, trained in the final fine-tune
+    # Too short to rank three, long enough to check the seed against uniform for a tenth of an epoch.
+    assert plan_bracket(seconds=30, epoch_seconds=10, overhead=1, most=100) == Bracket(2, 1, CHECK_EPOCHS)
+    assert plan_bracket(seconds=30, epoch_seconds=10, overhead=1, most=1) == Bracket(1, 1, 0.0)
 
 
 def test_coarse_to_fine_covers_the_grid_once_largest_first():

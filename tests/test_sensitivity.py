@@ -95,3 +95,14 @@ def test_bounds_protect_fragile_groups_only_as_far_as_the_budget_allows(setup):
     assert all(loose <= tight) and tight[0] > 0.1  # released as far as the budget needs
     for caps, limits in ((loose, loose_limits), (tight, tight_limits)):
         assert fits(smallest(costs, caps), Cost(limits.flops * 0.7, limits.params))
+
+
+def test_a_timed_scan_measures_the_groups_that_carry_most_flops_first(setup, tiny, digits_data, tmp_path):
+    """Cut short, a scan has the groups that decide the plan: largest ratio first, costly groups first."""
+    groups, costs, base, device = setup
+    table = scan(groups, costs, tiny, digits_data, base, device, tmp_path / "s.csv", GRID, bn_batches=1,
+                 quiet=True, seconds=1e6)
+    first = table[table["ratio"] == max(GRID)]["group"].tolist()
+    saved = {g.id: costs.base.flops - costs.predict({g.id: g.unit}).flops for g in groups}
+    assert list(table["group"][:len(first)]) == first  # the coarsest ratio over every group before any other
+    assert first == sorted(saved, key=saved.get, reverse=True) and len(set(saved.values())) > 1

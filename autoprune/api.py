@@ -154,9 +154,10 @@ def search(
     (``distill_weight``, ``temperature``); ``soft_epochs`` soft-prunes the winner for
     that many epochs before cutting it. ``granularity="weight"`` searches per-layer
     weight sparsity under a nonzero-params budget instead (:mod:`autoprune.unstructured`).
-    ``pruner="median"`` screens each candidate by its cheap score (pruned, BatchNorm
-    recalibrated, not fine-tuned) and stops trials below the median part-way through
-    their fine-tune; ``trials`` counts pruned trials too, as Optuna's ``n_trials`` does.
+    ``pruner="median"`` (the default; a weight search takes none) screens each candidate
+    by its cheap score (pruned, BatchNorm recalibrated, not fine-tuned) and stops trials
+    below the median part-way through their fine-tune; ``trials`` counts pruned trials
+    too, as Optuna's ``n_trials`` does.
     ``time_budget`` (``"30m"``, ``"1h"``, seconds) plans the run to end on time with
     its model exported, counted from when the base model is ready: a thinned
     sensitivity scan, one bracket of successive halving whose survivors carry

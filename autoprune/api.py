@@ -27,13 +27,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .budget import Budget, check_reachable, steps
+from .budget import Budget, check_prunes, check_reachable, steps
+from .checks import check_numbers, check_owner, check_storage, check_writable, claim_run
 from .costmodel import CostModel
 from .counting import Cost, human
 from .data import Data, load_data
 from .errors import AutopruneError
 from .export import export
-from .files import command_line, fingerprint, save_torch, sweep, versions, write_json, write_text
+from .files import command_line, fingerprint, save_torch, versions, write_json, write_text
 from .groups import ChannelGroups, apply_plan
 from .halving import SCAN_SHARE, Deadline, parse_duration, scoring_seconds, timed_search
 from .importance import criterion
@@ -41,7 +42,7 @@ from .models import build_model, load_weights, read_state_dict
 from .plan import Plan
 from .sensitivity import GRID, bounds, equal_drop, scan
 from .space import SearchSpace, resolve
-from .study import (Problem, Settings, SharedTable, best_trial, checkpoint, config_dict, count_pruned,
+from .study import (ENDED, Problem, Settings, SharedTable, best_trial, checkpoint, config_dict, count_pruned,
                     enqueue_seed, open_study, run, trial_plan, trials_table)
 from .training import evaluate, resolve_device, train
 
@@ -133,7 +134,7 @@ def search(
     temperature: float = 4.0,
     soft_epochs: float = 0.0,
     granularity: str = "channel",
-    pruner: str = "median",
+    pruner: str | None = None,
     time_budget: str | float | None = None,
     _worker: int = 0,
 ) -> Result | None:
@@ -153,9 +154,10 @@ def search(
     (``distill_weight``, ``temperature``); ``soft_epochs`` soft-prunes the winner for
     that many epochs before cutting it. ``granularity="weight"`` searches per-layer
     weight sparsity under a nonzero-params budget instead (:mod:`autoprune.unstructured`).
-    ``pruner="median"`` screens each candidate by its cheap score (pruned, BatchNorm
-    recalibrated, not fine-tuned) and stops trials below the median part-way through
-    their fine-tune; ``trials`` counts pruned trials too, as Optuna's ``n_trials`` does.
+    ``pruner="median"`` (the default; a weight search takes none) screens each candidate
+    by its cheap score (pruned, BatchNorm recalibrated, not fine-tuned) and stops trials
+    below the median part-way through their fine-tune; ``trials`` counts pruned trials
+    too, as Optuna's ``n_trials`` does.
     ``time_budget`` (``"30m"``, ``"1h"``, seconds) plans the run to end on time with
     its model exported, counted from when the base model is ready: a thinned
     sensitivity scan, one bracket of successive halving whose survivors carry
@@ -177,8 +179,15 @@ def search(
         raise AutopruneError(f"unknown granularity {granularity!r}; use channel or weight")
     if soft_epochs < 0:
         raise AutopruneError(f"--soft-epochs cannot be negative, not {soft_epochs}")
+    check_numbers(trials=trials, workers=workers, batch_size=batch_size, lr=lr, base_lr=base_lr,
+                  finetune_epochs=finetune_epochs, final_epochs=final_epochs, train_epochs=train_epochs,
+                  bn_batches=bn_batches, grid=grid, max_ratio=max_ratio, round_to=round_to)
     extra = extra_settings(distill, distill_weight, temperature, soft_epochs)
     if granularity == "weight":
+        if workers > 1:  # its trial loop has no heartbeat or dead-worker recovery
+            raise AutopruneError("--workers runs channel searches only; leave it out with --granularity weight")
+        if pruner is not None:  # every weight-level candidate is fine-tuned to the end
+            raise AutopruneError("--pruner stops channel-search trials only; leave it out with --granularity weight")
         if time_budget is not None:
             raise AutopruneError("--time-budget plans channel searches only; leave it out with --granularity weight")
         if soft_epochs:
@@ -192,11 +201,8 @@ def search(
                               max_ratio=0.9 if max_ratio is None else max_ratio,
                               device=device, seed=seed, quiet=quiet, data_dir=data_dir, download=download,
                               extra=extra)
+    pruner = pruner or "median"
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
-    if trials < 1:
-        raise AutopruneError(f"--trials must be at least 1, not {trials}")
-    if workers < 1:
-        raise AutopruneError(f"--workers must be at least 1, not {workers}")
     seconds = parse_duration(time_budget) if time_budget is not None else None
     if seconds and workers > 1:
         raise AutopruneError("--time-budget plans one process's time; leave out --workers (or --time-budget)")
@@ -211,14 +217,14 @@ def search(
     if workers > 1 and storage.startswith("sqlite"):
         raise AutopruneError("SQLite cannot take several worker processes; for --workers pass "
                              f"--storage {out / 'study.log'} (a journal file) or a PostgreSQL/MySQL URL")
-    out.mkdir(parents=True, exist_ok=True)
-    sweep(out)  # temporary files of a killed run
+    _check_run(out, study_name, storage)
     device = resolve_device(device)
     settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed, extra, pruner)
     example = data.example_input()
     base, epochs = _base_model(model, weights, data, out, train_epochs)
     if epochs > 0:  # refuse a bad space or budget before training
         _budget_limits(find_groups(base, example, space, data, batch_size, seed, importance="l1"), budget, space)
+        claim_run(out, study_name)
         train_base(base, data, epochs, device, batch_size, seed, out, quiet, base_lr)
     base = base.to(device).eval()
     deadline = Deadline(seconds) if seconds else None  # the time budget counts from here
@@ -231,7 +237,9 @@ def search(
                          finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
                          bn_batches=bn_batches, seed=seed, pruner=pruner,
                          **{k: v for k, v in extra.items() if k == "distill"})  # soft pruning: export only
+    claim_run(out, study_name)
     the_study = open_study(study_name, storage, config, new=new_study)
+    the_study.set_user_attr(FINAL_EXTRA, extra)  # so `export` fine-tunes as this run's final fine-tune does
     if not (out / "base.pt").is_file():
         save_torch(base.state_dict(), out / "base.pt")
     clock = time.perf_counter()
@@ -287,7 +295,7 @@ def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.Froz
     write_text(out / "trials.csv", trials_table(the_study).to_csv(index=False))
     start = _warm_start(problem.checkpoints, chosen.number, extra)
     record = dict(budget=str(budget), budget_flops=limits.flops, budget_params=limits.params,
-                  trial=chosen.number, trial_val_accuracy=chosen.value, trials=len(the_study.trials),
+                  trial=chosen.number, trial_val_accuracy=chosen.value, trials=ended(the_study),
                   pruned_trials=count_pruned(the_study),
                   final_epochs=round(settings.final_epochs, 3), model=run["name"], base_model=run["base_id"],
                   dataset=data.name, study=run["study_name"], storage=run["storage"], device=str(run["device"]),
@@ -304,6 +312,18 @@ def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.Froz
     write_json(out / "summary.json", summary)
     pruned = torch.load(out / "model.pt", weights_only=False)
     return Result(pruned, plan, summary, the_study, out)
+
+
+def ended(study: optuna.Study) -> int:
+    """Trials that count towards the trials asked for: a failed one (killed, retried) does not."""
+    return len(study.get_trials(deepcopy=False, states=ENDED))
+
+
+def _check_run(out: Path, study: str, storage: str) -> None:
+    """Refuse, before anything is written, a run folder or storage the search cannot use."""
+    check_owner(out, study)
+    check_writable(out)
+    check_storage(storage)
 
 
 def _exported_plan(chosen: optuna.trial.FrozenTrial, model: str, data: Data, study: str) -> Plan:
@@ -434,10 +454,12 @@ def _budget_limits(groups: ChannelGroups, budget: Budget, space: SearchSpace) ->
     space.check_groups(groups.ids)
     costs = CostModel(groups)
     limits = budget.limits(costs.base)
+    check_prunes(budget, limits, costs.base)
     check_reachable(costs, limits, space.ratio_bounds(groups.ids)[1], space.round_to)
     return costs, limits
 
 
+FINAL_EXTRA = "final_extra"  # study attribute: the optional fine-tune modes of the search's final fine-tune
 EXPORT_KEYS = ("study", "trial", "base_model", "final_epochs", "distill", "soft_epochs", "warm_start")
 
 
@@ -542,16 +564,18 @@ def export_trial(
     chosen = best_trial(run.study, trial)
     problem = rebuild_problem(run, data_dir, download, device)
     config, data = run.config, problem.data
+    extra = _final_extra(run.study)
     settings = Settings(0, config.get("finetune_epochs", 1.0), final_epochs, config.get("lr", 0.01),
-                        config.get("batch_size", 64), config.get("bn_batches", 8), config.get("seed", 0))
+                        config.get("batch_size", 64), config.get("bn_batches", 8), config.get("seed", 0), extra)
     plan = _exported_plan(chosen, config["model"], data, run.name)
     out = Path(out) if out else run.folder / f"trial-{chosen.number}"
-    start = _warm_start(run.folder / "checkpoints", chosen.number, {})
+    start = _warm_start(run.folder / "checkpoints", chosen.number, extra)
     record = dict(budget=config["budget"], budget_flops=problem.limits.flops, budget_params=problem.limits.params,
-                  trial=chosen.number, trial_val_accuracy=chosen.value, trials=len(run.study.trials),
+                  trial=chosen.number, trial_val_accuracy=chosen.value, trials=ended(run.study),
                   final_epochs=final_epochs, model=config["model"], base_model=config["base_model"],
                   dataset=data.name, study=run.name, storage=run.storage, device=str(problem.device),
-                  input_shape=list(data.input_shape), warm_start=start and str(start.relative_to(run.folder)))
+                  input_shape=list(data.input_shape), warm_start=start and str(start.relative_to(run.folder)),
+                  **extra)
     summary = export(problem, plan, out, settings, quiet, start, **record)
     pruned = torch.load(out / "model.pt", weights_only=False).eval()
     inputs = next(iter(data.loader("val", 16)))[0]
@@ -568,6 +592,13 @@ def export_trial(
                    seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _final_extra(study: optuna.Study) -> dict[str, Any]:
+    """The optional fine-tune modes the search's final fine-tune used (older studies: distillation only)."""
+    if FINAL_EXTRA in study.user_attrs:
+        return dict(study.user_attrs[FINAL_EXTRA])
+    return {k: v for k, v in study.user_attrs.get("config", {}).items() if k == "distill"}
 
 
 def _quantized(quantized: nn.Module, out: Path, data: Data) -> dict[str, Any]:

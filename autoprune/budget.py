@@ -130,6 +130,18 @@ def smallest(costs: CostModel, high: np.ndarray, round_to: int = 1) -> Cost:
     return Cost(*costs.predict_vector(keep_counts(costs, high, round_to)))
 
 
+def check_prunes(budget: Budget, limits: Cost, base: Cost) -> None:
+    """Refuse a budget the unpruned model already meets: the search would hand back the base model.
+
+    ``flops=150%`` is refused when parsed; an absolute cap (``flops=999G``) only here,
+    once the base model's cost is known.
+    """
+    if limits.flops >= base.flops and limits.params >= base.params:
+        raise AutopruneError(f"budget {budget} does not prune: the base model already meets it "
+                             f"({human(base.flops)} FLOPs (thop MACs), {human(base.params)} params); "
+                             "ask for less than the base, e.g. flops=0.5")
+
+
 def check_reachable(costs: CostModel, limits: Cost, high: np.ndarray, round_to: int = 1) -> None:
     """Refuse, before any search, a budget that no allocation within the bounds meets."""
     least = smallest(costs, high, round_to)

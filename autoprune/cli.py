@@ -6,8 +6,9 @@ It holds no logic of its own; errors a user can cause come back as one line.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from .errors import AutopruneError
 
@@ -40,8 +41,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         "(default: the space's, l1)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line, as every other error is (argparse adds the whole usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autoprune", description=
+    parser = _Parser(prog="autoprune", description=
                                      "Budgeted structured pruning: sensitivity scan, Optuna search, export.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -82,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest share of a group's channels a trial may remove (default: the space's)")
     search.add_argument("--round-to", type=int, default=None,
                         help="keep channel counts in multiples of this (default: the space's)")
-    search.add_argument("--pruner", choices=("median", "none"), default="median",
+    search.add_argument("--pruner", choices=("median", "none"), default=None,
                         help="median: stop a candidate below the median of the trials that got as far, half-way "
                              "through its fine-tune or, where that ranks the finished trials, right after the "
                              "cut (default); none: fine-tune every candidate to the end")
@@ -353,15 +361,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    commands = {"search": _search, "groups": _groups, "pareto": _pareto, "report": _report,
+                "export": _export, "studies": _studies, "bench": _bench,
+                "mlp-sweep": _sweep}
     try:
-        commands = {"search": _search, "groups": _groups, "pareto": _pareto, "report": _report,
-                    "export": _export, "studies": _studies, "bench": _bench,
-                    "mlp-sweep": _sweep}
         commands[args.command](args)
-    except AutopruneError as err:
-        print(f"autoprune: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("autoprune: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except (AutopruneError, OSError) as err:  # OSError: a file or folder the user named cannot be used
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"autoprune: error: {_one_line(err)}", file=sys.stderr)
+        return 2
     return 0
+
+
+DEBUG_ENV = "AUTOPRUNE_DEBUG"  # set to 1 to see the traceback behind a one-line error
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line: messages from other libraries can span several."""
+    text = " ".join(str(err).split())
+    return text if isinstance(err, AutopruneError) else f"{text} (set {DEBUG_ENV}=1 for the traceback)"

@@ -43,16 +43,25 @@ def load_factory(spec: str, what: str = "model") -> Callable[..., Any]:
         loader = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(loader)
         sys.modules[module_name] = module  # so pickled models can find their classes
-        loader.loader.exec_module(module)
+        try:
+            loader.loader.exec_module(module)
+        except Exception as err:  # the user's code: a syntax error or anything it raises
+            del sys.modules[module_name]
+            raise AutopruneError(f"cannot import {path} for {what} {spec!r}: {_why(err)}") from None
     else:
         try:
             module = importlib.import_module(source)
-        except ImportError as err:
-            raise AutopruneError(f"cannot import {source!r} for {what} {spec!r} ({err})") from None
+        except Exception as err:
+            raise AutopruneError(f"cannot import {source!r} for {what} {spec!r}: {_why(err)}") from None
     factory = getattr(module, name, None)
     if not callable(factory):
         raise AutopruneError(f"{source} has no callable {name!r}; name a function that builds the {what}")
     return factory
+
+
+def _why(err: Exception) -> str:
+    """An import error in one line (a SyntaxError's text names the file and line)."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def _call_factory(factory: Callable[..., nn.Module], num_classes: int) -> nn.Module:

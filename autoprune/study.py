@@ -31,6 +31,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import torch
+from sqlalchemy.exc import SQLAlchemyError
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -158,6 +159,9 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
         except ImportError as err:
             raise AutopruneError(f"storage {url.split(':')[0]} needs a driver: {err}; "
                                  "for PostgreSQL pip install psycopg2-binary and write postgresql+psycopg2://…") from None
+        except SQLAlchemyError as err:  # a malformed URL, a server that does not answer
+            reason = " ".join(str(getattr(err, "orig", None) or err).split())
+            raise AutopruneError(f"cannot open storage {url.split('@')[-1]}: {reason}") from None
     if url.endswith((".log", ".journal")):
         from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
         Path(url).parent.mkdir(parents=True, exist_ok=True)

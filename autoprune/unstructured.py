@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .budget import Budget
+from .checks import check_owner, check_storage, check_writable, claim_run
 from .counting import Cost, count, human
 from .data import Data
 from .distill import from_settings
@@ -36,7 +37,7 @@ from .files import atomic_path, command_line, fingerprint, save_torch, versions,
 from .groups import ROOT_TYPES
 from .plan import Plan
 from .sensitivity import GRID, curves, ratio_at_drop
-from .study import Settings, best_trial, config_dict, finished, open_study, trials_table
+from .study import ENDED, Settings, best_trial, config_dict, finished, open_study, trials_table
 from .training import evaluate, recalibrate_bn, train
 
 LABEL = "nonzero params (counted by autoprune; thop counts dense)"
@@ -389,13 +390,20 @@ def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: 
     study_name = study or f"{_slug(Path(name).stem)}-{_slug(data.name)}-weight-{_slug(str(budget))}"
     out = Path(out) if out else Path("results") / study_name
     storage = storage or f"sqlite:///{out / 'study.db'}"
+    check_owner(out, study_name)
+    check_writable(out)
+    check_storage(storage)
     device = resolve_device(device)
     extra = extra or {}
     settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed, extra)
     base, epochs = _base_model(model, weights, data, out, train_epochs)
     limit = weight_limit(budget, WeightCosts.of(base))
+    if limit >= WeightCosts.of(base).base:
+        raise AutopruneError(f"budget {budget} does not prune: the base model's {human(WeightCosts.of(base).base)} "
+                             f"{LABEL} already meet it; ask for less than the base, e.g. params=0.5")
     project_sparsities(WeightCosts.of(base), np.zeros(len(weight_layers(base))), limit, max_ratio)  # refuse early
     if epochs > 0:
+        claim_run(out, study_name)
         train_base(base, data, epochs, device, batch_size, seed, out, quiet, base_lr)
     base = base.to(device).eval()
     base_id = fingerprint(base.state_dict())
@@ -405,6 +413,7 @@ def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: 
                          grid=[float(r) for r in grid], max_ratio=max_ratio, finetune_epochs=finetune_epochs, lr=lr,
                          batch_size=batch_size, bn_batches=bn_batches, seed=seed,
                          **{k: v for k, v in extra.items() if k == "distill"})
+    claim_run(out, study_name)
     the_study = open_study(study_name, storage, config, new=new_study)
     if not (out / "base.pt").is_file():
         save_torch(base.state_dict(), out / "base.pt")
@@ -424,7 +433,8 @@ def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: 
     plan = Plan({}, {}, "magnitude", base_id, meta)  # no channel removed: load_pruned loads weights.pt as is
     write_text(out / "trials.csv", trials_table(the_study).to_csv(index=False))
     record = dict(budget=str(budget), budget_nonzero_params=limit, trial=chosen.number,
-                  trial_val_accuracy=chosen.value, trials=len(the_study.trials), final_epochs=final_epochs,
+                  trial_val_accuracy=chosen.value, final_epochs=final_epochs,
+                  trials=len(the_study.get_trials(deepcopy=False, states=ENDED)),
                   model=name, base_model=base_id, dataset=data.name, study=study_name, storage=storage,
                   device=str(device), input_shape=list(data.input_shape), **extra)
     pruned, summary = export_weights(problem, sparsities, out, settings, quiet, plan, **record)

@@ -105,3 +105,20 @@ def test_the_console_command_exits_non_zero_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "cannot read budget" in result.stderr
+
+
+def test_a_failed_trial_is_not_counted_in_the_summary(own_run):
+    # A trial killed by Ctrl-C is left FAIL; the rerun's summary counts only the trials that ended.
+    storage = f"sqlite:///{own_run / 'study.db'}"
+    study = optuna.load_study(study_name="tiny_models-digits-flops0.4", storage=storage)
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+    assert main([*ARGS, "--out", str(own_run)]) == 0
+    summary = json.loads((own_run / "summary.json").read_text())
+    assert summary["trials"] == 3 and len(study.trials) == 4
+
+
+def test_a_second_study_in_a_run_folder_is_refused_and_the_first_is_kept(own_run, capsys):
+    before = {f.name: f.read_bytes() for f in own_run.iterdir() if f.is_file()}
+    assert main([*ARGS, "--out", str(own_run), "--budget", "flops=0.5"]) == 2
+    assert "holds the results of study 'tiny_models-digits-flops0.4'" in capsys.readouterr().err
+    assert before == {f.name: f.read_bytes() for f in own_run.iterdir() if f.is_file()}

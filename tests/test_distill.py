@@ -51,3 +51,22 @@ def test_bad_distillation_settings_are_refused():
     assert from_settings(nn.Identity(), {}) is None
     kd = from_settings(nn.Identity(), {"distill": {"weight": 0.3, "temperature": 2}})
     assert (kd.weight, kd.temperature) == (0.3, 2.0)
+
+
+def test_export_of_a_distilled_study_distills_as_the_search_did(tiny_run, tmp_path, monkeypatch):
+    # The search's final fine-tune reads the distillation settings from the study; export must too.
+    import shutil
+
+    import optuna
+
+    import autoprune.export
+    from autoprune.api import export_trial
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    study = optuna.load_study(study_name="tiny_models-digits-flops0.4", storage=f"sqlite:///{run / 'study.db'}")
+    study.set_user_attr("final_extra", {"distill": {"weight": 0.3, "temperature": 2.0}})
+    seen = []
+    monkeypatch.setattr(autoprune.export, "train", lambda *args, distill=None, **kwargs: seen.append(distill))
+    summary = export_trial("tiny_models-digits-flops0.4", run_dir=run, final_epochs=0.1, repeats=1, quiet=True)
+    assert [(kd.weight, kd.temperature) for kd in seen] == [(0.3, 2.0)]
+    assert summary["distill"] == {"weight": 0.3, "temperature": 2.0}

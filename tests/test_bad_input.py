@@ -1,0 +1,158 @@
+"""Bad input through the real command: one line on stderr, exit 2, no traceback, nothing written.
+
+Every case runs ``python -m autoprune`` in a subprocess. The cases are started
+together (a few at a time) by one module fixture, since most of each one's time
+is importing torch; each test then checks its own case. Cases that need a
+finished study get their own copy of the shared tiny search.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import SEARCH_ARGS, TINY, TINY_STUDY, _contents
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = f"{TINY}:tiny_resnet"
+# A fresh search that fails before training: no base training, one short trial if it got that far.
+FRESH = ["search", "--model", MODEL, "--train-epochs", "0", "--trials", "1", "--finetune-epochs", "0.05",
+         "--final-epochs", "0", "--quiet"]
+WEIGHT = [*FRESH, "--granularity", "weight", "--budget", "params=0.5"]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    args: tuple[str, ...]  # OUT: the run folder; FILE: a plain file; RAISES/SYNTAX: bad .py files
+    message: str  # a piece of the one line
+    finished: bool = False  # run it on a copy of a finished study's run folder
+
+
+CASES = [
+    Case("out under a file", (*FRESH, "--out", "FILE/run"), "FILE is a file"),
+    Case("out read-only", (*FRESH, "--out", "READONLY/run"), "cannot be written"),
+    Case("sqlite url without ://", (*FRESH, "--out", "OUT", "--storage", "sqlite//x.db"), "cannot read storage URL"),
+    Case("sqlite url with one slash", (*FRESH, "--out", "OUT", "--storage", "sqlite:/x.db"), "cannot read storage URL"),
+    Case("sqlite in memory", (*FRESH, "--out", "OUT", "--storage", "sqlite://"), "names no file"),
+    Case("sqlite under a file", (*FRESH, "--out", "OUT", "--storage", "sqlite:///FILE/x.db"), "FILE is a file"),
+    Case("postgresql not there", (*FRESH, "--out", "OUT", "--storage", "postgresql+psycopg2://u:p@127.0.0.1:1/x"),
+         "Connection refused"),
+    Case("postgresql default driver", (*FRESH, "--out", "OUT", "--storage", "postgresql://u:p@127.0.0.1:1/x"),
+         "write postgresql+psycopg2://"),
+    Case("unknown storage", (*FRESH, "--out", "OUT", "--storage", "redis://x"), "unknown storage"),
+    Case("journal under a file", (*FRESH, "--out", "OUT", "--storage", "FILE/study.log"), "FILE is a file"),
+    Case("model file raises", (*FRESH, "--out", "OUT", "--model", "RAISES:f"), "RuntimeError: boom"),
+    Case("model file syntax error", (*FRESH, "--out", "OUT", "--model", "SYNTAX:f"), "SyntaxError"),
+    Case("data file raises", (*FRESH, "--out", "OUT", "--dataset", "RAISES:f"), "RuntimeError: boom"),
+    Case("data file syntax error", (*FRESH, "--out", "OUT", "--dataset", "SYNTAX:f"), "SyntaxError"),
+    Case("batch size 0", (*FRESH, "--out", "OUT", "--batch-size", "0"), "--batch-size must be at least 1"),
+    Case("negative lr", (*FRESH, "--out", "OUT", "--lr", "-1"), "--lr must be a positive number"),
+    Case("nan lr", (*FRESH, "--out", "OUT", "--lr", "nan"), "--lr must be a positive number"),
+    Case("zero base lr", (*FRESH, "--out", "OUT", "--base-lr", "0"), "--base-lr must be a positive number"),
+    Case("grid above 1", (*FRESH, "--out", "OUT", "--grid", "0.5,1.5"), "--grid takes ratios"),
+    Case("max ratio above 1", (*FRESH, "--out", "OUT", "--max-ratio", "1.5"), "--max-ratio takes ratios"),
+    Case("round to 0", (*FRESH, "--out", "OUT", "--round-to", "0"), "--round-to must be at least 1"),
+    Case("no trials", (*FRESH, "--out", "OUT", "--trials", "0"), "--trials must be at least 1"),
+    Case("no workers", (*FRESH, "--out", "OUT", "--workers", "0"), "--workers must be at least 1"),
+    Case("trials not a number", (*FRESH, "--out", "OUT", "--trials", "many"), "invalid int value"),
+    Case("budget above the base", (*FRESH, "--out", "OUT", "--budget", "flops=999G"), "does not prune"),
+    Case("budget above 100 %", (*FRESH, "--out", "OUT", "--budget", "flops=150%"), "at most all"),
+    Case("budget unreadable", (*FRESH, "--out", "OUT", "--budget", "flops=lots"), "cannot read budget"),
+    Case("weight with workers", (*WEIGHT, "--out", "OUT", "--workers", "2"), "--workers runs channel searches"),
+    Case("weight with pruner", (*WEIGHT, "--out", "OUT", "--pruner", "none"), "--pruner stops channel-search"),
+    Case("weight budget above the base", (*FRESH, "--out", "OUT", "--granularity", "weight", "--budget",
+                                          "params=999G"), "does not prune"),
+    Case("unknown model", (*FRESH, "--out", "OUT", "--model", "resnet1000"), "unknown model"),
+    Case("unknown data set", (*FRESH, "--out", "OUT", "--dataset", "nope"), "unknown data set"),
+    Case("missing weights", (*FRESH, "--out", "OUT", "--weights", "missing.pt"), "does not exist"),
+    Case("export storage not there", ("export", "--study", "x", "--storage", "sqlite:///OUT/none.db"),
+         "does not exist"),
+    Case("second study in a run folder", (*SEARCH_ARGS, "--out", "OUT", "--budget", "flops=0.5"),
+         "holds the results of study", finished=True),
+    Case("bad batch size on a finished study", (*SEARCH_ARGS, "--out", "OUT", "--batch-size", "0"),
+         "--batch-size must be at least 1", finished=True),
+    Case("bad lr on a finished study", (*SEARCH_ARGS, "--out", "OUT", "--lr", "-1"),
+         "--lr must be a positive number", finished=True),
+    Case("model file raises on a finished study", (*SEARCH_ARGS, "--out", "OUT", "--study", TINY_STUDY,
+                                                   "--model", "RAISES:f"), "RuntimeError: boom", finished=True),
+]
+
+
+def _prepare(case: Case, folder: Path, finished_run: Path) -> list[str]:
+    """The case's folder (OUT a copy of the finished run, or not yet there) and its arguments."""
+    folder.mkdir()
+    (folder / "FILE").write_text("not a folder\n")
+    (folder / "RAISES.py").write_text("raise RuntimeError('boom')\n")
+    (folder / "SYNTAX.py").write_text("def f(:\n")
+    (folder / "READONLY").mkdir(mode=0o555)
+    if case.finished:
+        shutil.copytree(finished_run, folder / "OUT")
+    names = {"OUT": "OUT", "FILE": "FILE", "READONLY": "READONLY", "RAISES": "RAISES.py", "SYNTAX": "SYNTAX.py"}
+    args = []
+    for arg in case.args:
+        for key, value in names.items():
+            if arg == key or arg.startswith(key + ":") or arg.startswith(key + "/") or f"///{key}/" in arg:
+                arg = arg.replace(key, str(folder / value), 1)
+                break
+        args.append(arg)
+    return args
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "CI": "1"}
+    env.pop("AUTOPRUNE_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "autoprune", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def results(tiny_run, tmp_path_factory):
+    """Every case run once, a few at a time: (result, the run folder's files before, after)."""
+    root = tmp_path_factory.mktemp("bad")
+    prepared = {}
+    for i, case in enumerate(CASES):
+        folder = root / f"case{i}"
+        args = _prepare(case, folder, tiny_run)
+        prepared[case.name] = (folder, args, _contents(folder / "OUT") if case.finished else None)
+
+    def one(name: str):
+        if name == "out read-only" and os.geteuid() == 0:
+            return None  # root would write there: the search would run
+        folder, args, before = prepared[name]
+        result = _run(args, folder)
+        out = folder / "OUT"
+        return result, before, (_contents(out) if case_of(name).finished else out.exists())
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return dict(zip(prepared, pool.map(one, prepared)))
+
+
+def case_of(name: str) -> Case:
+    return next(c for c in CASES if c.name == name)
+
+
+def test_there_are_enough_cases():
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gets_one_line_and_changes_nothing(case, results):
+    if case.name == "out read-only" and os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder")
+    result, before, after = results[case.name]
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].strip(), result.stderr
+    assert case.message in lines[0]
+    if case.finished:
+        assert after == before, "the finished run folder changed"
+    else:
+        assert after is False, "a run folder was made for input that was refused"

@@ -90,7 +90,7 @@ def test_changed_budget_on_the_same_study_is_refused(own_run, capsys):
     (["--budget", "flops=lots"], "cannot read budget"),
     (["--budget", "flops=0.0001"], "smallest reachable model"),
     (["--weights", "missing.pt"], "weights file missing.pt does not exist"),
-    (["--train-epochs", "0.2", "--base-lr", "0", "--quiet"], "near chance (10%); train it with a smaller --base-lr"),
+    (["--train-epochs", "0.2", "--base-lr", "1e-12", "--quiet"], "near chance"),
 ])
 def test_bad_input_gets_one_clear_line(extra, message, tmp_path, capsys):
     args = [*ARGS[:-1], "--train-epochs", "0", "--out", str(tmp_path), *extra]

@@ -556,6 +556,7 @@ def _protocol(config: BenchConfig) -> str:
 
 def _plot(table: pd.DataFrame, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -565,15 +566,18 @@ def _plot(table: pd.DataFrame, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for method in METHODS:
+        for colour, method in enumerate(METHODS):  # one colour per method in every panel
             rows = table[(table["model"] == model) & (table["method"] == method)].sort_values("flops_share")
             if len(rows):
                 ax.errorbar(100 * rows["flops_share"], 100 * rows["test_mean"], yerr=100 * rows["test_std"],
-                            marker="o", capsize=3, label=method)
+                            marker="o", capsize=3, label=method, color=f"C{colour % 10}")
         ax.set(title=model, xlabel="FLOPs kept, % of base (thop MACs)", ylabel="test accuracy, %")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(sorted(set(100 * table.loc[table["model"] == model, "flops_share"].round(3))))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

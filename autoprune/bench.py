@@ -538,9 +538,10 @@ def _protocol(config: BenchConfig) -> str:
     if config.time_budget:
         text += (f"**Equal wall time.** random and autoprune run under a {config.time_budget:g} s time budget each, "
                  "the sensitivity scan's time included (`autoprune search --time-budget`: successive halving "
-                 "whose survivors carry their weights into a final fine-tune that fills the rest; where no rung "
-                 "of at least half an epoch fits, one candidate, the seed for autoprune and a random plan for "
-                 "random, gets the whole fine-tune). "
+                 "whose survivors carry their weights into a final fine-tune that fills the rest; where no "
+                 "3-candidate rung of at least half an epoch fits, two candidates, the seed and uniform for "
+                 "autoprune and two random plans for random, train a tenth of an epoch and the better one gets "
+                 "the whole fine-tune). "
                  "uniform-matched fine-tunes the uniform plan for as long as that seed's autoprune run took "
                  "('wall s'). 'trial overhead': the share of the search's work spent cutting candidates "
                  "(projection, surgery, thop check) rather than training or scoring them. ")

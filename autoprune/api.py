@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .budget import Budget, check_prunes, check_reachable, steps
-from .checks import check_numbers, check_owner, check_storage, check_writable, claim_run
+from .checks import check_numbers, check_run, claim_run
 from .costmodel import CostModel
 from .counting import Cost, human
 from .data import Data, load_data
@@ -217,7 +217,7 @@ def search(
     if workers > 1 and storage.startswith("sqlite"):
         raise AutopruneError("SQLite cannot take several worker processes; for --workers pass "
                              f"--storage {out / 'study.log'} (a journal file) or a PostgreSQL/MySQL URL")
-    _check_run(out, study_name, storage)
+    check_run(out, study_name, storage)
     device = resolve_device(device)
     settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed, extra, pruner)
     example = data.example_input()
@@ -266,9 +266,9 @@ def search(
         return None
     if deadline:
         reserve = scoring_seconds(base_eval, data) + base_eval * len(data.test) + 2.0  # the base is tested too
-        chosen, final_epochs = timed_search(problem, the_study, settings, deadline, reserve, quiet)
-        # The final fine-tune trains by the clock: an epoch-time estimate would end early or late.
-        settings = replace(settings, final_epochs=final_epochs, final_seconds=max(deadline.left() - reserve, 0.0))
+        chosen, seconds_left = timed_search(problem, the_study, settings, deadline, reserve, quiet)
+        # The final fine-tune trains by the clock (an epoch-time estimate would end early or late), or not at all.
+        settings = replace(settings, final_epochs=0.0, final_seconds=seconds_left)
         return _finish(problem, the_study, chosen, settings, out, quiet, started, dict(
             budget=budget, limits=limits, name=name, base_id=base_id, data=data, study_name=study_name,
             storage=storage, device=device, extra=extra, time_budget=seconds))
@@ -317,13 +317,6 @@ def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.Froz
 def ended(study: optuna.Study) -> int:
     """Trials that count towards the trials asked for: a failed one (killed, retried) does not."""
     return len(study.get_trials(deepcopy=False, states=ENDED))
-
-
-def _check_run(out: Path, study: str, storage: str) -> None:
-    """Refuse, before anything is written, a run folder or storage the search cannot use."""
-    check_owner(out, study)
-    check_writable(out)
-    check_storage(storage)
 
 
 def _exported_plan(chosen: optuna.trial.FrozenTrial, model: str, data: Data, study: str) -> Plan:
@@ -648,7 +641,7 @@ def describe_groups(
              f"({space.source or 'given'}) | {len(groups)} prunable groups",
              f"{'group':40s} {'channels':>8s} {'step':>4s} {'FLOPs share':>11s} {'ratio bounds':>12s}  layers"]
     for group, lo, hi, by in zip(groups, low, high, step):
-        saved = costs.base.flops - costs.predict({group.id: group.unit}).flops
+        saved = costs.carried_flops(group.id)
         layers = ", ".join(group.layers[:3]) + (f" (+{len(group.layers) - 3} more)" if len(group.layers) > 3 else "")
         lines.append(f"{group.id:40s} {group.channels:8d} {by:4d} {saved / costs.base.flops:11.1%} "
                      f"{f'{lo:.2f}–{hi:.2f}':>12s}  {layers}")

@@ -231,21 +231,23 @@ def _seed(problem: Problem, config: BenchConfig) -> Plan:
 
 def _searched(problem: Problem, config: BenchConfig, seed: int, sampler: optuna.samplers.BaseSampler | None,
               extra: dict, folder: Path, deadline: Deadline | None,
-              reserve: float) -> tuple[Plan, Path | None, optuna.Study, float]:
+              reserve: float) -> tuple[Plan, Path | None, optuna.Study, float, float]:
     """Run a search as ``autoprune search`` does: the plan, the weights its final fine-tune starts
-    from, the study and the final fine-tune's epochs (planned to end at ``deadline`` if there is one)."""
+    from, the study, and the final fine-tune's epochs and seconds (with a ``deadline``: trained by
+    the clock until it, less ``reserve``)."""
     study = optuna.create_study(direction="maximize")
     settings = Settings(config.trials, config.finetune_epochs, config.final_epochs, seed=seed, extra=extra,
                         pruner=config.pruner)
     problem = replace(problem, checkpoints=folder)
     if deadline is not None:
-        chosen, epochs = timed_search(problem, study, settings, deadline, reserve, quiet=True, sampler=sampler,
-                                      seed_first=sampler is None)
+        chosen, seconds = timed_search(problem, study, settings, deadline, reserve, quiet=True, sampler=sampler,
+                                       seed_first=sampler is None)
+        epochs = 0.0
     else:
         run(problem, study, settings, quiet=True, sampler=sampler, seed_first=sampler is None)
-        chosen, epochs = study.best_trial, config.final_epochs
+        chosen, epochs, seconds = study.best_trial, config.final_epochs, 0.0
     start = checkpoint(folder, chosen.number)
-    return trial_plan(chosen), start if start.is_file() else None, study, epochs
+    return trial_plan(chosen), start if start.is_file() else None, study, epochs, seconds
 
 
 def finish(problem: Problem, plan: Plan, epochs: float, seed: int, start: Path | None = None,
@@ -306,9 +308,8 @@ def _run_one(subject: Subject, problem: Problem, method: str, seed: int, config:
             charged = subject.scan_seconds if config.time_budget else 0.0
             deadline = Deadline(config.time_budget - charged) if config.time_budget else None
             reserve = scoring_seconds(subject.eval_seconds, problem.data)
-            plan, weights, study, epochs = _searched(problem, config, seed, sampler, extra, Path(folder),
-                                                     deadline, reserve)
-            seconds = max(deadline.left() - reserve, 0.0) if deadline else 0.0
+            plan, weights, study, epochs, seconds = _searched(problem, config, seed, sampler, extra, Path(folder),
+                                                              deadline, reserve)
             trials = len(study.get_trials(deepcopy=False, states=(COMPLETE, PRUNED)))
             stopped = count_pruned(study)
             overhead = _overhead(study)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .errors import AutopruneError
+from .errors import AutopruneError, one_line
 from .files import sweep, write_json
 
 RUN_FILE = "run.json"  # names the study a run folder belongs to
@@ -93,10 +93,16 @@ def _connect(parsed) -> None:
         with engine.connect():
             pass
     except SQLAlchemyError as err:
-        reason = " ".join(str(getattr(err, "orig", None) or err).split())
-        raise AutopruneError(f"cannot open storage {shown}: {reason}") from None
+        raise AutopruneError(f"cannot open storage {shown}: {one_line(err)}") from None
     finally:
         engine.dispose()
+
+
+def check_run(out: Path, study: str, storage: str) -> None:
+    """Refuse, before anything is written, a run folder or storage the search cannot use."""
+    check_owner(out, study)
+    check_writable(out)
+    check_storage(storage)
 
 
 def run_owner(out: Path) -> str | None:

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import NoReturn, Sequence
 
-from .errors import AutopruneError
+from .errors import AutopruneError, one_line
 
 
 def _epochs(text: str) -> float:
@@ -382,5 +382,5 @@ DEBUG_ENV = "AUTOPRUNE_DEBUG"  # set to 1 to see the traceback behind a one-line
 
 def _one_line(err: BaseException) -> str:
     """The error as one line: messages from other libraries can span several."""
-    text = " ".join(str(err).split())
+    text = one_line(err)
     return text if isinstance(err, AutopruneError) else f"{text} (set {DEBUG_ENV}=1 for the traceback)"

@@ -129,3 +129,8 @@ class CostModel:
     def predict(self, keep: Mapping[str, int]) -> Cost:
         """FLOPs (thop MACs) and params of the model that keeps ``keep[gid]`` channels per group."""
         return Cost(*self.predict_vector(self.keep_vector(keep)))
+
+    def carried_flops(self, gid: str) -> float:
+        """FLOPs (thop MACs) that cutting group ``gid`` to its last block of channels removes."""
+        unit = int(self.units[self.ids.index(gid)])
+        return self.base.flops - self.predict({gid: unit}).flops

@@ -7,3 +7,11 @@ class AutopruneError(Exception):
     The message says what was wrong and what to do; the CLI prints it on one line
     and exits non-zero without a traceback.
     """
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line; for a database error, the driver's own message (``err.orig``).
+
+    Messages from other libraries (SQLAlchemy, a user's module) can span several lines.
+    """
+    return " ".join(str(getattr(err, "orig", None) or err).split())

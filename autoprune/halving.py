@@ -161,15 +161,15 @@ def measure_speed(problem: Problem, settings: Settings, steps: int = 6) -> Speed
 def timed_search(problem: Problem, study: optuna.Study, settings: Settings, deadline: Deadline,
                  reserve: float = 0.0, quiet: bool = False, sampler: optuna.samplers.BaseSampler | None = None,
                  seed_first: bool = True) -> tuple[optuna.trial.FrozenTrial, float]:
-    """Search until :data:`SEARCH_SHARE` of the time left is spent; the winner and its final epochs.
+    """Search until :data:`SEARCH_SHARE` of the time left is spent; the winner and the seconds its final
+    fine-tune may train by the clock.
 
-    ``settings.trials`` caps the candidates. The final fine-tune's epochs fill
-    what is left of ``deadline`` after ``reserve`` seconds (the export's own
-    scoring and saving). A study that already has a winner searches no more.
+    ``settings.trials`` caps the candidates. The final fine-tune gets what is
+    left of ``deadline`` after ``reserve`` seconds (the export's own scoring
+    and saving). A study that already has a winner searches no more.
     """
     recover(study)
     done = study.get_trials(deepcopy=False, states=(COMPLETE,))
-    speed = None
     if done:
         chosen = max(done, key=lambda t: t.value)
     else:
@@ -183,12 +183,7 @@ def timed_search(problem: Problem, study: optuna.Study, settings: Settings, dead
                                                               multivariate=True)
         study.pruner = optuna.pruners.NopPruner()  # the bracket decides who goes on
         chosen = successive_halving(problem, study, settings, bracket, deadline, quiet, seed_first)
-    if chosen.user_attrs.get("epochs", 0.0) >= 0.2:  # the winner's own training is the better clock
-        epoch = _epoch_seconds(chosen.user_attrs)
-    else:
-        epoch = (speed or measure_speed(problem, settings)).epoch
-    final = max(0.0, (deadline.left() - reserve) / epoch)
-    return chosen, final
+    return chosen, max(deadline.left() - reserve, 0.0)
 
 
 def scoring_seconds(per_image: float, data: Data) -> float:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import AutopruneError
+from .errors import AutopruneError, one_line
 
 EXTRA_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
                 "inception_v3": {"aux_logits": False, "init_weights": True}}
@@ -61,7 +61,7 @@ def load_factory(spec: str, what: str = "model") -> Callable[..., Any]:
 
 def _why(err: Exception) -> str:
     """An import error in one line (a SyntaxError's text names the file and line)."""
-    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+    return f"{type(err).__name__}: {one_line(err)}"
 
 
 def _call_factory(factory: Callable[..., nn.Module], num_classes: int) -> nn.Module:

@@ -109,8 +109,7 @@ def scan(
     cells = [(g, r) for g in groups for r in grid if (g.id, round(r, 6)) not in finished]
     if seconds is not None:  # ratio by ratio, coarse to fine, so a scan cut short still spans the grid;
         order = coarse_to_fine(grid)  # within a ratio the groups that carry most FLOPs first: they decide the plan
-        saved = {g.id: costs.base.flops - costs.predict({g.id: g.unit}).flops for g in groups}
-        cells.sort(key=lambda cell: (order.index(cell[1]), -saved[cell[0].id]))
+        cells.sort(key=lambda cell: (order.index(cell[1]), -costs.carried_flops(cell[0].id)))
     if shared:  # cells claimed by nobody else first, then whatever is still missing
         mine = [c for c in cells if shared.claim(groups.base_model, groups.importance, c[0].id, c[1])]
         cells = mine + [c for c in cells if c not in mine]

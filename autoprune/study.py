@@ -40,7 +40,7 @@ from .costmodel import CostModel
 from .counting import Cost, human
 from .data import Data
 from .distill import from_settings
-from .errors import AutopruneError
+from .errors import AutopruneError, one_line
 from .files import save_torch
 from .groups import ChannelGroups
 from .plan import Plan
@@ -160,8 +160,7 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
             raise AutopruneError(f"storage {url.split(':')[0]} needs a driver: {err}; "
                                  "for PostgreSQL pip install psycopg2-binary and write postgresql+psycopg2://…") from None
         except SQLAlchemyError as err:  # a malformed URL, a server that does not answer
-            reason = " ".join(str(getattr(err, "orig", None) or err).split())
-            raise AutopruneError(f"cannot open storage {url.split('@')[-1]}: {reason}") from None
+            raise AutopruneError(f"cannot open storage {url.split('@')[-1]}: {one_line(err)}") from None
     if url.endswith((".log", ".journal")):
         from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
         Path(url).parent.mkdir(parents=True, exist_ok=True)

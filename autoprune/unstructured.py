@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .budget import Budget
-from .checks import check_owner, check_storage, check_writable, claim_run
+from .checks import check_run, claim_run
 from .counting import Cost, count, human
 from .data import Data
 from .distill import from_settings
@@ -390,18 +390,17 @@ def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: 
     study_name = study or f"{_slug(Path(name).stem)}-{_slug(data.name)}-weight-{_slug(str(budget))}"
     out = Path(out) if out else Path("results") / study_name
     storage = storage or f"sqlite:///{out / 'study.db'}"
-    check_owner(out, study_name)
-    check_writable(out)
-    check_storage(storage)
+    check_run(out, study_name, storage)
     device = resolve_device(device)
     extra = extra or {}
     settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed, extra)
     base, epochs = _base_model(model, weights, data, out, train_epochs)
-    limit = weight_limit(budget, WeightCosts.of(base))
-    if limit >= WeightCosts.of(base).base:
-        raise AutopruneError(f"budget {budget} does not prune: the base model's {human(WeightCosts.of(base).base)} "
+    costs = WeightCosts.of(base)
+    limit = weight_limit(budget, costs)
+    if limit >= costs.base:
+        raise AutopruneError(f"budget {budget} does not prune: the base model's {human(costs.base)} "
                              f"{LABEL} already meet it; ask for less than the base, e.g. params=0.5")
-    project_sparsities(WeightCosts.of(base), np.zeros(len(weight_layers(base))), limit, max_ratio)  # refuse early
+    project_sparsities(costs, np.zeros(len(weight_layers(base))), limit, max_ratio)  # refuse early
     if epochs > 0:
         claim_run(out, study_name)
         train_base(base, data, epochs, device, batch_size, seed, out, quiet, base_lr)

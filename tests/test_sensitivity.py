@@ -103,6 +103,6 @@ def test_a_timed_scan_measures_the_groups_that_carry_most_flops_first(setup, tin
     table = scan(groups, costs, tiny, digits_data, base, device, tmp_path / "s.csv", GRID, bn_batches=1,
                  quiet=True, seconds=1e6)
     first = table[table["ratio"] == max(GRID)]["group"].tolist()
-    saved = {g.id: costs.base.flops - costs.predict({g.id: g.unit}).flops for g in groups}
+    saved = {g.id: costs.base.flops - costs.predict({g.id: g.unit}).flops for g in groups}  # by hand
     assert list(table["group"][:len(first)]) == first  # the coarsest ratio over every group before any other
     assert first == sorted(saved, key=saved.get, reverse=True) and len(set(saved.values())) > 1

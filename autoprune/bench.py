@@ -68,7 +68,8 @@ from .plan import Plan
 from .sensitivity import GRID, bounds, equal_drop, scan
 from .space import SearchSpace, resolve
 from .export import finetune
-from .halving import SCAN_SHARE, Deadline, scoring_seconds, timed_search
+from .distill import kd_loss
+from .halving import CHECK_EPOCHS, MIN_RUNG_EPOCHS, SCAN_SHARE, Deadline, scoring_seconds, timed_search
 from .study import COMPLETE, PRUNED, Problem, Settings, checkpoint, count_pruned, run, trial_plan
 from .training import evaluate, recalibrate_bn, resolve_device, train
 
@@ -385,65 +386,115 @@ def benchmark(config: BenchConfig) -> pd.DataFrame:
 
 
 def _rank_once(subject: Subject, config: BenchConfig) -> None:
-    """Add the model's rank check to ``ranking.csv`` unless it is there already."""
-    path = config.out / "ranking.csv"
-    table = _read_any(path)
-    if config.rank_plans <= 0 or (len(table) and subject.name in set(table["model"])):
+    """Measure the candidate proxies on ``config.rank_plans`` plans at the tightest budget, into
+    ``proxies.csv`` (one row per plan, written as it is measured, so a killed run goes on)."""
+    if config.rank_plans <= 0:
         return
-    budget = 0.10 if 0.10 in config.budgets else config.budgets[0]
+    path = config.out / "proxies.csv"
+    table = _read_any(path)
+    budget = min(config.budgets)
+    mine = table[(table["model"] == subject.name) & (table["budget"] == budget)] if len(table) else table
     try:
-        found = rank_check(_problem(subject, budget, config), config)
+        problem = _problem(subject, budget, config)
     except AutopruneError:
         return
-    row = {"model": subject.name, "budget": budget, **found}
-    if not config.quiet:
-        print(f"{subject.name}: Spearman {found['spearman']:.2f} between cheap score and fine-tuned accuracy "
-              f"over {found['plans']} plans")
-    _append(path, table, row)
+    for index in range(len(mine), config.rank_plans):
+        row = {"model": subject.name, "budget": budget, "plan_index": index,
+               "base_test_accuracy": subject.base_test, **measure_proxies(problem, config, index)}
+        table = _append(path, table, row)
+        if not config.quiet:
+            print(f"{subject.name} flops={budget:g} plan {index + 1}/{config.rank_plans}: "
+                  + ", ".join(f"{k} {row[k]:.4f}" for k in PROXIES + ("converged",)))
 
 
-def _read_any(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path) if path.is_file() else pd.DataFrame()
+PROXIES = ("bn_score", "kd_loss", f"score_{CHECK_EPOCHS:g}ep", f"score_{MIN_RUNG_EPOCHS:g}ep")
+PHASES = ("projection", "surgery", "thop check", "BatchNorm recalibration", "fine-tuning", "evaluation")
 
 
-def rank_check(problem: Problem, config: BenchConfig, seed: int = 0) -> dict:
-    """How well the cheap score (pruned, BatchNorm recalibrated) ranks plans by fine-tuned accuracy.
-
-    Samples ``config.rank_plans`` random feasible plans, scores each both ways and
-    returns the Spearman correlation, with where a trial's time goes on average.
-    """
-    from scipy.stats import spearmanr
-
-    rng = np.random.default_rng(seed)
+def random_plan(problem: Problem, max_ratio: float, seed: int) -> Plan:
+    """A random feasible plan: uniform random ratios per group, projected onto the budget."""
     n = len(problem.groups)
-    data, device = problem.data, problem.device
-    loader, val = data.loader("train", 64, shuffle=True, seed=seed), data.loader("val", 256)
-    cheap, tuned, phases = [], [], {k: 0.0 for k in PHASES}
-    for _ in range(config.rank_plans):
-        clock = time.perf_counter()
-        ratios = rng.uniform(0, config.max_ratio, n)
-        kept = project(problem.costs, ratios, problem.limits, np.zeros(n), np.full(n, config.max_ratio),
-                       problem.round_to)
-        plan = problem.groups.plan(dict(zip(problem.costs.ids, kept.astype(int).tolist())))
-        clock = _lap(phases, "projection", clock)
+    ratios = np.random.default_rng(seed).uniform(0, max_ratio, n)
+    kept = project(problem.costs, ratios, problem.limits, np.zeros(n), np.full(n, max_ratio), problem.round_to)
+    return problem.groups.plan(dict(zip(problem.costs.ids, kept.astype(int).tolist())))
+
+
+def measure_proxies(problem: Problem, config: BenchConfig, index: int) -> dict:
+    """One random plan's cheap scores against its accuracy after ``config.converged_epochs``.
+
+    The proxies, each measured as a trial would on the score split: accuracy right
+    after the cut and BatchNorm recalibration (``bn_score``); the distillation
+    loss against the base model there (``kd_loss``, lower is better); and the
+    accuracy after a rung of :data:`~autoprune.halving.CHECK_EPOCHS` and of
+    :data:`~autoprune.halving.MIN_RUNG_EPOCHS` epochs, each its own fine-tune
+    from the cut. ``converged``: test accuracy after the long fine-tune every
+    bench method gets (:func:`finish`). Also where a trial's time goes (seconds).
+    """
+    data, device, settings = problem.data, problem.device, Settings(seed=index)
+    loader = data.loader("train", settings.batch_size, shuffle=True, seed=index)
+    scoring = data.loader("score", 256)
+    phases = {k: 0.0 for k in PHASES}
+    clock = time.perf_counter()
+    plan = random_plan(problem, config.max_ratio, 1000 + index)
+    clock = _lap(phases, "projection", clock)
+
+    def cut() -> torch.nn.Module:
+        nonlocal clock
         model = problem.groups.apply(plan)
         clock = _lap(phases, "surgery", clock)
         count(model, problem.groups.example_input)
         clock = _lap(phases, "thop check", clock)
-        model.to(device)
-        recalibrate_bn(model, loader, device, Settings().trial_bn_batches)  # as a trial does
+        recalibrate_bn(model.to(device), loader, device, settings.trial_bn_batches)
         clock = _lap(phases, "BatchNorm recalibration", clock)
-        cheap.append(evaluate(model, val, device))
-        clock = _lap(phases, "evaluation", clock)
-        train(model, loader, config.finetune_epochs, device, lr=0.01, quiet=True)
+        return model
+
+    model = cut()
+    row = {"bn_score": evaluate(model, scoring, device), "kd_loss": distill_loss(model, problem.model, scoring,
+                                                                                 device)}
+    clock = _lap(phases, "evaluation", clock)
+    for epochs in (CHECK_EPOCHS, MIN_RUNG_EPOCHS):
+        model = cut()
+        torch.manual_seed(index)
+        train(model, loader, epochs, device, lr=settings.lr, quiet=True)
         clock = _lap(phases, "fine-tuning", clock)
-        tuned.append(evaluate(model, val, device))
-        _lap(phases, "evaluation", clock)
-    rho = float(spearmanr(cheap, tuned).statistic) if len(set(cheap)) > 1 and len(set(tuned)) > 1 else float("nan")
-    return {"spearman": rho, "plans": len(cheap), **{k: v / len(cheap) for k, v in phases.items()}}
+        row[f"score_{epochs:g}ep"] = evaluate(model, scoring, device)
+        clock = _lap(phases, "evaluation", clock)
+    final = finish(problem, plan, config.converged_epochs, index)
+    cost = count(problem.groups.apply(plan), problem.groups.example_input)
+    return {**row, "converged": final["test_accuracy"], "converged_epochs": config.converged_epochs,
+            "flops_share": cost.flops / problem.costs.base.flops, "plan": json.dumps(plan.to_dict()),
+            **{f"seconds_{k}": v / 3 for k, v in phases.items()}}  # per trial: three cuts were timed
 
 
-PHASES = ("projection", "surgery", "thop check", "BatchNorm recalibration", "fine-tuning", "evaluation")
+@torch.no_grad()
+def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, loader, device: torch.device) -> float:
+    """Mean temperature-softened KL from the teacher's outputs to the student's (as :func:`kd_loss` weighs it)."""
+    student.eval(), teacher.eval()
+    total, seen = 0.0, 0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        total += float(kd_loss(student(images), teacher(images), labels, weight=1.0)) * len(labels)
+        seen += len(labels)
+    return total / seen
+
+
+def proxy_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Spearman correlation of each proxy with the converged accuracy, per (model, budget)."""
+    from scipy.stats import spearmanr
+
+    rows = []
+    for (model, budget), part in table.groupby(["model", "budget"], sort=False):
+        row = {"model": model, "budget": budget, "plans": len(part), "epochs": part["converged_epochs"].iloc[0],
+               "spread": part["converged"].max() - part["converged"].min(), "std": part["converged"].std()}
+        for proxy in PROXIES:
+            sign = -1 if proxy == "kd_loss" else 1  # a lower loss should mean a better plan
+            row[proxy] = float(spearmanr(sign * part[proxy], part["converged"]).statistic)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _read_any(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame()
 
 
 def _lap(phases: dict, name: str, since: float) -> float:
@@ -511,22 +562,36 @@ def report(frame: pd.DataFrame, config: BenchConfig) -> None:
             lines.append(f"\n{row.method} at flops={row.budget:g}: {row.note}")
         lines.append("")
     lines += ["![test accuracy against FLOPs](bench.png)", ""]
-    ranking = _read_any(config.out / "ranking.csv")
-    if len(ranking):
-        lines += ["## Does the cheap score rank candidates?", "",
-                  f"Spearman correlation between a plan's validation accuracy right after pruning and "
-                  f"BatchNorm recalibration (the cheap score) and after {config.finetune_epochs:g} fine-tune "
-                  "epoch(s), over random feasible plans; and where such a trial's time goes (seconds).", "",
-                  "| model | budget | plans | Spearman | " + " | ".join(PHASES) + " | not training or evaluating |",
-                  "| --- | --- | --- | --- | " + " | ".join("---" for _ in PHASES) + " | --- |"]
-        for row in ranking.to_dict("records"):
-            total = sum(row[p] for p in PHASES)
-            overhead = sum(row[p] for p in PHASES if p not in ("fine-tuning", "evaluation")) / total
-            lines.append(f"| {row['model']} | {row['budget']:g} | {row['plans']:.0f} | {row['spearman']:.2f} | "
-                         + " | ".join(f"{row[p]:.3f}" for p in PHASES) + f" | {overhead:.1%} |")
-        lines.append("")
+    proxies = _read_any(config.out / "proxies.csv")
+    if len(proxies):
+        lines += _proxy_lines(proxies)
     write_text(config.out / "BENCHMARKS.md", "\n".join(lines))
     _plot(table, config.out / "bench.png")
+
+
+def _proxy_lines(proxies: pd.DataFrame) -> list[str]:
+    """The proxy table: which cheap score ranks plans by their converged accuracy, and what a trial's time is."""
+    names = {"bn_score": "after BatchNorm recalibration", "kd_loss": "distillation loss vs base",
+             f"score_{CHECK_EPOCHS:g}ep": f"after {CHECK_EPOCHS:g} epoch", f"score_{MIN_RUNG_EPOCHS:g}ep":
+             f"after {MIN_RUNG_EPOCHS:g} epoch"}
+    lines = ["## Which cheap score ranks candidates?", "",
+             "Spearman correlation of each proxy, measured on the score split as a trial does, with the plan's "
+             "test accuracy after the long fine-tune ('converged', each its own cut of the base), over random "
+             "feasible plans at the model's tightest budget (random ratios per group projected onto it). "
+             "'spread': best minus worst converged accuracy of those plans, 'std' their standard deviation; "
+             "a proxy can only rank what is wider than the seed-to-seed spread.", "",
+             "| model | budget | plans | converged epochs | spread | std | " + " | ".join(names.values()) + " |",
+             "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
+    for row in proxy_table(proxies).to_dict("records"):
+        lines.append(f"| {row['model']} | {row['budget']:g} | {row['plans']} | {row['epochs']:g} | "
+                     f"{100 * row['spread']:.2f} | {100 * row['std']:.2f} | "
+                     + " | ".join(f"{row[p]:.2f}" for p in names) + " |")
+    seconds = proxies[[f"seconds_{p}" for p in PHASES]].mean()
+    cut = sum(seconds[f"seconds_{p}"] for p in PHASES[:3])
+    lines += ["", "Where a trial's time goes, seconds per cut (mean over those plans): "
+              + ", ".join(f"{p} {seconds[f'seconds_{p}']:.3f}" for p in PHASES)
+              + f"; cutting (projection, surgery, thop check) is {cut / seconds.sum():.1%} of it.", ""]
+    return lines
 
 
 def _protocol(config: BenchConfig) -> str:

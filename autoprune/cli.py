@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--finetune-epochs", type=_epochs, help="per-trial fine-tune epochs (default: 1)")
     bench.add_argument("--final-epochs", type=_epochs,
                        help="fine-tune epochs of uniform, global and seed (default: 1)")
-    bench.add_argument("--rank-plans", type=int, help="random plans for the cheap-score rank check (default: 30)")
+    bench.add_argument("--rank-plans", type=int, help="random plans, at the tightest budget, on which to measure "
+                       "how well each cheap score ranks by converged accuracy (default: 0, none; --quick: 4)")
     bench.add_argument("--out", help="output folder (default: results/benchmarks)")
     bench.add_argument("--quick", action="store_true",
                        help="smoke test: digits, resnet18, flops=0.25, one seed, a 20 s time budget")

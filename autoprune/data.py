@@ -99,6 +99,9 @@ def _torchvision(name: str, data_dir: Path, download: bool, seed: int) -> Data:
     except RuntimeError as err:
         raise AutopruneError(f"{name} is not in {data_dir} ({err}); pass --download to fetch it "
                              "or --data-dir to where it is") from None
+    except OSError as err:  # URLError included: --download with no network
+        raise AutopruneError(f"could not download {name} into {data_dir} ({getattr(err, 'reason', err)}); "
+                             "download it where there is a network and pass --data-dir to it") from None
     train, val = _split(full, 0.1, seed)
     return Data(name, train, val, test, len(full.classes), (3, 32, 32))
 
@@ -243,12 +246,36 @@ def _factory(spec: str, seed: int) -> Data:
     if not (isinstance(made, (tuple, list)) and len(made) == 3):
         raise AutopruneError(f"data factory {spec} must return (train, val, test) datasets")
     train, val, test = made
+    for name, split in zip(("train", "val", "test"), made):
+        _check_sample(spec, name, split)
     sample, _ = train[0]
     labels = {int(train[i][1]) for i in range(len(train))} if len(train) <= 20000 else set()
     num_classes = getattr(train, "num_classes", None) or (max(labels) + 1 if labels else None)
     if num_classes is None:
         raise AutopruneError(f"data factory {spec}: give the train set a num_classes attribute")
     return Data(spec, train, val, test, int(num_classes), tuple(sample.shape))
+
+
+def _check_sample(spec: str, name: str, split: Dataset) -> None:
+    """A factory's split must hold (image tensor, class index) pairs: say which part is wrong, and how."""
+    where = f"data factory {spec}: its {name} set"
+    if len(split) == 0:
+        raise AutopruneError(f"{where} is empty; give every split at least one (image, label) pair")
+    item = split[0]
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise AutopruneError(f"{where} must give (image, label) pairs, not {type(item).__name__}")
+    image, label = item
+    if not isinstance(image, torch.Tensor):
+        raise AutopruneError(f"{where} gives images as {type(image).__name__}; make them tensors "
+                             "(e.g. transforms.ToTensor())")
+    try:
+        index = torch.as_tensor(label)
+    except (TypeError, ValueError, RuntimeError):
+        index = None
+    if index is None or index.numel() != 1 or index.is_floating_point() or index.is_complex():
+        found = f"shape {tuple(index.shape)} and type {index.dtype}" if index is not None else type(label).__name__
+        raise AutopruneError(f"{where} gives labels of {found}; give one class index per image "
+                             "(an int; for one-hot labels, their argmax)")
 
 
 def load_data(spec: str, data_dir: str | Path = "data", download: bool = False,

@@ -135,11 +135,29 @@ def build_model(spec: str, num_classes: int, pretrained: bool = False,
 
     extra = EXTRA_KWARGS.get(spec, {})
     if pretrained:
-        model = torchvision.models.get_model(spec, weights="DEFAULT")
+        model = _pretrained(spec)
         if num_classes != 1000:
             _replace_head(model, num_classes)
         return model
     return torchvision.models.get_model(spec, num_classes=num_classes, **extra)
+
+
+def _pretrained(spec: str) -> nn.Module:
+    """torchvision's DEFAULT weights, fetched once into torch hub's cache (``$TORCH_HOME``)."""
+    import torch.hub
+    import torchvision
+
+    url = torchvision.models.get_model_weights(spec).DEFAULT.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if not cached.is_file():  # fetched here, quietly, so that a failure is one line naming the file
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(cached), progress=False)
+        except OSError as err:  # URLError included: no network
+            raise AutopruneError(f"could not download {spec}'s DEFAULT weights ({getattr(err, 'reason', err)}); "
+                                 f"with no network, put {url} at {cached}, or pass --weights a state_dict "
+                                 "file") from None
+    return torchvision.models.get_model(spec, weights="DEFAULT")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -32,6 +32,18 @@ class Case:
     args: tuple[str, ...]  # OUT: the run folder; FILE: a plain file; RAISES/SYNTAX: bad .py files
     message: str  # a piece of the one line
     finished: bool = False  # run it on a copy of a finished study's run folder
+    offline: bool = False  # no network: downloads go to a proxy that is not there
+
+
+OFFLINE = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "no_proxy": ""}
+ONEHOT = """import torch
+from torch.utils.data import TensorDataset
+
+
+def f():
+    data = TensorDataset(torch.randn(12, 1, 8, 8), torch.nn.functional.one_hot(torch.arange(12) % 3, 3))
+    return data, data, data
+"""
 
 
 CASES = [
@@ -50,6 +62,12 @@ CASES = [
     Case("model file raises", (*FRESH, "--out", "OUT", "--model", "RAISES:f"), "RuntimeError: boom"),
     Case("model file syntax error", (*FRESH, "--out", "OUT", "--model", "SYNTAX:f"), "SyntaxError"),
     Case("data file raises", (*FRESH, "--out", "OUT", "--dataset", "RAISES:f"), "RuntimeError: boom"),
+    Case("data labels one-hot", (*FRESH, "--out", "OUT", "--model", "mlp", "--dataset", "ONEHOT:f"),
+         "gives labels of shape (3,)"),
+    Case("pretrained weights offline", (*FRESH, "--out", "OUT", "--model", "resnet18", "--weights", "DEFAULT"),
+         "could not download resnet18's DEFAULT weights", offline=True),
+    Case("download offline", (*FRESH, "--out", "OUT", "--dataset", "cifar10", "--download", "--data-dir", "DATA"),
+         "could not download cifar10", offline=True),
     Case("data file syntax error", (*FRESH, "--out", "OUT", "--dataset", "SYNTAX:f"), "SyntaxError"),
     Case("batch size 0", (*FRESH, "--out", "OUT", "--batch-size", "0"), "--batch-size must be at least 1"),
     Case("negative lr", (*FRESH, "--out", "OUT", "--lr", "-1"), "--lr must be a positive number"),
@@ -90,10 +108,12 @@ def _prepare(case: Case, folder: Path, finished_run: Path) -> list[str]:
     (folder / "FILE").write_text("not a folder\n")
     (folder / "RAISES.py").write_text("raise RuntimeError('boom')\n")
     (folder / "SYNTAX.py").write_text("def f(:\n")
+    (folder / "ONEHOT.py").write_text(ONEHOT)
     (folder / "READONLY").mkdir(mode=0o555)
     if case.finished:
         shutil.copytree(finished_run, folder / "OUT")
-    names = {"OUT": "OUT", "FILE": "FILE", "READONLY": "READONLY", "RAISES": "RAISES.py", "SYNTAX": "SYNTAX.py"}
+    names = {"OUT": "OUT", "FILE": "FILE", "READONLY": "READONLY", "RAISES": "RAISES.py", "SYNTAX": "SYNTAX.py",
+             "ONEHOT": "ONEHOT.py", "DATA": "DATA"}
     args = []
     for arg in case.args:
         for key, value in names.items():
@@ -104,9 +124,9 @@ def _prepare(case: Case, folder: Path, finished_run: Path) -> list[str]:
     return args
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _run(args: list[str], cwd: Path, offline: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "CI": "1"}
+           "CI": "1", **(OFFLINE | {"TORCH_HOME": str(cwd / "torch")} if offline else {})}
     env.pop("AUTOPRUNE_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "autoprune", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=600)
@@ -126,7 +146,7 @@ def results(tiny_run, tmp_path_factory):
         if name == "out read-only" and os.geteuid() == 0:
             return None  # root would write there: the search would run
         folder, args, before = prepared[name]
-        result = _run(args, folder)
+        result = _run(args, folder, case_of(name).offline)
         out = folder / "OUT"
         return result, before, (_contents(out) if case_of(name).finished else out.exists())
 

@@ -530,6 +530,7 @@ def export_trial(
     study: str,
     trial: int | None = None,
     *,
+    at: str | None = None,
     storage: str | None = None,
     run_dir: str | Path | None = None,
     out: str | Path | None = None,
@@ -546,6 +547,9 @@ def export_trial(
 ) -> dict[str, Any]:
     """Rebuild trial ``trial`` (default: the best) of a stored study, fine-tune, test and write it.
 
+    ``at`` (``"flops=0.2"``, ``"params=1M"``) picks instead the most accurate trial at or
+    under that point: on a range study, any point of the trade-off.
+
     Writes ``model.pt``, ``weights.pt``, ``plan.json`` and ``summary.json`` into
     ``out`` (default ``RUN_DIR/trial-N``); ``formats`` adds ``model.onnx``
     and/or ``model.torchscript.pt``, each checked against the PyTorch outputs;
@@ -557,6 +561,8 @@ def export_trial(
     Example:
         >>> summary = autoprune.export_trial("resnet18-digits-flops0.25", formats=["onnx"], quantize="dynamic")
         >>> summary["latency_ms"]["pruned"]["1"] < summary["latency_ms"]["base"]["1"]
+        True
+        >>> autoprune.export_trial("resnet18-digits-flops0.05..0.5", at="flops=0.2")["flops_share"] <= 0.2
         True
     """
     from . import deploy
@@ -571,6 +577,11 @@ def export_trial(
         raise AutopruneError("latency needs at least one repeat, one thread and batch sizes of at least 1")
     started = time.perf_counter()
     run = open_run(study, storage, run_dir)
+    if at is not None and trial is not None:
+        raise AutopruneError("give a trial number or a point to export at (--flops/--params), not both")
+    if at is not None:
+        from .pareto import best_under
+        trial = best_under(run, at)
     chosen = best_trial(run.study, trial)
     problem = rebuild_problem(run, data_dir, download, device)
     config, data = run.config, problem.data

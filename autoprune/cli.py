@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchvision's pretrained weights; omitted: train the base model first")
     search.add_argument("--budget", default="flops=0.3",
                         help="flops=0.3 (share of base), flops=120M, params=1.5M, or both joined by a "
-                             "comma; FLOPs are thop MACs (default: flops=0.3)")
+                             "comma; a range, flops=0.05..0.5, searches the whole trade-off in one study "
+                             "over 6 log-spaced targets; FLOPs are thop MACs (default: flops=0.3)")
     search.add_argument("--trials", type=int, default=12,
                         help="trials the study should reach, pruned ones included (default: 12); with "
                              "--time-budget, the most candidates to try")
@@ -191,6 +192,9 @@ def _inspect_commands(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export", help="rebuild a trial, fine-tune, test and write it out")
     _stored(export)
     export.add_argument("--trial", type=int, help="trial number (default: the best)")
+    export.add_argument("--flops", help="export the most accurate trial at or under this many FLOPs (thop MACs): "
+                        "a share of the base (0.2, 20%%) or a count (8M); picks a point of a range study")
+    export.add_argument("--params", help="likewise for params (0.1, 1.5M); with --flops, both must hold")
     export.add_argument("--out", help="output folder (default: RUN_DIR/trial-N)")
     export.add_argument("--final-epochs", type=_epochs, default=5.0, help="fine-tune epochs (default: 5)")
     export.add_argument("--format", action="append", default=[], choices=["onnx", "torchscript"],
@@ -298,7 +302,8 @@ def _export(args: argparse.Namespace) -> None:
     from .api import export_trial
     from .counting import human
 
-    s = export_trial(args.study, args.trial, storage=args.storage, run_dir=args.run_dir, out=args.out,
+    at = ",".join(f"{key}={value}" for key, value in (("flops", args.flops), ("params", args.params)) if value)
+    s = export_trial(args.study, args.trial, at=at or None, storage=args.storage, run_dir=args.run_dir, out=args.out,
                      final_epochs=args.final_epochs, formats=args.format, quantize=args.quantize,
                      latency_batches=(1, args.latency_batch), repeats=args.repeats,
                      threads=args.latency_threads, data_dir=args.data_dir,

@@ -210,6 +210,12 @@ def _inspect_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--device", default="auto", help="for the fine-tune: auto, cpu, cuda, cuda:N")
     export.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    dashboard = commands.add_parser("dashboard", help="serve optuna-dashboard on the study's storage "
+                                    "(the search and its front copy) on localhost; Ctrl-C stops it")
+    _stored(dashboard)
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    dashboard.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0: a free one)")
+
     studies = commands.add_parser("studies", help="list studies with trial counts, budget and best accuracy")
     studies.add_argument("--storage", help="Optuna storage URL (default: every results/*/study.db)")
 
@@ -325,6 +331,17 @@ def _export(args: argparse.Namespace) -> None:
           + "".join(f" {s[k]['file']}" for k in ("onnx", "torchscript", "quantized") if k in s))
 
 
+def _dashboard(args: argparse.Namespace) -> None:
+    from .dashboard import serve
+    from .runs import open_run
+
+    run = open_run(args.study, args.storage, args.run_dir)
+    try:
+        serve(run, args.host, args.port, ready=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:  # how a server is stopped, not an interruption to resume from
+        print("dashboard stopped")
+
+
 def _studies(args: argparse.Namespace) -> None:
     from .runs import list_studies
 
@@ -367,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     commands = {"search": _search, "groups": _groups, "pareto": _pareto, "report": _report,
-                "export": _export, "studies": _studies, "bench": _bench,
+                "export": _export, "studies": _studies, "dashboard": _dashboard, "bench": _bench,
                 "mlp-sweep": _sweep}
     try:
         commands[args.command](args)

@@ -2,7 +2,8 @@
 
 Plots: the Pareto front (with the budget and the base model), the sensitivity
 curve of every group, the channels the chosen trial keeps per group, and the
-search's history. Drawn with matplotlib's object API on the Agg canvas, so no
+search's history; and the same as one interactive page, ``report.html``
+(:mod:`autoprune.html_report`). Drawn with matplotlib's object API on the Agg canvas, so no
 display and no global pyplot state are involved.
 """
 
@@ -135,7 +136,8 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 
 def write_report(run: Run, out: str | Path | None = None, trial: int | None = None) -> Path:
-    """Write the plots and ``report.md`` into ``out`` (default ``RUN_DIR/report``); return its path.
+    """Write the plots, ``report.html`` and ``report.md`` into ``out`` (default ``RUN_DIR/report``);
+    return the path of ``report.md``.
 
     Example:
         >>> write_report(open_run("resnet18-digits-flops0.25"))
@@ -153,6 +155,9 @@ def write_report(run: Run, out: str | Path | None = None, trial: int | None = No
     if len(table):
         plot_sensitivity(table, out / PLOTS["sensitivity"], run.base_val_accuracy())
         plots.insert(1, "sensitivity")
+    from .html_report import write_html  # plotly is imported only here
+
+    write_html(run, frame, chosen.number, out / "report.html")
     write_text(out / "report.md", _report_text(run, frame, chosen.number, plots))
     return out / "report.md"
 
@@ -180,7 +185,8 @@ def _report_text(run: Run, frame: pd.DataFrame, trial: int, plots: list[str]) ->
                           "FLOPs share": front["flops_share"].map("{:.1%}".format),
                           "params": front["params"].map(human),
                           "params share": front["params_share"].map("{:.1%}".format)})
-    lines += ["", "## Pareto front", "", _markdown(shown), ""]
+    lines += ["", "Interactive: [report.html](report.html) (opens from the file system; hover a point for "
+              "its plan).", "", "## Pareto front", "", _markdown(shown), ""]
     captions = {"front": "Accuracy against cost: every trial, the front, the budget line and the base model",
                 "sensitivity": "Sensitivity: each group pruned alone (after BatchNorm recalibration)",
                 "channels": f"Channels kept per group by trial {trial}",

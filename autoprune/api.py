@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .budget import Budget, check_prunes, check_reachable, steps
+from .budget import STRATA, Budget, BudgetRange, check_prunes, check_reachable, parse_budget, steps
 from .checks import check_numbers, check_run, claim_run
 from .costmodel import CostModel
 from .counting import Cost, human
@@ -42,7 +42,7 @@ from .models import build_model, load_weights, read_state_dict
 from .plan import Plan
 from .sensitivity import GRID, bounds, equal_drop, scan
 from .space import SearchSpace, resolve
-from .study import (ENDED, Problem, Settings, SharedTable, best_trial, checkpoint, config_dict, count_pruned,
+from .study import (ENDED, Problem, Settings, SharedTable, Stratum, best_trial, checkpoint, config_dict, count_pruned,
                     enqueue_seed, open_study, run, trial_plan, trials_table)
 from .training import evaluate, resolve_device, train
 
@@ -103,7 +103,7 @@ BASE_LR = 0.05  # SGD learning rate for training a base model from scratch
 def search(
     model: nn.Module | str,
     data: Data | str | Sequence[Dataset | DataLoader],
-    budget: str | Budget = "flops=0.3",
+    budget: str | Budget | BudgetRange = "flops=0.3",
     *,
     weights: str | None = None,
     trials: int = 12,
@@ -158,7 +158,11 @@ def search(
     by its cheap score (pruned, BatchNorm recalibrated, not fine-tuned) and stops trials
     below the median part-way through their fine-tune; ``trials`` counts pruned trials
     too, as Optuna's ``n_trials`` does.
-    ``time_budget`` (``"30m"``, ``"1h"``, seconds) plans the run to end on time with
+    A budget range (``"flops=0.05..0.5"``) searches the whole trade-off in one
+    study: trials are spread over :data:`~autoprune.budget.STRATA` log-spaced
+    targets (see :class:`~autoprune.budget.BudgetRange`), and the most accurate
+    trial, at the range's upper end, is exported; ``export_trial(at=...)`` exports
+    any other point. ``time_budget`` (``"30m"``, ``"1h"``, seconds) plans the run to end on time with
     its model exported, counted from when the base model is ready: a thinned
     sensitivity scan, one bracket of successive halving whose survivors carry
     their weights (:mod:`autoprune.halving`), and a final fine-tune that fills
@@ -183,6 +187,10 @@ def search(
                   finetune_epochs=finetune_epochs, final_epochs=final_epochs, train_epochs=train_epochs,
                   bn_batches=bn_batches, grid=grid, max_ratio=max_ratio, round_to=round_to)
     extra = extra_settings(distill, distill_weight, temperature, soft_epochs)
+    if ".." in str(budget) and (granularity == "weight" or time_budget is not None):
+        what = "--granularity weight" if granularity == "weight" else "--time-budget"
+        raise AutopruneError(f"a budget range is searched by trial count on channels only; "
+                             f"leave out {what} or give one budget, e.g. flops=0.25")
     if granularity == "weight":
         if workers > 1:  # its trial loop has no heartbeat or dead-worker recovery
             raise AutopruneError("--workers runs channel searches only; leave it out with --granularity weight")
@@ -202,7 +210,7 @@ def search(
                               device=device, seed=seed, quiet=quiet, data_dir=data_dir, download=download,
                               extra=extra)
     pruner = pruner or "median"
-    budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+    budget = parse_budget(budget)
     seconds = parse_duration(time_budget) if time_budget is not None else None
     if seconds and workers > 1:
         raise AutopruneError("--time-budget plans one process's time; leave out --workers (or --time-budget)")
@@ -236,7 +244,8 @@ def search(
                          max_ratio=space.max_ratio, space=space.to_dict(),
                          finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
                          bn_batches=bn_batches, seed=seed, pruner=pruner,
-                         **{k: v for k, v in extra.items() if k == "distill"})  # soft pruning: export only
+                         **{k: v for k, v in extra.items() if k == "distill"},  # soft pruning: export only
+                         **({"strata": STRATA} if isinstance(budget, BudgetRange) else {}))
     claim_run(out, study_name)
     the_study = open_study(study_name, storage, config, new=new_study)
     the_study.set_user_attr(FINAL_EXTRA, extra)  # so `export` fine-tunes as this run's final fine-tune does
@@ -255,10 +264,15 @@ def search(
                  bn_batches, batch_size, quiet, round_to=space.round_to, shared=SharedTable(the_study),
                  seconds=SCAN_SHARE * deadline.left() if deadline else None)
     low, ceiling = space.ratio_bounds(groups.ids)
-    high = np.maximum(low, bounds(table, costs, limits, ceiling, round_to=space.round_to))
-    problem = Problem(base, data, groups, costs, limits, low, high,
-                      equal_drop(table, costs, limits, low, high, space.round_to), base_val, device,
-                      space.round_to, out / "checkpoints")
+    targets = budget.targets(STRATA) if isinstance(budget, BudgetRange) else [budget]
+    tightest = targets[0].limits(costs.base)  # one scan serves every target: bound for the tightest
+    high = np.maximum(low, bounds(table, costs, tightest, ceiling, round_to=space.round_to))
+    strata = [Stratum(str(b), b.limits(costs.base),
+                      equal_drop(table, costs, b.limits(costs.base), low, high, space.round_to))
+              for b in targets] if isinstance(budget, BudgetRange) else []
+    seed = strata[-1].seed if strata else equal_drop(table, costs, limits, low, high, space.round_to)
+    problem = Problem(base, data, groups, costs, limits, low, high, seed, base_val, device,
+                      space.round_to, out / "checkpoints", strata)
     # Workers on other machines must not draw the same candidates: give each process its own stream.
     stream = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) if shared_storage else 0
     if _worker:
@@ -440,15 +454,18 @@ def find_groups(model: nn.Module, example: torch.Tensor, space: SearchSpace, dat
     return groups
 
 
-def _budget_limits(groups: ChannelGroups, budget: Budget, space: SearchSpace) -> tuple[CostModel, Cost]:
-    """The cost predictor and the budget's absolute caps; refuses a budget out of reach."""
+def _budget_limits(groups: ChannelGroups, budget: Budget | BudgetRange,
+                   space: SearchSpace) -> tuple[CostModel, Cost]:
+    """The cost predictor and the budget's absolute caps (a range's upper end); refuses a budget out of
+    reach (a range whose lower end is)."""
     if not len(groups):
         raise AutopruneError("the model has no prunable channel group; nothing to search")
     space.check_groups(groups.ids)
     costs = CostModel(groups)
     limits = budget.limits(costs.base)
     check_prunes(budget, limits, costs.base)
-    check_reachable(costs, limits, space.ratio_bounds(groups.ids)[1], space.round_to)
+    tightest = budget.low.limits(costs.base) if isinstance(budget, BudgetRange) else limits
+    check_reachable(costs, tightest, space.ratio_bounds(groups.ids)[1], space.round_to)
     return costs, limits
 
 
@@ -513,6 +530,7 @@ def export_trial(
     study: str,
     trial: int | None = None,
     *,
+    at: str | None = None,
     storage: str | None = None,
     run_dir: str | Path | None = None,
     out: str | Path | None = None,
@@ -529,6 +547,9 @@ def export_trial(
 ) -> dict[str, Any]:
     """Rebuild trial ``trial`` (default: the best) of a stored study, fine-tune, test and write it.
 
+    ``at`` (``"flops=0.2"``, ``"params=1M"``) picks instead the most accurate trial at or
+    under that point: on a range study, any point of the trade-off.
+
     Writes ``model.pt``, ``weights.pt``, ``plan.json`` and ``summary.json`` into
     ``out`` (default ``RUN_DIR/trial-N``); ``formats`` adds ``model.onnx``
     and/or ``model.torchscript.pt``, each checked against the PyTorch outputs;
@@ -540,6 +561,8 @@ def export_trial(
     Example:
         >>> summary = autoprune.export_trial("resnet18-digits-flops0.25", formats=["onnx"], quantize="dynamic")
         >>> summary["latency_ms"]["pruned"]["1"] < summary["latency_ms"]["base"]["1"]
+        True
+        >>> autoprune.export_trial("resnet18-digits-flops0.05..0.5", at="flops=0.2")["flops_share"] <= 0.2
         True
     """
     from . import deploy
@@ -554,6 +577,11 @@ def export_trial(
         raise AutopruneError("latency needs at least one repeat, one thread and batch sizes of at least 1")
     started = time.perf_counter()
     run = open_run(study, storage, run_dir)
+    if at is not None and trial is not None:
+        raise AutopruneError("give a trial number or a point to export at (--flops/--params), not both")
+    if at is not None:
+        from .pareto import best_under
+        trial = best_under(run, at)
     chosen = best_trial(run.study, trial)
     problem = rebuild_problem(run, data_dir, download, device)
     config, data = run.config, problem.data

@@ -2,7 +2,8 @@
 
 A budget caps FLOPs (thop MACs), params, or both: ``flops=0.3`` keeps 30 % of
 the base model's FLOPs, ``flops=120M`` and ``params=1.5M`` are absolute, and
-``flops=0.3,params=2M`` caps both.
+``flops=0.3,params=2M`` caps both. A range, ``flops=0.05..0.5``, asks for the
+whole trade-off in one study (:class:`BudgetRange`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,77 @@ class Budget:
             if value is not None:
                 parts.append(f"{key}={value:g}" if relative else f"{key}={human(value)}")
         return ",".join(parts)
+
+
+STRATA = 6  # targets a range study spreads its trials over (the front's resolution along the range)
+
+
+@dataclass(frozen=True)
+class BudgetRange:
+    """A range of caps on one quantity: ``flops=0.05..0.5`` or ``params=1M..4M``.
+
+    A range study fixes ``strata`` targets log-spaced from ``low`` to ``high``
+    (equal steps in log FLOPs, as accuracy changes with the order of magnitude
+    pruned) and projects each trial onto one of them exactly as a single
+    budget's trial is projected. Its feasibility cap is the upper end.
+
+    Example:
+        >>> [str(b) for b in BudgetRange.parse("flops=0.1..0.4").targets(3)]
+        ['flops=0.1', 'flops=0.2', 'flops=0.4']
+    """
+
+    low: Budget
+    high: Budget
+    key: str
+
+    @classmethod
+    def parse(cls, text: str) -> BudgetRange:
+        usage = "write a range as flops=0.05..0.5 or params=1M..4M, one quantity, the smaller end first"
+        match = re.match(r"^\s*(flops|params)\s*=\s*([^.,]*\.?[^.,]*)\s*\.\.\s*(.+)$", str(text), re.I)
+        if not match or "," in text:
+            raise AutopruneError(f"cannot read budget range {text!r}: {usage}")
+        key = match.group(1).lower()
+        ends = []
+        for end in (match.group(2), match.group(3)):
+            try:
+                ends.append(Budget.parse(f"{key}={end.strip()}"))
+            except AutopruneError:
+                raise AutopruneError(f"cannot read budget range {text!r}: {end.strip()!r} is not a "
+                                     f"{key} budget; {usage}") from None
+        low, high = ends
+        value = lambda b: getattr(b, key)  # noqa: E731
+        relative = lambda b: getattr(b, f"{key}_relative")  # noqa: E731
+        if relative(low) != relative(high):
+            raise AutopruneError(f"budget range {text!r} mixes a share and a count; {usage}")
+        if not value(low) < value(high):
+            raise AutopruneError(f"budget range {text!r} must go from the smaller to the larger end; {usage}")
+        return cls(low, high, key)
+
+    def targets(self, strata: int = STRATA) -> list[Budget]:
+        """``strata`` budgets log-spaced from the lower end to the upper end, both included."""
+        low, high = getattr(self.low, self.key), getattr(self.high, self.key)
+        values = [float(f"{v:.3g}") for v in np.geomspace(low, high, strata)]  # readable, ends exact
+        relative = getattr(self.low, f"{self.key}_relative")
+        return [Budget(**{self.key: float(v), f"{self.key}_relative": relative}) for v in values]
+
+    def limits(self, base: Cost) -> Cost:
+        """The upper end's caps: every trial of the range meets them."""
+        return self.high.limits(base)
+
+    def __str__(self) -> str:
+        return f"{self.low}..{str(self.high).split('=', 1)[1]}"
+
+
+def parse_budget(text: str | Budget | BudgetRange) -> Budget | BudgetRange:
+    """A :class:`Budget`, or a :class:`BudgetRange` where ``text`` has ``..``.
+
+    Example:
+        >>> parse_budget("flops=0.05..0.5")
+        BudgetRange(low=Budget(flops=0.05, ...), high=Budget(flops=0.5, ...), key='flops')
+    """
+    if isinstance(text, (Budget, BudgetRange)):
+        return text
+    return BudgetRange.parse(text) if ".." in str(text) else Budget.parse(text)
 
 
 def fits(cost: Cost | tuple[float, float], limits: Cost) -> bool:

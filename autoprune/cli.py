@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchvision's pretrained weights; omitted: train the base model first")
     search.add_argument("--budget", default="flops=0.3",
                         help="flops=0.3 (share of base), flops=120M, params=1.5M, or both joined by a "
-                             "comma; FLOPs are thop MACs (default: flops=0.3)")
+                             "comma; a range, flops=0.05..0.5, searches the whole trade-off in one study "
+                             "over 6 log-spaced targets; FLOPs are thop MACs (default: flops=0.3)")
     search.add_argument("--trials", type=int, default=12,
                         help="trials the study should reach, pruned ones included (default: 12); with "
                              "--time-budget, the most candidates to try")
@@ -192,6 +193,9 @@ def _inspect_commands(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export", help="rebuild a trial, fine-tune, test and write it out")
     _stored(export)
     export.add_argument("--trial", type=int, help="trial number (default: the best)")
+    export.add_argument("--flops", help="export the most accurate trial at or under this many FLOPs (thop MACs): "
+                        "a share of the base (0.2, 20%%) or a count (8M); picks a point of a range study")
+    export.add_argument("--params", help="likewise for params (0.1, 1.5M); with --flops, both must hold")
     export.add_argument("--out", help="output folder (default: RUN_DIR/trial-N)")
     export.add_argument("--final-epochs", type=_epochs, default=5.0, help="fine-tune epochs (default: 5)")
     export.add_argument("--format", action="append", default=[], choices=["onnx", "torchscript"],
@@ -206,6 +210,12 @@ def _inspect_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--download", action="store_true", help="download the torchvision data set if missing")
     export.add_argument("--device", default="auto", help="for the fine-tune: auto, cpu, cuda, cuda:N")
     export.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    dashboard = commands.add_parser("dashboard", help="serve optuna-dashboard on the study's storage "
+                                    "(the search and its front copy) on localhost; Ctrl-C stops it")
+    _stored(dashboard)
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    dashboard.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0: a free one)")
 
     studies = commands.add_parser("studies", help="list studies with trial counts, budget and best accuracy")
     studies.add_argument("--storage", help="Optuna storage URL (default: every results/*/study.db)")
@@ -299,7 +309,8 @@ def _export(args: argparse.Namespace) -> None:
     from .api import export_trial
     from .counting import human
 
-    s = export_trial(args.study, args.trial, storage=args.storage, run_dir=args.run_dir, out=args.out,
+    at = ",".join(f"{key}={value}" for key, value in (("flops", args.flops), ("params", args.params)) if value)
+    s = export_trial(args.study, args.trial, at=at or None, storage=args.storage, run_dir=args.run_dir, out=args.out,
                      final_epochs=args.final_epochs, formats=args.format, quantize=args.quantize,
                      latency_batches=(1, args.latency_batch), repeats=args.repeats,
                      threads=args.latency_threads, data_dir=args.data_dir,
@@ -319,6 +330,17 @@ def _export(args: argparse.Namespace) -> None:
               f"test accuracy {q['test_accuracy']:.2%}, {q['quantized_layers']} int8 layer(s) (Linear/RNN only)")
     print(f"wrote {s['out']}/: model.pt weights.pt plan.json summary.json"
           + "".join(f" {s[k]['file']}" for k in ("onnx", "torchscript", "quantized") if k in s))
+
+
+def _dashboard(args: argparse.Namespace) -> None:
+    from .dashboard import serve
+    from .runs import open_run
+
+    run = open_run(args.study, args.storage, args.run_dir)
+    try:
+        serve(run, args.host, args.port, ready=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:  # how a server is stopped, not an interruption to resume from
+        print("dashboard stopped")
 
 
 def _studies(args: argparse.Namespace) -> None:
@@ -363,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     commands = {"search": _search, "groups": _groups, "pareto": _pareto, "report": _report,
-                "export": _export, "studies": _studies, "bench": _bench,
+                "export": _export, "studies": _studies, "dashboard": _dashboard, "bench": _bench,
                 "mlp-sweep": _sweep}
     try:
         commands[args.command](args)

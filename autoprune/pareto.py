@@ -4,6 +4,10 @@ Every trial records its plan, FLOPs (thop MACs), params and accuracy, so the
 front is read from the study alone. A trial is feasible when it meets the
 budget; it is on the front when no feasible trial is at least as accurate,
 at most as costly in FLOPs and in params, and better in one of them.
+
+A range study (``flops=0.05..0.5``) is feasible up to the range's upper end, so
+its front is the curve across the range; each row also names its target and
+whether it is the uniform reference plan.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from .budget import Budget, BudgetRange
 from .counting import human
+from .errors import AutopruneError
 from .runs import Run, quiet_storage
 
 COLUMNS = ["trial", "val_accuracy", "val_accuracy_before_finetune", "flops", "flops_share", "params",
@@ -32,6 +38,10 @@ def trials_frame(run: Run) -> pd.DataFrame:
              "params": t.user_attrs["params"], "params_share": t.user_attrs["params_share"],
              "seconds": t.user_attrs.get("seconds", np.nan)} for t in run.complete()]
     frame = pd.DataFrame(rows, columns=COLUMNS[:-2])
+    if isinstance(run.budget, BudgetRange):  # columns a single budget's tables never had
+        attrs = {t.number: t.user_attrs for t in run.complete()}
+        frame["target"] = [attrs[n].get("target") for n in frame["trial"]]
+        frame["uniform"] = [attrs[n].get("reference") == "uniform" for n in frame["trial"]]
     frame["feasible"] = ((frame["flops"] <= limits.flops * (1 + TOLERANCE))
                          & (frame["params"] <= limits.params * (1 + TOLERANCE)))
     frame["on_front"] = frame["feasible"] & non_dominated(frame, frame["feasible"].to_numpy())
@@ -67,7 +77,31 @@ def pareto_front(run: Run) -> pd.DataFrame:
         >>> front[["trial", "val_accuracy", "flops_share", "params_share"]].head(1)
     """
     frame = trials_frame(run)
-    return frame[frame["on_front"]].drop(columns=["feasible", "on_front"]).reset_index(drop=True)
+    front = frame[frame["on_front"]].drop(columns=["feasible", "on_front"])
+    if isinstance(run.budget, BudgetRange):  # read along the range, cheapest first
+        front = front.sort_values([f"{run.budget.key}", "val_accuracy"], ascending=[True, False])
+    return front.reset_index(drop=True)
+
+
+def best_under(run: Run, at: str) -> int:
+    """The number of the most accurate finished trial at or under ``at`` (``flops=0.2``, ``params=1M``).
+
+    Shares are of the base model, as in a budget; FLOPs are thop MACs.
+
+    Example:
+        >>> best_under(open_run("resnet18-digits-flops0.05..0.5"), "flops=0.2")
+        17
+    """
+    caps = Budget.parse(at).limits(run.base_cost())
+    frame = trials_frame(run)
+    fit = (frame["flops"] <= caps.flops * (1 + TOLERANCE)) & (frame["params"] <= caps.params * (1 + TOLERANCE))
+    under = frame[fit]
+    if under.empty:
+        least = frame.sort_values("flops").iloc[0]
+        raise AutopruneError(f"study {run.name!r} has no finished trial at or under {at}; its smallest has "
+                             f"{human(least['flops'])} FLOPs (thop MACs, {least['flops_share']:.1%} of base) and "
+                             f"{human(least['params'])} params ({least['params_share']:.1%}): ask for at least that")
+    return int(under.sort_values(["val_accuracy", "flops"], ascending=[False, True])["trial"].iloc[0])
 
 
 def to_text(front: pd.DataFrame) -> str:
@@ -81,6 +115,8 @@ def to_text(front: pd.DataFrame) -> str:
         "params": front["params"].map(human),
         "params share": front["params_share"].map("{:.1%}".format),
     })
+    if "target" in front:
+        shown["target"] = [f"{t} (uniform)" if u else t for t, u in zip(front["target"], front["uniform"])]
     return shown.to_string(index=False)
 
 

@@ -2,7 +2,8 @@
 
 Plots: the Pareto front (with the budget and the base model), the sensitivity
 curve of every group, the channels the chosen trial keeps per group, and the
-search's history. Drawn with matplotlib's object API on the Agg canvas, so no
+search's history; and the same as one interactive page, ``report.html``
+(:mod:`autoprune.html_report`). Drawn with matplotlib's object API on the Agg canvas, so no
 display and no global pyplot state are involved.
 """
 
@@ -18,7 +19,8 @@ from matplotlib.figure import Figure
 
 from .counting import human
 from .files import atomic_path, write_text
-from .pareto import trials_frame
+from .budget import BudgetRange
+from .pareto import non_dominated, trials_frame
 from .runs import Run
 from .study import best_trial, trial_plan
 
@@ -32,9 +34,21 @@ def _save(figure: Figure, path: Path) -> None:
         figure.savefig(tmp, format="png", dpi=110)
 
 
+def curve(frame: pd.DataFrame, key: str) -> pd.DataFrame:
+    """The feasible trials no other beats on accuracy and ``key`` alone, cheapest first: the trade-off curve."""
+    feasible = frame[frame["feasible"]]
+    return feasible[non_dominated(feasible.assign(**{"flops" if key == "params" else "params": 0.0}))
+                    ].sort_values(key)
+
+
 def plot_front(frame: pd.DataFrame, run: Run, path: Path) -> None:
-    """Validation accuracy against FLOPs and against params; front, budget and base marked."""
+    """Validation accuracy against FLOPs and against params; front, budget and base marked.
+
+    A range study's panels draw the trade-off curve across the range (shaded),
+    with the uniform plan at each target, fine-tuned alike, beside it.
+    """
     base, limits, base_acc = run.base_cost(), run.limits(), run.base_val_accuracy()
+    ranged = run.budget if isinstance(run.budget, BudgetRange) else None
     figure = Figure(figsize=(10, 4))
     for ax, key, label, cap, full in zip(figure.subplots(1, 2), ("flops", "params"),
                                          ("FLOPs (thop MACs)", "params"), (limits.flops, limits.params),
@@ -48,7 +62,16 @@ def plot_front(frame: pd.DataFrame, run: Run, path: Path) -> None:
                         xytext=(3, 3), textcoords="offset points")
         if base_acc is not None:
             ax.scatter([full], [base_acc], marker="*", s=160, c="tab:red", label="base model", zorder=3)
-        if math.isfinite(cap):
+        if ranged:
+            line = curve(frame, key)
+            ax.plot(line[key], line["val_accuracy"], "-", c="tab:blue", alpha=0.7, label="trade-off curve")
+            uniform = frame[frame["uniform"]].sort_values(key)
+            ax.plot(uniform[key], uniform["val_accuracy"], "s--", c="tab:green", ms=4,
+                    label="uniform pruning (same fine-tune)")
+        if ranged and key == ranged.key:
+            ax.axvspan(getattr(ranged.low.limits(base), key), cap, color="tab:orange", alpha=0.12,
+                       label=f"range {ranged}")
+        elif math.isfinite(cap):
             ax.axvline(cap, ls="--", c="tab:orange", label=f"budget ({human(cap)})")
         ax.set_xscale("log")
         ax.set_xlabel(label)
@@ -113,7 +136,8 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 
 def write_report(run: Run, out: str | Path | None = None, trial: int | None = None) -> Path:
-    """Write the plots and ``report.md`` into ``out`` (default ``RUN_DIR/report``); return its path.
+    """Write the plots, ``report.html`` and ``report.md`` into ``out`` (default ``RUN_DIR/report``);
+    return the path of ``report.md``.
 
     Example:
         >>> write_report(open_run("resnet18-digits-flops0.25"))
@@ -131,6 +155,9 @@ def write_report(run: Run, out: str | Path | None = None, trial: int | None = No
     if len(table):
         plot_sensitivity(table, out / PLOTS["sensitivity"], run.base_val_accuracy())
         plots.insert(1, "sensitivity")
+    from .html_report import write_html  # plotly is imported only here
+
+    write_html(run, frame, chosen.number, out / "report.html")
     write_text(out / "report.md", _report_text(run, frame, chosen.number, plots))
     return out / "report.md"
 
@@ -158,7 +185,8 @@ def _report_text(run: Run, frame: pd.DataFrame, trial: int, plots: list[str]) ->
                           "FLOPs share": front["flops_share"].map("{:.1%}".format),
                           "params": front["params"].map(human),
                           "params share": front["params_share"].map("{:.1%}".format)})
-    lines += ["", "## Pareto front", "", _markdown(shown), ""]
+    lines += ["", "Interactive: [report.html](report.html) (opens from the file system; hover a point for "
+              "its plan).", "", "## Pareto front", "", _markdown(shown), ""]
     captions = {"front": "Accuracy against cost: every trial, the front, the budget line and the base model",
                 "sensitivity": "Sensitivity: each group pruned alone (after BatchNorm recalibration)",
                 "channels": f"Channels kept per group by trial {trial}",

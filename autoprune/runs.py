@@ -18,7 +18,7 @@ import optuna
 import pandas as pd
 import torch
 
-from .budget import Budget
+from .budget import Budget, BudgetRange, parse_budget
 from .costmodel import CostModel
 from .counting import Cost
 from .data import Data, load_data
@@ -61,9 +61,13 @@ class Run:
         attrs = trials[0].user_attrs
         return Cost(attrs["flops"] / attrs["flops_share"], attrs["params"] / attrs["params_share"])
 
+    @property
+    def budget(self) -> Budget | BudgetRange:
+        return parse_budget(self.config["budget"])
+
     def limits(self) -> Cost:
-        """The budget's absolute caps (``inf`` where it sets none)."""
-        return Budget.parse(self.config["budget"]).limits(self.base_cost())
+        """The budget's absolute caps (``inf`` where it sets none; a range's upper end)."""
+        return self.budget.limits(self.base_cost())
 
     def sensitivity(self) -> pd.DataFrame:
         """The sensitivity rows for this study's base model and importance criterion."""
@@ -148,7 +152,7 @@ def rebuild_problem(run: Run, data_dir: str | Path = "data", download: bool = Fa
     groups = ChannelGroups(base, data.example_input(), importance=config.get("importance", "l1"),
                            base_model=config["base_model"])
     costs = CostModel(groups)
-    limits = Budget.parse(config["budget"]).limits(costs.base)
+    limits = parse_budget(config["budget"]).limits(costs.base)
     n = len(groups)
     return Problem(base, data, groups, costs, limits, np.zeros(n), np.full(n, config.get("max_ratio", 0.9)),
                    np.zeros(n), evaluate(base, data.loader("val", 256), torch_device), torch_device)

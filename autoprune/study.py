@@ -56,6 +56,15 @@ ENDED = (COMPLETE, PRUNED)  # what counts towards the trials asked for, as in Op
 PRUNERS = ("median", "none")
 
 
+@dataclass(frozen=True)
+class Stratum:
+    """One target of a range study: its caps and the sensitivity seed that just meets them."""
+
+    budget: str
+    limits: Cost
+    seed: np.ndarray
+
+
 @dataclass
 class Problem:
     """Everything a trial needs, fixed for the whole study."""
@@ -72,6 +81,12 @@ class Problem:
     device: torch.device
     round_to: int = 1
     checkpoints: Path | None = None  # where trials keep their fine-tuned weights (None: not kept)
+    strata: list[Stratum] = field(default_factory=list)  # a range study's targets; empty for one budget
+
+    def limits_for(self, trial: optuna.Trial | optuna.trial.FrozenTrial) -> Cost:
+        """The caps trial ``trial`` is projected onto: its stratum's in a range study."""
+        stratum = trial.user_attrs.get("stratum")
+        return self.limits if stratum is None or not self.strata else self.strata[stratum].limits
 
 
 @dataclass
@@ -110,6 +125,9 @@ class ReachedMedianPruner(optuna.pruners.BasePruner):
     the final value over the finished trials (at least ``startup``, and 5) is
     at least ``min_rank``: the study checks its own screen as it goes.
 
+    In a range study each trial is compared with the trials of its own stratum
+    (target) only, and a uniform reference trial is never pruned.
+
     Example:
         >>> study = optuna.create_study(direction="maximize", pruner=ReachedMedianPruner(startup=3))
     """
@@ -119,11 +137,17 @@ class ReachedMedianPruner(optuna.pruners.BasePruner):
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         step = trial.last_step
-        done = study.get_trials(deepcopy=False, states=(COMPLETE,))
+        if trial.user_attrs.get("reference"):  # a reference curve's point is fine-tuned to the end
+            return False
+        # In a range study a trial at 5 % of the FLOPs is not worse for trailing one at 50 %:
+        # it is compared with its own stratum only (one budget: every trial has stratum None).
+        stratum = trial.user_attrs.get("stratum")
+        done = [t for t in study.get_trials(deepcopy=False, states=(COMPLETE,))
+                if t.user_attrs.get("stratum") == stratum]
         if step is None or len(done) < self.startup or (step == 0 and screen_rank(done) < self.min_rank):
             return False
         seen = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False, states=ENDED)
-                if step in t.intermediate_values]
+                if step in t.intermediate_values and t.user_attrs.get("stratum") == stratum]
         better = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
         return bool(seen) and better * trial.intermediate_values[step] < better * float(np.median(seen))
 
@@ -316,7 +340,13 @@ class Objective:
         started = time.perf_counter()
         ratios = np.array([trial.suggest_float(ratio_param(gid), float(lo), float(hi))
                            for gid, lo, hi in zip(p.costs.ids, p.low, p.high)])
-        plan, model, cost = fit_plan(p.groups, p.costs, ratios, p.limits, p.low, p.high, p.round_to)
+        if p.strata and trial.user_attrs.get("stratum") is None:
+            stratum = choose_stratum(trial.study, len(p.strata), trial.number)
+            trial.set_user_attr("stratum", stratum)
+        if p.strata:
+            trial.set_user_attr("target", p.strata[trial.user_attrs["stratum"]].budget)
+        limits = p.limits_for(trial)
+        plan, model, cost = fit_plan(p.groups, p.costs, ratios, limits, p.low, p.high, p.round_to)
         trial.set_user_attr("cut_seconds", round(time.perf_counter() - started, 3))
         base = p.costs.base
         trial.set_user_attr("plan", plan.to_dict())
@@ -324,7 +354,7 @@ class Objective:
         trial.set_user_attr("params", cost.params)
         trial.set_user_attr("flops_share", cost.flops / base.flops)
         trial.set_user_attr("params_share", cost.params / base.params)
-        trial.set_constraint("budget", usage(cost, p.limits) - 1.0)
+        trial.set_constraint("budget", usage(cost, limits) - 1.0)
         torch.manual_seed(s.seed + trial.number)
         model.to(p.device)
         recalibrate_bn(model, self._train_loader(trial, 0), p.device, s.trial_bn_batches)
@@ -374,10 +404,34 @@ class Objective:
             raise optuna.TrialPruned(f"val {accuracy:.2%} at step {step} is below the median")
 
 
+def choose_stratum(study: optuna.Study, strata: int, number: int | None = None) -> int:
+    """The stratum a new trial of a range study goes to: where the front is thinnest.
+
+    That is the stratum with the fewest finished trials (pruned ones add no point
+    to the front), then the fewest started: a fresh study fills the strata in
+    turn, and a study resumed with more trials tops up the thin ones first.
+    ``number`` (the trial asking) is left out of the count.
+
+    Example:
+        >>> choose_stratum(optuna.create_study(), 6)
+        0
+    """
+    finished_in, started_in = np.zeros(strata, int), np.zeros(strata, int)
+    for t in study.get_trials(deepcopy=False, states=(*ENDED, RUNNING)):
+        k = t.user_attrs.get("stratum")
+        if k is None or t.number == number or not 0 <= k < strata:
+            continue
+        finished_in[k] += t.state == COMPLETE
+        started_in[k] += 1
+    return int(min(range(strata), key=lambda k: (finished_in[k], started_in[k], k)))
+
+
 def _describe(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> str:
     attrs = trial.user_attrs
     best = study.best_trial
-    return (f"trial {trial.number}: val {attrs['val_accuracy']:.2%} "
+    target = f" | target {attrs['target']}" + (" (uniform)" if attrs.get("reference") else "") \
+        if "target" in attrs else ""
+    return (f"trial {trial.number}{target}: val {attrs['val_accuracy']:.2%} "
             f"(before fine-tune {attrs['val_accuracy_before_finetune']:.2%}) | "
             f"FLOPs {human(attrs['flops'])} ({attrs['flops_share']:.1%} of base, thop MACs) | "
             f"params {human(attrs['params'])} ({attrs['params_share']:.1%}) | {attrs['seconds']:.1f}s | "
@@ -471,8 +525,9 @@ def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Queue the parameters of a trial that could not finish, up to ``MAX_RETRY`` times."""
     params = trial.params or trial.system_attrs.get("fixed_params")
     retries = trial.user_attrs.get("retries", 0)
+    kept = {k: trial.user_attrs[k] for k in ("stratum", "reference") if k in trial.user_attrs}
     if params and retries < MAX_RETRY:
-        study.enqueue_trial(params, user_attrs={"retry_of": trial.number, "retries": retries + 1})
+        study.enqueue_trial(params, user_attrs={"retry_of": trial.number, "retries": retries + 1, **kept})
 
 
 def claim(study: optuna.Study, trial_id: int) -> None:
@@ -520,7 +575,9 @@ def _surplus(study: optuna.Study, number: int, wanted: int) -> str | None:
     if sum(t.state in ENDED for t in trials) + sum(t.state == RUNNING for t in earlier) >= wanted:
         return f"{wanted} trials were already finished or running"
     fixed = mine.system_attrs.get("fixed_params")
-    if fixed and any(t.system_attrs.get("fixed_params") == fixed for t in earlier):
+    stratum = mine.user_attrs.get("stratum")  # a range study queues the same uniform ratios for every target
+    if fixed and any(t.system_attrs.get("fixed_params") == fixed and t.user_attrs.get("stratum") == stratum
+                     for t in earlier):
         return "a copy of an earlier queued trial"
     return None
 
@@ -562,11 +619,29 @@ def _counts(study: optuna.Study) -> tuple[int, int]:
 
 
 def enqueue_seed(study: optuna.Study, problem: Problem) -> None:
-    """Queue the sensitivity seed (equal accuracy drop) as the first trial of a new study."""
+    """Queue the sensitivity seed (equal accuracy drop) as the first trial of a new study.
+
+    A range study queues one seed per target, then the uniform plan at every
+    target: fine-tuned as every trial is and never pruned, they are the
+    reference curve the report draws beside the front.
+    """
+    if problem.strata:
+        if not study.trials:
+            uniform = np.clip(np.zeros(len(problem.low)), problem.low, problem.high)  # projection scales it
+            for k, stratum in enumerate(problem.strata):
+                study.enqueue_trial(_params(problem, stratum.seed), user_attrs={"stratum": k})
+            for k in range(len(problem.strata)):
+                study.enqueue_trial(_params(problem, uniform), user_attrs={"stratum": k, "reference": "uniform"})
+        return
     if not study.trials:
         ratios = np.clip(problem.seed_ratios, problem.low, problem.high)  # rounding can step past a bound
         study.enqueue_trial({ratio_param(g): float(r) for g, r in zip(problem.costs.ids, ratios)},
                             skip_if_exists=True)
+
+
+def _params(problem: Problem, ratios: np.ndarray) -> dict[str, float]:
+    ratios = np.clip(ratios, problem.low, problem.high)
+    return {ratio_param(g): float(r) for g, r in zip(problem.costs.ids, ratios)}
 
 
 def run(problem: Problem, study: optuna.Study, settings: Settings, quiet: bool = False,

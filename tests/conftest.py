@@ -37,6 +37,26 @@ def tiny_run(tmp_path_factory):
     assert _contents(out) == before, "a test changed the shared tiny_run; give it a copy instead"
 
 
+# A range study (~25 s): six targets from 15 % to 60 % of the FLOPs; its twelve trials are the sensitivity
+# seed and the uniform plan at every target. Shared by test_range and test_browser, read only.
+RANGE_ARGS = ["search", "--model", f"{TINY}:tiny_resnet", "--dataset", "digits", "--budget", "flops=0.15..0.6",
+              "--trials", "12", "--train-epochs", "4", "--finetune-epochs", "0.3", "--final-epochs", "0.3",
+              "--grid", "0.5,0.75", "--quiet"]
+RANGE_STUDY = "tiny_models-digits-flops0.15..0.6"
+
+
+@pytest.fixture(scope="session")
+def tiny_range_run(tmp_path_factory):
+    """The run directory of the small range study; a test that writes to it works on a copy."""
+    from autoprune.cli import main
+
+    out = tmp_path_factory.mktemp("range")
+    assert main([*RANGE_ARGS, "--out", str(out)]) == 0
+    before = _contents(out)
+    yield out
+    assert _contents(out) == before, "a test changed the shared tiny_range_run; give it a copy instead"
+
+
 def _contents(folder: Path) -> dict[str, str]:
     return {str(f.relative_to(folder)): hashlib.sha1(f.read_bytes()).hexdigest()
             for f in sorted(folder.rglob("*")) if f.is_file()}

@@ -43,6 +43,7 @@ from .distill import from_settings
 from .errors import AutopruneError, one_line
 from .files import save_torch
 from .groups import ChannelGroups
+from .latency import describe as describe_latency, trial_latency
 from .plan import Plan
 from .training import evaluate, recalibrate_bn, train
 
@@ -72,6 +73,7 @@ class Problem:
     device: torch.device
     round_to: int = 1
     checkpoints: Path | None = None  # where trials keep their fine-tuned weights (None: not kept)
+    meter: Any = None  # a latency.Meter: every candidate's latency is measured and recorded (None: not)
 
 
 @dataclass
@@ -324,6 +326,9 @@ class Objective:
         trial.set_user_attr("params", cost.params)
         trial.set_user_attr("flops_share", cost.flops / base.flops)
         trial.set_user_attr("params_share", cost.params / base.params)
+        if p.meter is not None:
+            for key, value in trial_latency(p.meter, p.costs, plan.keep, model, cost).items():
+                trial.set_user_attr(key, value)
         trial.set_constraint("budget", usage(cost, p.limits) - 1.0)
         torch.manual_seed(s.seed + trial.number)
         model.to(p.device)
@@ -380,7 +385,8 @@ def _describe(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> str:
     return (f"trial {trial.number}: val {attrs['val_accuracy']:.2%} "
             f"(before fine-tune {attrs['val_accuracy_before_finetune']:.2%}) | "
             f"FLOPs {human(attrs['flops'])} ({attrs['flops_share']:.1%} of base, thop MACs) | "
-            f"params {human(attrs['params'])} ({attrs['params_share']:.1%}) | {attrs['seconds']:.1f}s | "
+            f"params {human(attrs['params'])} ({attrs['params_share']:.1%}){describe_latency(attrs)} | "
+            f"{attrs['seconds']:.1f}s | "
             f"best {best.value:.2%} (trial {best.number})")
 
 

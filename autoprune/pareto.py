@@ -18,7 +18,7 @@ from .counting import human
 from .runs import Run, quiet_storage
 
 COLUMNS = ["trial", "val_accuracy", "val_accuracy_before_finetune", "flops", "flops_share", "params",
-           "params_share", "seconds", "feasible", "on_front"]
+           "params_share", "latency_ms", "latency_predicted_ms", "seconds", "feasible", "on_front"]
 # Costs are projected onto the budget in whole channels; a relative slack this small is rounding.
 TOLERANCE = 1e-9
 
@@ -30,17 +30,25 @@ def trials_frame(run: Run) -> pd.DataFrame:
              "val_accuracy_before_finetune": t.user_attrs.get("val_accuracy_before_finetune", np.nan),
              "flops": t.user_attrs["flops"], "flops_share": t.user_attrs["flops_share"],
              "params": t.user_attrs["params"], "params_share": t.user_attrs["params_share"],
+             "latency_ms": t.user_attrs.get("latency_ms", np.nan),
+             "latency_predicted_ms": t.user_attrs.get("latency_predicted_ms", np.nan),
              "seconds": t.user_attrs.get("seconds", np.nan)} for t in run.complete()]
     frame = pd.DataFrame(rows, columns=COLUMNS[:-2])
     frame["feasible"] = ((frame["flops"] <= limits.flops * (1 + TOLERANCE))
                          & (frame["params"] <= limits.params * (1 + TOLERANCE)))
-    frame["on_front"] = frame["feasible"] & non_dominated(frame, frame["feasible"].to_numpy())
+    timed = np.isfinite(limits.latency)  # under a latency budget the front is over latency
+    if timed:
+        frame["feasible"] &= frame["latency_ms"] <= limits.latency * (1 + TOLERANCE)
+    costs = [k for k, cap in (("flops", limits.flops), ("params", limits.params)) if np.isfinite(cap)]
+    frame["on_front"] = frame["feasible"] & non_dominated(frame, frame["feasible"].to_numpy(),
+                                                          ("latency_ms", *costs) if timed else ("flops", "params"))
     return frame.sort_values(["on_front", "val_accuracy", "flops"], ascending=[False, False, True],
                              ignore_index=True)
 
 
-def non_dominated(frame: pd.DataFrame, among: np.ndarray | None = None) -> np.ndarray:
-    """Rows no other row (of those in ``among``) dominates: accuracy up, FLOPs and params down.
+def non_dominated(frame: pd.DataFrame, among: np.ndarray | None = None,
+                  costs: tuple[str, ...] = ("flops", "params")) -> np.ndarray:
+    """Rows no other row (of those in ``among``) dominates: accuracy up, ``costs`` (FLOPs and params) down.
 
     Example:
         >>> t = pd.DataFrame({"val_accuracy": [0.9, 0.8, 0.95], "flops": [10, 5, 12], "params": [3, 3, 4]})
@@ -49,8 +57,8 @@ def non_dominated(frame: pd.DataFrame, among: np.ndarray | None = None) -> np.nd
         >>> non_dominated(t.assign(flops=[10, 5, 10], params=[3, 3, 3])).tolist()
         [False, True, True]
     """
-    points = np.column_stack([-frame["val_accuracy"].to_numpy(float), frame["flops"].to_numpy(float),
-                              frame["params"].to_numpy(float)])  # all three: smaller is better
+    points = np.column_stack([-frame["val_accuracy"].to_numpy(float)]
+                             + [frame[c].to_numpy(float) for c in costs])  # all: smaller is better
     among = np.ones(len(points), bool) if among is None else np.asarray(among, bool)
     keep = np.zeros(len(points), bool)
     for i, point in enumerate(points):
@@ -81,6 +89,8 @@ def to_text(front: pd.DataFrame) -> str:
         "params": front["params"].map(human),
         "params share": front["params_share"].map("{:.1%}".format),
     })
+    if front["latency_ms"].notna().any():
+        shown["latency ms"] = front["latency_ms"].map("{:.3g}".format)
     return shown.to_string(index=False)
 
 

@@ -35,10 +35,12 @@ def _save(figure: Figure, path: Path) -> None:
 def plot_front(frame: pd.DataFrame, run: Run, path: Path) -> None:
     """Validation accuracy against FLOPs and against params; front, budget and base marked."""
     base, limits, base_acc = run.base_cost(), run.limits(), run.base_val_accuracy()
-    figure = Figure(figsize=(10, 4))
-    for ax, key, label, cap, full in zip(figure.subplots(1, 2), ("flops", "params"),
-                                         ("FLOPs (thop MACs)", "params"), (limits.flops, limits.params),
-                                         (base.flops, base.params)):
+    panels = [("flops", "FLOPs (thop MACs)", limits.flops, base.flops),
+              ("params", "params", limits.params, base.params)]
+    if frame["latency_ms"].notna().any():  # measured latency, as the trials recorded it
+        panels.append(("latency_ms", "latency (ms, measured)", limits.latency, base.latency))
+    figure = Figure(figsize=(5 * len(panels), 4))
+    for ax, (key, label, cap, full) in zip(figure.subplots(1, len(panels)), panels):
         rest, front = frame[~frame["on_front"]], frame[frame["on_front"]].sort_values(key)
         ax.scatter(rest[key], rest["val_accuracy"], c="tab:gray", alpha=0.6, label="trials")
         # The front is over accuracy, FLOPs and params at once, so its projection is not a curve: dots.
@@ -46,10 +48,11 @@ def plot_front(frame: pd.DataFrame, run: Run, path: Path) -> None:
         for _, point in front.iterrows():
             ax.annotate(str(int(point["trial"])), (point[key], point["val_accuracy"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
-        if base_acc is not None:
+        if base_acc is not None and math.isfinite(full):
             ax.scatter([full], [base_acc], marker="*", s=160, c="tab:red", label="base model", zorder=3)
         if math.isfinite(cap):
-            ax.axvline(cap, ls="--", c="tab:orange", label=f"budget ({human(cap)})")
+            ax.axvline(cap, ls="--", c="tab:orange", label=f"budget ({cap:.3g} ms)" if key == "latency_ms"
+                       else f"budget ({human(cap)})")
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("validation accuracy")
@@ -158,6 +161,8 @@ def _report_text(run: Run, frame: pd.DataFrame, trial: int, plots: list[str]) ->
                           "FLOPs share": front["flops_share"].map("{:.1%}".format),
                           "params": front["params"].map(human),
                           "params share": front["params_share"].map("{:.1%}".format)})
+    if front["latency_ms"].notna().any():
+        shown["latency (ms)"] = front["latency_ms"].map("{:.3g}".format)
     lines += ["", "## Pareto front", "", _markdown(shown), ""]
     captions = {"front": "Accuracy against cost: every trial, the front, the budget line and the base model",
                 "sensitivity": "Sensitivity: each group pruned alone (after BatchNorm recalibration)",

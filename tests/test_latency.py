@@ -157,3 +157,25 @@ def test_check_reports_against_the_cap(tiny, example):
     pruned = groups.apply(groups.plan({g.id: max(1, g.channels // 2) for g in groups}))
     found = check(tiny, pruned, LatencySettings(), share=0.9, timer=FakeTimer())
     assert found["within_budget"] and found["share_of_base"] < 0.9 and found["latency_backend"] == "torch"
+
+
+def test_search_under_a_latency_budget_and_resume_with_other_settings_refused(tmp_path, digits_data):
+    """Through the API on the fake timer: the budget is met as measured, recorded everywhere,
+    and a resume with other latency settings is refused."""
+    from conftest import TINY
+
+    from autoprune.api import search
+    from autoprune.pareto import trials_frame
+    from autoprune.runs import open_run
+
+    args = dict(trials=2, train_epochs=0, finetune_epochs=0.05, final_epochs=0, grid=[0.5], out=tmp_path / "run",
+                quiet=True, latency_timer=FakeTimer())
+    result = search(f"{TINY}:tiny_resnet", digits_data, "latency=0.6", **args)
+    s = result.summary
+    assert 0.9 * s["budget_latency_ms"] <= s["latency_ms"] <= s["budget_latency_ms"]
+    assert s["latency_check"]["within_budget"] and "latency_predicted_ms" in s
+    frame = trials_frame(open_run(result.study.study_name, run_dir=tmp_path / "run"))
+    assert frame["latency_ms"].notna().all() and frame["feasible"].all()
+    assert "user_attrs_latency_ms" in (tmp_path / "run" / "trials.csv").read_text()
+    with pytest.raises(AutopruneError, match="latency_threads was 1, now 2"):
+        search(f"{TINY}:tiny_resnet", digits_data, "latency=0.6", latency_threads=2, **args)

@@ -179,3 +179,14 @@ def test_search_under_a_latency_budget_and_resume_with_other_settings_refused(tm
     assert "user_attrs_latency_ms" in (tmp_path / "run" / "trials.csv").read_text()
     with pytest.raises(AutopruneError, match="latency_threads was 1, now 2"):
         search(f"{TINY}:tiny_resnet", digits_data, "latency=0.6", latency_threads=2, **args)
+
+
+@pytest.mark.slow
+def test_real_timer_fits_the_budget_as_it_measures(tiny, example):
+    """The wall-clock timer end to end on a tiny model: what comes back is within budget as timed."""
+    groups, meter, costs = _setup(tiny, example, None)
+    assert meter.base_ms > 0 and meter.base_spread_ms >= 0
+    limits = Budget.parse("latency=0.7").limits(costs.base)
+    n = len(groups)
+    _, _, cost = fit_plan(groups, costs, np.zeros(n), limits, np.zeros(n), np.full(n, 0.9))
+    assert cost.latency <= limits.latency and costs.last.repeats >= 20

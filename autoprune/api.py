@@ -338,14 +338,14 @@ def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.Froz
 
 
 def _latency_record(chosen: optuna.trial.FrozenTrial, limits: Cost, meter: Meter | None) -> dict[str, Any]:
-    """The chosen trial's latency for the summary: as measured in the search, the base's, the cap."""
-    found = {k: chosen.user_attrs[k] for k in LATENCY_ATTRS if k in chosen.user_attrs}
+    """The chosen trial's latency for the summary, under ``latency``: as measured in the search
+    (``ms``, ``spread_ms``, ``share``, ``predicted_ms``), the base's, the cap and the settings."""
+    found = {k.removeprefix("latency_"): chosen.user_attrs[k] for k in LATENCY_ATTRS if k in chosen.user_attrs}
     if meter is not None:
-        found.update(base_latency_ms=meter.base_ms, base_latency_spread_ms=meter.base_spread_ms,
-                     **meter.settings.config())
+        found.update(base_ms=meter.base_ms, base_spread_ms=meter.base_spread_ms, **meter.settings.config())
     if math.isfinite(limits.latency):
-        found["budget_latency_ms"] = limits.latency
-    return found
+        found["budget_ms"] = limits.latency
+    return {"latency": found} if found else {}
 
 
 def ended(study: optuna.Study) -> int:

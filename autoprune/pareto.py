@@ -42,8 +42,9 @@ def trials_frame(run: Run) -> pd.DataFrame:
     costs = [k for k, cap in (("flops", limits.flops), ("params", limits.params)) if np.isfinite(cap)]
     frame["on_front"] = frame["feasible"] & non_dominated(frame, frame["feasible"].to_numpy(),
                                                           ("latency_ms", *costs) if timed else ("flops", "params"))
-    return frame.sort_values(["on_front", "val_accuracy", "flops"], ascending=[False, False, True],
-                             ignore_index=True)
+    unmeasured = [c for c in ("latency_ms", "latency_predicted_ms") if frame[c].isna().all()]
+    return frame.drop(columns=unmeasured).sort_values(["on_front", "val_accuracy", "flops"],
+                                                      ascending=[False, False, True], ignore_index=True)
 
 
 def non_dominated(frame: pd.DataFrame, among: np.ndarray | None = None,
@@ -89,7 +90,7 @@ def to_text(front: pd.DataFrame) -> str:
         "params": front["params"].map(human),
         "params share": front["params_share"].map("{:.1%}".format),
     })
-    if front["latency_ms"].notna().any():
+    if "latency_ms" in front:
         shown["latency ms"] = front["latency_ms"].map("{:.3g}".format)
     return shown.to_string(index=False)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -38,6 +39,7 @@ from .files import command_line, fingerprint, save_torch, versions, write_json, 
 from .groups import ChannelGroups, apply_plan
 from .halving import SCAN_SHARE, Deadline, parse_duration, scoring_seconds, timed_search
 from .importance import criterion
+from .latency import ATTRS as LATENCY_ATTRS, LatencySettings, Meter, Timer, latency_costs, with_device
 from .models import build_model, load_weights, read_state_dict
 from .plan import Plan
 from .sensitivity import GRID, bounds, equal_drop, scan
@@ -136,6 +138,10 @@ def search(
     granularity: str = "channel",
     pruner: str | None = None,
     time_budget: str | float | None = None,
+    latency_backend: str = "torch",
+    latency_batch: int = 1,
+    latency_threads: int = 1,
+    latency_timer: Timer | None = None,
     _worker: int = 0,
 ) -> Result | None:
     """Find per-group pruning ratios that meet ``budget`` and keep the most accuracy.
@@ -167,6 +173,12 @@ def search(
     sensitivity scan, one bracket of successive halving whose survivors carry
     their weights (:mod:`autoprune.halving`), and a final fine-tune that fills
     the rest; ``trials`` then caps the candidates and ``final_epochs`` is ignored.
+    ``budget="latency=3ms"`` (or ``latency=0.5`` of the base's, alone or with
+    ``flops=``/``params=``) caps latency as measured here (:mod:`autoprune.latency`):
+    ``latency_backend`` ``"torch"`` (eager, on ``device``) or ``"onnxruntime"`` (CPU),
+    at ``latency_batch`` with ``latency_threads`` intra-op threads; these are recorded
+    with the study. Every candidate's latency is measured and recorded, whatever the
+    budget. ``latency_timer`` replaces the wall-clock timer (tests inject a fake one).
     ``space`` is a :class:`SearchSpace`, a YAML file or a shipped space name;
     by default the one shipped for the architecture. ``grid``, ``max_ratio``,
     ``importance`` and ``round_to`` override the space's values.
@@ -211,6 +223,7 @@ def search(
                               extra=extra)
     pruner = pruner or "median"
     budget = parse_budget(budget)
+    latency = LatencySettings(latency_backend, latency_batch, latency_threads)
     seconds = parse_duration(time_budget) if time_budget is not None else None
     if seconds and workers > 1:
         raise AutopruneError("--time-budget plans one process's time; leave out --workers (or --time-budget)")
@@ -238,17 +251,21 @@ def search(
     deadline = Deadline(seconds) if seconds else None  # the time budget counts from here
     base_id = fingerprint(base.state_dict())
     groups = find_groups(base, example, space, data, batch_size, seed, base_model=base_id, device=device)
-    costs, limits = _budget_limits(groups, budget, space)
+    latency = with_device(latency, device, data.input_shape)
+    meter = Meter(base, latency, latency_timer)
+    costs, limits = _budget_limits(groups, budget, space, meter)
     config = config_dict(model=name, base_model=base_id, dataset=data.name, budget=str(budget),
                          importance=space.importance, grid=[float(r) for r in space.grid],
                          max_ratio=space.max_ratio, space=space.to_dict(),
                          finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
                          bn_batches=bn_batches, seed=seed, pruner=pruner,
+                         **(latency.config() if budget.latency is not None else {}),  # absent: older studies resume
                          **{k: v for k, v in extra.items() if k == "distill"},  # soft pruning: export only
                          **({"strata": STRATA} if isinstance(budget, BudgetRange) else {}))
     claim_run(out, study_name)
     the_study = open_study(study_name, storage, config, new=new_study)
     the_study.set_user_attr(FINAL_EXTRA, extra)  # so `export` fine-tunes as this run's final fine-tune does
+    the_study.set_user_attr(LATENCY_SETTINGS, latency.config())  # what the trials' latencies mean
     if not (out / "base.pt").is_file():
         save_torch(base.state_dict(), out / "base.pt")
     clock = time.perf_counter()
@@ -257,6 +274,7 @@ def search(
     if not quiet:
         caps = ", ".join(f"≤ {human(cap)} {what}" for cap, what in
                          ((limits.flops, "FLOPs"), (limits.params, "params")) if cap < float("inf"))
+        caps += f"{', ' if caps else ''}≤ {limits.latency:.3g} ms" if limits.latency < float("inf") else ""
         print(f"base {name} on {data.name}: val {base_val:.2%} | {costs.base} | {len(groups)} groups | "
               f"budget {budget}: {caps}")
     base_score = evaluate(base, data.loader("score", 256), device) if len(data.score) < len(data.val) else base_val
@@ -272,7 +290,7 @@ def search(
               for b in targets] if isinstance(budget, BudgetRange) else []
     seed = strata[-1].seed if strata else equal_drop(table, costs, limits, low, high, space.round_to)
     problem = Problem(base, data, groups, costs, limits, low, high, seed, base_val, device,
-                      space.round_to, out / "checkpoints", strata)
+                      space.round_to, out / "checkpoints", strata=strata, meter=meter)
     # Workers on other machines must not draw the same candidates: give each process its own stream.
     stream = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) if shared_storage else 0
     if _worker:
@@ -314,7 +332,8 @@ def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.Froz
                   final_epochs=round(settings.final_epochs, 3), model=run["name"], base_model=run["base_id"],
                   dataset=data.name, study=run["study_name"], storage=run["storage"], device=str(run["device"]),
                   input_shape=list(data.input_shape),
-                  warm_start=start and str(start.relative_to(out)), **extra)
+                  warm_start=start and str(start.relative_to(out)), **extra,
+                  **_latency_record(chosen, limits, problem.meter))
     if run.get("time_budget"):  # a rerun keeps the export it planned, not one planned anew
         record["time_budget_seconds"] = run["time_budget"]
         previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
@@ -322,10 +341,25 @@ def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.Froz
             record["final_epochs"] = previous.get("final_epochs", record["final_epochs"])
             settings = replace(settings, final_epochs=record["final_epochs"], final_seconds=0.0)
     summary = _export_once(problem, plan, out, settings, quiet, record, start)
+    pruned = torch.load(out / "model.pt", weights_only=False)
+    if problem.meter is not None and math.isfinite(limits.latency):  # re-timed afresh, as exported
+        from .latency import check
+        summary["latency_check"] = check(problem.model, pruned, problem.meter.settings, limits.latency,
+                                         timer=problem.meter.timer)
     summary.update(seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
     write_json(out / "summary.json", summary)
-    pruned = torch.load(out / "model.pt", weights_only=False)
     return Result(pruned, plan, summary, the_study, out)
+
+
+def _latency_record(chosen: optuna.trial.FrozenTrial, limits: Cost, meter: Meter | None) -> dict[str, Any]:
+    """The chosen trial's latency for the summary, under ``latency``: as measured in the search
+    (``ms``, ``spread_ms``, ``share``, ``predicted_ms``), the base's, the cap and the settings."""
+    found = {k.removeprefix("latency_"): chosen.user_attrs[k] for k in LATENCY_ATTRS if k in chosen.user_attrs}
+    if meter is not None:
+        found.update(base_ms=meter.base_ms, base_spread_ms=meter.base_spread_ms, **meter.settings.config())
+    if math.isfinite(limits.latency):
+        found["budget_ms"] = limits.latency
+    return {"latency": found} if found else {}
 
 
 def ended(study: optuna.Study) -> int:
@@ -454,14 +488,20 @@ def find_groups(model: nn.Module, example: torch.Tensor, space: SearchSpace, dat
     return groups
 
 
-def _budget_limits(groups: ChannelGroups, budget: Budget | BudgetRange,
-                   space: SearchSpace) -> tuple[CostModel, Cost]:
+def _budget_limits(groups: ChannelGroups, budget: Budget | BudgetRange, space: SearchSpace,
+                   meter: Meter | None = None) -> tuple[CostModel, Cost]:
     """The cost predictor and the budget's absolute caps (a range's upper end); refuses a budget out of
-    reach (a range whose lower end is)."""
+    reach (a range whose lower end is).
+
+    Under a latency cap, with ``meter``, the predictor predicts latency too (its table
+    measured here once per machine and setting); without one the latency cap is checked later.
+    """
     if not len(groups):
         raise AutopruneError("the model has no prunable channel group; nothing to search")
     space.check_groups(groups.ids)
     costs = CostModel(groups)
+    if budget.latency is not None and meter is not None:
+        costs = latency_costs(groups, costs, meter)
     limits = budget.limits(costs.base)
     check_prunes(budget, limits, costs.base)
     tightest = budget.low.limits(costs.base) if isinstance(budget, BudgetRange) else limits
@@ -470,6 +510,7 @@ def _budget_limits(groups: ChannelGroups, budget: Budget | BudgetRange,
 
 
 FINAL_EXTRA = "final_extra"  # study attribute: the optional fine-tune modes of the search's final fine-tune
+LATENCY_SETTINGS = "latency_settings"  # study attribute: what the trials' recorded latencies were measured with
 EXPORT_KEYS = ("study", "trial", "base_model", "final_epochs", "distill", "soft_epochs", "warm_start")
 
 
@@ -609,6 +650,11 @@ def export_trial(
         models["quantized"] = deploy.quantize_dynamic(pruned)
         summary["quantized"] = _quantized(models["quantized"], out, data)
     latency = deploy.latency_ms(models, data.example_input(), latency_batches, repeats, threads=threads)
+    if "latency_backend" in config:  # a latency budget: re-timed afresh with the study's own settings
+        from .latency import check
+        cap = Budget.parse(config["budget"])
+        summary["latency_check"] = check(problem.model, pruned, LatencySettings.from_config(config),
+                                         **({"share": cap.latency} if cap.latency_relative else {"limit": cap.latency}))
     summary.update(out=str(out), latency_ms=latency, latency_threads=threads, latency_repeats=repeats,
                    seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
     write_json(out / "summary.json", summary)

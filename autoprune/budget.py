@@ -1,9 +1,10 @@
 """Budgets, and projecting any allocation of pruning ratios onto one.
 
-A budget caps FLOPs (thop MACs), params, or both: ``flops=0.3`` keeps 30 % of
-the base model's FLOPs, ``flops=120M`` and ``params=1.5M`` are absolute, and
-``flops=0.3,params=2M`` caps both. A range, ``flops=0.05..0.5``, asks for the
-whole trade-off in one study (:class:`BudgetRange`).
+A budget caps FLOPs (thop MACs), params, latency, or several: ``flops=0.3`` keeps
+30 % of the base model's FLOPs, ``flops=120M`` and ``params=1.5M`` are absolute,
+``latency=3ms`` (or ``latency=0.5`` of the base's) caps the measured latency
+(:mod:`autoprune.latency`), and ``flops=0.3,params=2M`` caps both. A range,
+``flops=0.05..0.5``, asks for the whole trade-off in one study (:class:`BudgetRange`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from .plan import Plan
 
 _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _TERM = re.compile(r"^\s*(flops|params)\s*=\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(%|[KMGT])?\s*$", re.I)
-USAGE = "write it as flops=0.3 (a share of the base), flops=120M, params=1.5M, or both: flops=0.3,params=2M"
+_LATENCY = re.compile(r"^\s*latency\s*=\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(%|ms|us|µs|s)?\s*$", re.I)
+_TO_MS = {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}
+USAGE = ("write it as flops=0.3 (a share of the base), flops=120M, params=1.5M, latency=3ms (or latency=0.5 "
+         "of the base's), or several: flops=0.3,params=2M")
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,18 @@ class Budget:
     params: float | None = None
     flops_relative: bool = True
     params_relative: bool = True
+    latency: float | None = None  # milliseconds, or a share of the base model's latency
+    latency_relative: bool = True
 
     @classmethod
     def parse(cls, text: str) -> Budget:
         values: dict[str, tuple[float, bool]] = {}
         for term in str(text).split(","):
+            if term.strip().lower().startswith("latency"):
+                if "latency" in values:
+                    raise AutopruneError(f"budget {text!r} gives latency twice; {USAGE}")
+                values["latency"] = _latency_term(term)
+                continue
             match = _TERM.match(term)
             if not match:
                 raise AutopruneError(f"cannot read budget {text!r}: {USAGE}")
@@ -60,17 +71,18 @@ class Budget:
                 raise AutopruneError(f"budget {term.strip()!r} must keep more than 0 and at most all "
                                      f"of the base model; {USAGE}")
             values[key] = (value, relative)
-        flops, params = values.get("flops", (None, True)), values.get("params", (None, True))
-        return cls(flops[0], params[0], flops[1], params[1])
+        flops, params, latency = (values.get(k, (None, True)) for k in ("flops", "params", "latency"))
+        return cls(flops[0], params[0], flops[1], params[1], latency[0], latency[1])
 
     def limits(self, base: Cost) -> Cost:
-        """The absolute caps for a base model of cost ``base`` (``inf`` where uncapped)."""
+        """The absolute caps for a base model of cost ``base`` (``inf`` where uncapped; a latency in ms)."""
         def cap(value: float | None, relative: bool, full: float) -> float:
             if value is None:
                 return math.inf
             return value * full if relative else value
         return Cost(cap(self.flops, self.flops_relative, base.flops),
-                    cap(self.params, self.params_relative, base.params))
+                    cap(self.params, self.params_relative, base.params),
+                    cap(self.latency, self.latency_relative, base.latency))
 
     def __str__(self) -> str:
         parts = []
@@ -78,6 +90,8 @@ class Budget:
                                      ("params", self.params, self.params_relative)):
             if value is not None:
                 parts.append(f"{key}={value:g}" if relative else f"{key}={human(value)}")
+        if self.latency is not None:
+            parts.append(f"latency={self.latency:g}" + ("" if self.latency_relative else "ms"))
         return ",".join(parts)
 
 
@@ -132,6 +146,11 @@ class BudgetRange:
         relative = getattr(self.low, f"{self.key}_relative")
         return [Budget(**{self.key: float(v), f"{self.key}_relative": relative}) for v in values]
 
+    @property
+    def latency(self) -> None:
+        """A range spans FLOPs or params; it caps no latency."""
+        return None
+
     def limits(self, base: Cost) -> Cost:
         """The upper end's caps: every trial of the range meets them."""
         return self.high.limits(base)
@@ -152,14 +171,32 @@ def parse_budget(text: str | Budget | BudgetRange) -> Budget | BudgetRange:
     return BudgetRange.parse(text) if ".." in str(text) else Budget.parse(text)
 
 
-def fits(cost: Cost | tuple[float, float], limits: Cost) -> bool:
-    flops, params = cost if isinstance(cost, tuple) else (cost.flops, cost.params)
-    return flops <= limits.flops and params <= limits.params
+def _latency_term(term: str) -> tuple[float, bool]:
+    """``latency=3ms`` (also us, s) -> (3.0, False); ``latency=0.5`` or ``50%`` -> (0.5, True)."""
+    match = _LATENCY.match(term)
+    if not match:
+        raise AutopruneError(f"cannot read budget term {term.strip()!r}: {USAGE}")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    if unit in _TO_MS:
+        value, relative = number * _TO_MS[unit], False
+    else:
+        value, relative = (number / 100 if unit == "%" else number), True
+    if value <= 0 or (relative and value > 1):
+        raise AutopruneError(f"budget {term.strip()!r} must be a time with its unit (latency=3ms, 500us) or a "
+                             f"share of the base model's latency above 0 and at most 1 (latency=0.5); {USAGE}")
+    return value, relative
+
+
+def fits(cost: Cost | tuple[float, ...], limits: Cost) -> bool:
+    """Whether ``cost`` (a Cost, or a predictor's (FLOPs, params[, latency])) is within every cap."""
+    values = cost if isinstance(cost, tuple) else (cost.flops, cost.params, cost.latency)
+    return all(v <= cap for v, cap in zip(values, (limits.flops, limits.params, limits.latency)))
 
 
 def usage(cost: Cost, limits: Cost) -> float:
     """How much of the budget ``cost`` uses: the larger share over the capped quantities."""
-    shares = [c / l for c, l in ((cost.flops, limits.flops), (cost.params, limits.params)) if l < math.inf]
+    shares = [c / l for c, l in ((cost.flops, limits.flops), (cost.params, limits.params),
+                                 (cost.latency, limits.latency)) if l < math.inf]
     return max(shares) if shares else 0.0
 
 
@@ -208,7 +245,7 @@ def check_prunes(budget: Budget, limits: Cost, base: Cost) -> None:
     ``flops=150%`` is refused when parsed; an absolute cap (``flops=999G``) only here,
     once the base model's cost is known.
     """
-    if limits.flops >= base.flops and limits.params >= base.params:
+    if limits.flops >= base.flops and limits.params >= base.params and limits.latency >= base.latency:
         raise AutopruneError(f"budget {budget} does not prune: the base model already meets it "
                              f"({human(base.flops)} FLOPs (thop MACs), {human(base.params)} params); "
                              "ask for less than the base, e.g. flops=0.5")
@@ -222,12 +259,15 @@ def check_reachable(costs: CostModel, limits: Cost, high: np.ndarray, round_to: 
     base = costs.base
     asks = [f"{key}={math.ceil(1000 * value / full) / 1000:g}"
             for key, value, full, cap in (("flops", least.flops, base.flops, limits.flops),
-                                          ("params", least.params, base.params, limits.params))
+                                          ("params", least.params, base.params, limits.params),
+                                          ("latency", least.latency, base.latency, limits.latency))
             if value > cap]
+    timed = (f" and a predicted latency of {least.latency:.3g} ms ({least.latency / base.latency:.1%} of base)"
+             if math.isfinite(least.latency) else "")
     raise AutopruneError(
         f"budget cannot be met: the smallest reachable model has {human(least.flops)} FLOPs "
         f"(thop MACs, {least.flops / base.flops:.1%} of base) and {human(least.params)} params "
-        f"({least.params / base.params:.1%} of base); ask for at least {' and '.join(asks)}, "
+        f"({least.params / base.params:.1%} of base){timed}; ask for at least {' and '.join(asks)}, "
         "or widen the ratio bounds"
     )
 
@@ -297,6 +337,8 @@ def fit_plan(groups: ChannelGroups, costs: CostModel, ratios: np.ndarray, limits
     The predictor matches thop closely but not to the last MAC; if the built
     model is over budget the target is tightened by the overshoot and the
     projection repeated, so what comes back always fits as thop counts it.
+    Under a latency cap ``costs`` is a :class:`~autoprune.latency.LatencyCosts`
+    and every built model is timed as well (``costs.measure``).
     """
     target = limits
     for _ in range(6):
@@ -304,9 +346,13 @@ def fit_plan(groups: ChannelGroups, costs: CostModel, ratios: np.ndarray, limits
         plan = groups.plan(dict(zip(costs.ids, kept.astype(int).tolist())), meta)
         model = groups.apply(plan)
         cost = count(model, groups.example_input)
+        if math.isfinite(limits.latency):
+            cost = Cost(cost.flops, cost.params, costs.measure(model, limits.latency))
         if fits(cost, limits):
             return plan, model, cost
-        target = Cost(target.flops * min(1.0, limits.flops / cost.flops) * 0.999,
-                      target.params * min(1.0, limits.params / cost.params) * 0.999)
+        target = Cost(*(t * min(1.0, cap / c) * 0.999 if math.isfinite(cap) else t
+                        for t, cap, c in zip((target.flops, target.params, target.latency),
+                                             (limits.flops, limits.params, limits.latency),
+                                             (cost.flops, cost.params, cost.latency))))
     raise AutopruneError(f"could not fit a plan into the budget ({cost} measured); "
                          "loosen the budget or the ratio bounds")

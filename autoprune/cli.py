@@ -59,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--weights", help="state dict or checkpoint of the trained model; DEFAULT for "
                         "torchvision's pretrained weights; omitted: train the base model first")
     search.add_argument("--budget", default="flops=0.3",
-                        help="flops=0.3 (share of base), flops=120M, params=1.5M, or both joined by a "
-                             "comma; a range, flops=0.05..0.5, searches the whole trade-off in one study "
-                             "over 6 log-spaced targets; FLOPs are thop MACs (default: flops=0.3)")
+                        help="flops=0.3 (share of base), flops=120M, params=1.5M, latency=3ms (or latency=0.5 "
+                             "of the base's, timed here: see --latency-*), or several joined by a comma; a range, "
+                             "flops=0.05..0.5, searches the whole trade-off in one study over 6 log-spaced "
+                             "targets; FLOPs are thop MACs (default: flops=0.3)")
     search.add_argument("--trials", type=int, default=12,
                         help="trials the study should reach, pruned ones included (default: 12); with "
                              "--time-budget, the most candidates to try")
@@ -106,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--soft-epochs", type=_epochs, default=0.0,
                         help="soft-prune the winner this many epochs (weakest filters zeroed, re-selected "
                              "each epoch by L2 norm) before removing them (default: 0, off)")
+    search.add_argument("--latency-backend", choices=("torch", "onnxruntime"), default="torch",
+                        help="what --budget latency= times: torch (eager, on --device) or onnxruntime (CPU) "
+                             "(default: torch)")
+    search.add_argument("--latency-batch", type=int, default=1, help="batch size latency is timed at (default: 1)")
+    search.add_argument("--latency-threads", type=int, default=1,
+                        help="intra-op threads latency is timed with (default: 1)")
     search.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda, cuda:N")
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--quiet", action="store_true", help="no progress bars or per-trial lines")
@@ -234,7 +241,9 @@ def _search(args: argparse.Namespace) -> None:
                     device=args.device, seed=args.seed, quiet=args.quiet, data_dir=args.data_dir,
                     download=args.download, distill=args.distill, distill_weight=args.distill_weight,
                     temperature=args.temperature, soft_epochs=args.soft_epochs, granularity=args.granularity,
-                    workers=args.workers, pruner=args.pruner, time_budget=args.time_budget)
+                    workers=args.workers, pruner=args.pruner, time_budget=args.time_budget,
+                    latency_backend=args.latency_backend, latency_batch=args.latency_batch,
+                    latency_threads=args.latency_threads)
     s = result.summary
     if args.granularity == "weight":
         _weight_summary(result)
@@ -242,6 +251,12 @@ def _search(args: argparse.Namespace) -> None:
     print(f"best trial {s['trial']} of {s['trials']} ({s['pruned_trials']} pruned): "
           f"FLOPs {human(s['flops'])} ({s['flops_share']:.1%} of {human(s['base_flops'])}, thop MACs), "
           f"params {human(s['params'])} ({s['params_share']:.1%} of {human(s['base_params'])})")
+    if "ms" in s.get("latency", {}):
+        t, again = s["latency"], s.get("latency_check")
+        print(f"latency {t['ms']:.3g} ± {t['spread_ms']:.2g} ms ({t['share']:.1%} of {t['base_ms']:.3g} ms; "
+              f"{t['latency_backend']}, batch {t['latency_batch']}, {t['latency_threads']} thread(s))"
+              + (f"; re-timed after export {again['measured_ms']:.3g} ms of {again['limit_ms']:.3g} ms allowed"
+                 if again else ""))
     print(f"test accuracy {s['test_accuracy']:.2%} (base {s['base_test_accuracy']:.2%}), "
           f"val {s['val_accuracy']:.2%} (base {s['base_val_accuracy']:.2%}), {s['seconds']:.0f}s")
     print(f"wrote {result.out}/: model.pt weights.pt plan.json summary.json sensitivity.csv trials.csv")
@@ -254,6 +269,12 @@ def _weight_summary(result) -> None:
     print(f"best trial {s['trial']} of {s['trials']}: {human(s['nonzero_params'])} {s['nonzero_unit']} "
           f"({s['nonzero_share']:.1%} of {human(s['base_params'])}); FLOPs {human(s['flops'])} (thop MACs, dense)")
     print(f"size: {s['model_dense_bytes'] / 1e6:.2f} MB dense, {s['model_sparse_bytes'] / 1e6:.2f} MB sparse (CSR)")
+    if "ms" in s.get("latency", {}):
+        t, again = s["latency"], s.get("latency_check")
+        print(f"latency {t['ms']:.3g} ± {t['spread_ms']:.2g} ms ({t['share']:.1%} of {t['base_ms']:.3g} ms; "
+              f"{t['latency_backend']}, batch {t['latency_batch']}, {t['latency_threads']} thread(s))"
+              + (f"; re-timed after export {again['measured_ms']:.3g} ms of {again['limit_ms']:.3g} ms allowed"
+                 if again else ""))
     print(f"test accuracy {s['test_accuracy']:.2%} (base {s['base_test_accuracy']:.2%}), "
           f"val {s['val_accuracy']:.2%} (base {s['base_val_accuracy']:.2%}), {s['seconds']:.0f}s")
     print(f"wrote {result.out}/: model.pt weights.pt weights_sparse.pt plan.json summary.json "

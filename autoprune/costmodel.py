@@ -41,6 +41,7 @@ class CostModel:
         cmap = groups.channel_map
         column = {gid: i for i, gid in enumerate(self.ids)}
         names = [n for n in base if cmap.inputs.get(n) or cmap.outputs.get(n)]
+        self.names = names  # the modules the groups touch, in the order of the rows below
         self.fixed = Cost(self.base.flops - sum(base[n].flops for n in names),
                           self.base.params - sum(base[n].params for n in names))
 
@@ -115,11 +116,15 @@ class CostModel:
     def keep_vector(self, keep: Mapping[str, int]) -> np.ndarray:
         return np.array([keep.get(gid, c) for gid, c in zip(self.ids, self.channels)], dtype=np.float64)
 
+    def shares(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Share of each module's (``self.names``) input and output channels kept, for channels
+        kept per group in ``self.ids`` order."""
+        removed = self.channels - keep
+        return 1.0 - (self.m_in @ removed) / self.c_in, 1.0 - (self.m_out @ removed) / self.c_out
+
     def predict_vector(self, keep: np.ndarray) -> tuple[float, float]:
         """(FLOPs, params) for channels kept per group, in ``self.ids`` order."""
-        removed = self.channels - keep
-        r_in = 1.0 - (self.m_in @ removed) / self.c_in
-        r_out = 1.0 - (self.m_out @ removed) / self.c_out
+        r_in, r_out = self.shares(keep)
         scale = np.where(self.bilinear, r_in * r_out, r_out)
         flops = self.fixed.flops + float(self.flops0 @ scale) + float(self.flops_linear0 @ r_out)
         params = (self.fixed.params + self.params_fixed + float(self.weight0 @ scale)

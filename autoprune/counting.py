@@ -16,6 +16,7 @@ visits, are added as params (no FLOPs, as thop counts no elementwise ops).
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -63,13 +64,16 @@ DEFAULT_OPS = _default_ops()
 
 @dataclass(frozen=True)
 class Cost:
-    """FLOPs (thop MACs) and parameters of a model at one input size."""
+    """FLOPs (thop MACs) and parameters of a model at one input size, and its latency in
+    milliseconds where it was measured or predicted (``inf``: not; as a cap, uncapped)."""
 
     flops: float
     params: float
+    latency: float = math.inf
 
     def __str__(self) -> str:
-        return f"{human(self.flops)} FLOPs (thop MACs), {human(self.params)} params"
+        text = f"{human(self.flops)} FLOPs (thop MACs), {human(self.params)} params"
+        return text + (f", {self.latency:.3g} ms" if math.isfinite(self.latency) else "")
 
 
 def human(value: float) -> str:

@@ -13,7 +13,7 @@ import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -108,8 +108,7 @@ def latency_ms(models: dict[str, nn.Module], example: torch.Tensor, batches: Seq
                repeats: int = 30, warmup: int = 3, threads: int = 1) -> dict[str, dict[str, float]]:
     """Median CPU wall time of one forward pass, in milliseconds, per model and batch size.
 
-    The models take turns within each repeat, so a machine that gets busier
-    part-way slows them all alike and the comparison stays fair. ``threads``
+    The models take turns within each repeat (:func:`interleaved`). ``threads``
     intra-op threads (default 1): with more, a core taken by another process
     stalls every parallel region, and times on a shared machine jump a hundredfold.
 
@@ -134,14 +133,56 @@ def _time_batch(models: dict[str, nn.Module], example: torch.Tensor, batch: int,
                 found: dict[str, dict[str, float]]) -> None:
     """Time every model at one batch size (random inputs, fixed seed) into ``found``."""
     inputs = torch.randn(batch, *example.shape[1:], generator=torch.Generator().manual_seed(0))
-    for model in models.values():
-        for _ in range(warmup):
-            model(inputs)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(inputs)
-            times[name].append(time.perf_counter() - start)
+    times = interleaved({name: (lambda m=model: m(inputs)) for name, model in models.items()}, repeats, warmup)
     for name in models:
-        found[name][str(batch)] = round(statistics.median(times[name]) * 1000, 3)
+        found[name][str(batch)] = round(statistics.median(times[name]), 3)
+
+
+def interleaved(runners: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Wall time of each runner, in milliseconds, ``repeats`` times, the runners taking turns.
+
+    Taking turns within each repeat means a machine that gets busier part-way
+    slows every runner alike, so ratios between them stay fair.
+
+    Example:
+        >>> len(interleaved({"noop": lambda: None}, repeats=5)["noop"])
+        5
+    """
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def onnx_runner(model: nn.Module, inputs: torch.Tensor, threads: int = 1) -> Callable[[], object]:
+    """One forward pass of ``model`` through onnxruntime's CPU execution provider, as a callable.
+
+    The model is exported in memory with the TorchScript-based exporter (a
+    fraction of a second; the dynamo exporter :func:`to_onnx` uses takes seconds),
+    so it can time every candidate of a search. ``threads`` intra-op threads.
+
+    Example:
+        >>> onnx_runner(nn.Linear(4, 2), torch.zeros(1, 4))()
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        raise AutopruneError("--latency-backend onnxruntime needs onnx and onnxruntime: "
+                             "pip install onnx onnxruntime") from None
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(copy.deepcopy(model).cpu().eval(), (inputs.cpu(),), buffer, input_names=["input"],
+                          dynamo=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    feed = {"input": inputs.cpu().numpy()}
+    return lambda: session.run(None, feed)

@@ -24,7 +24,7 @@ from .errors import AutopruneError
 from .runs import Run, quiet_storage
 
 COLUMNS = ["trial", "val_accuracy", "val_accuracy_before_finetune", "flops", "flops_share", "params",
-           "params_share", "seconds", "feasible", "on_front"]
+           "params_share", "latency_ms", "latency_predicted_ms", "seconds", "feasible", "on_front"]
 # Costs are projected onto the budget in whole channels; a relative slack this small is rounding.
 TOLERANCE = 1e-9
 
@@ -36,6 +36,8 @@ def trials_frame(run: Run) -> pd.DataFrame:
              "val_accuracy_before_finetune": t.user_attrs.get("val_accuracy_before_finetune", np.nan),
              "flops": t.user_attrs["flops"], "flops_share": t.user_attrs["flops_share"],
              "params": t.user_attrs["params"], "params_share": t.user_attrs["params_share"],
+             "latency_ms": t.user_attrs.get("latency_ms", np.nan),
+             "latency_predicted_ms": t.user_attrs.get("latency_predicted_ms", np.nan),
              "seconds": t.user_attrs.get("seconds", np.nan)} for t in run.complete()]
     frame = pd.DataFrame(rows, columns=COLUMNS[:-2])
     if isinstance(run.budget, BudgetRange):  # columns a single budget's tables never had
@@ -44,13 +46,20 @@ def trials_frame(run: Run) -> pd.DataFrame:
         frame["uniform"] = [attrs[n].get("reference") == "uniform" for n in frame["trial"]]
     frame["feasible"] = ((frame["flops"] <= limits.flops * (1 + TOLERANCE))
                          & (frame["params"] <= limits.params * (1 + TOLERANCE)))
-    frame["on_front"] = frame["feasible"] & non_dominated(frame, frame["feasible"].to_numpy())
-    return frame.sort_values(["on_front", "val_accuracy", "flops"], ascending=[False, False, True],
-                             ignore_index=True)
+    timed = np.isfinite(limits.latency)  # under a latency budget the front is over latency
+    if timed:
+        frame["feasible"] &= frame["latency_ms"] <= limits.latency * (1 + TOLERANCE)
+    costs = [k for k, cap in (("flops", limits.flops), ("params", limits.params)) if np.isfinite(cap)]
+    frame["on_front"] = frame["feasible"] & non_dominated(frame, frame["feasible"].to_numpy(),
+                                                          ("latency_ms", *costs) if timed else ("flops", "params"))
+    unmeasured = [c for c in ("latency_ms", "latency_predicted_ms") if frame[c].isna().all()]
+    return frame.drop(columns=unmeasured).sort_values(["on_front", "val_accuracy", "flops"],
+                                                      ascending=[False, False, True], ignore_index=True)
 
 
-def non_dominated(frame: pd.DataFrame, among: np.ndarray | None = None) -> np.ndarray:
-    """Rows no other row (of those in ``among``) dominates: accuracy up, FLOPs and params down.
+def non_dominated(frame: pd.DataFrame, among: np.ndarray | None = None,
+                  costs: tuple[str, ...] = ("flops", "params")) -> np.ndarray:
+    """Rows no other row (of those in ``among``) dominates: accuracy up, ``costs`` (FLOPs and params) down.
 
     Example:
         >>> t = pd.DataFrame({"val_accuracy": [0.9, 0.8, 0.95], "flops": [10, 5, 12], "params": [3, 3, 4]})
@@ -59,8 +68,8 @@ def non_dominated(frame: pd.DataFrame, among: np.ndarray | None = None) -> np.nd
         >>> non_dominated(t.assign(flops=[10, 5, 10], params=[3, 3, 3])).tolist()
         [False, True, True]
     """
-    points = np.column_stack([-frame["val_accuracy"].to_numpy(float), frame["flops"].to_numpy(float),
-                              frame["params"].to_numpy(float)])  # all three: smaller is better
+    points = np.column_stack([-frame["val_accuracy"].to_numpy(float)]
+                             + [frame[c].to_numpy(float) for c in costs])  # all: smaller is better
     among = np.ones(len(points), bool) if among is None else np.asarray(among, bool)
     keep = np.zeros(len(points), bool)
     for i, point in enumerate(points):
@@ -117,6 +126,8 @@ def to_text(front: pd.DataFrame) -> str:
     })
     if "target" in front:
         shown["target"] = [f"{t} (uniform)" if u else t for t, u in zip(front["target"], front["uniform"])]
+    if "latency_ms" in front:
+        shown["latency ms"] = front["latency_ms"].map("{:.3g}".format)
     return shown.to_string(index=False)
 
 

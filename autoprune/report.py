@@ -37,8 +37,7 @@ def _save(figure: Figure, path: Path) -> None:
 def curve(frame: pd.DataFrame, key: str) -> pd.DataFrame:
     """The feasible trials no other beats on accuracy and ``key`` alone, cheapest first: the trade-off curve."""
     feasible = frame[frame["feasible"]]
-    return feasible[non_dominated(feasible.assign(**{"flops" if key == "params" else "params": 0.0}))
-                    ].sort_values(key)
+    return feasible[non_dominated(feasible, costs=(key,))].sort_values(key)
 
 
 def plot_front(frame: pd.DataFrame, run: Run, path: Path) -> None:
@@ -49,10 +48,12 @@ def plot_front(frame: pd.DataFrame, run: Run, path: Path) -> None:
     """
     base, limits, base_acc = run.base_cost(), run.limits(), run.base_val_accuracy()
     ranged = run.budget if isinstance(run.budget, BudgetRange) else None
-    figure = Figure(figsize=(10, 4))
-    for ax, key, label, cap, full in zip(figure.subplots(1, 2), ("flops", "params"),
-                                         ("FLOPs (thop MACs)", "params"), (limits.flops, limits.params),
-                                         (base.flops, base.params)):
+    panels = [("flops", "FLOPs (thop MACs)", limits.flops, base.flops),
+              ("params", "params", limits.params, base.params)]
+    if "latency_ms" in frame:  # measured latency, as the trials recorded it
+        panels.append(("latency_ms", "latency (ms, measured)", limits.latency, base.latency))
+    figure = Figure(figsize=(5 * len(panels), 4))
+    for ax, (key, label, cap, full) in zip(figure.subplots(1, len(panels)), panels):
         rest, front = frame[~frame["on_front"]], frame[frame["on_front"]].sort_values(key)
         ax.scatter(rest[key], rest["val_accuracy"], c="tab:gray", alpha=0.6, label="trials")
         # The front is over accuracy, FLOPs and params at once, so its projection is not a curve: dots.
@@ -60,7 +61,7 @@ def plot_front(frame: pd.DataFrame, run: Run, path: Path) -> None:
         for _, point in front.iterrows():
             ax.annotate(str(int(point["trial"])), (point[key], point["val_accuracy"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
-        if base_acc is not None:
+        if base_acc is not None and math.isfinite(full):
             ax.scatter([full], [base_acc], marker="*", s=160, c="tab:red", label="base model", zorder=3)
         if ranged:
             line = curve(frame, key)
@@ -72,7 +73,8 @@ def plot_front(frame: pd.DataFrame, run: Run, path: Path) -> None:
             ax.axvspan(getattr(ranged.low.limits(base), key), cap, color="tab:orange", alpha=0.12,
                        label=f"range {ranged}")
         elif math.isfinite(cap):
-            ax.axvline(cap, ls="--", c="tab:orange", label=f"budget ({human(cap)})")
+            ax.axvline(cap, ls="--", c="tab:orange", label=f"budget ({cap:.3g} ms)" if key == "latency_ms"
+                       else f"budget ({human(cap)})")
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("validation accuracy")
@@ -185,6 +187,8 @@ def _report_text(run: Run, frame: pd.DataFrame, trial: int, plots: list[str]) ->
                           "FLOPs share": front["flops_share"].map("{:.1%}".format),
                           "params": front["params"].map(human),
                           "params share": front["params_share"].map("{:.1%}".format)})
+    if "latency_ms" in front:
+        shown["latency (ms)"] = front["latency_ms"].map("{:.3g}".format)
     lines += ["", "Interactive: [report.html](report.html) (opens from the file system; hover a point for "
               "its plan).", "", "## Pareto front", "", _markdown(shown), ""]
     captions = {"front": "Accuracy against cost: every trial, the front, the budget line and the base model",

@@ -59,7 +59,8 @@ class Run:
         if not trials:
             raise AutopruneError(f"study {self.name!r} has no finished trial yet; run the search first")
         attrs = trials[0].user_attrs
-        return Cost(attrs["flops"] / attrs["flops_share"], attrs["params"] / attrs["params_share"])
+        latency = attrs["latency_ms"] / attrs["latency_share"] if "latency_share" in attrs else float("inf")
+        return Cost(attrs["flops"] / attrs["flops_share"], attrs["params"] / attrs["params_share"], latency)
 
     @property
     def budget(self) -> Budget | BudgetRange:

@@ -207,7 +207,7 @@ def bounds(
     """
     found = curves(table, costs.ids)
     ceiling = np.broadcast_to(np.asarray(high, dtype=float), (len(costs.ids),)).copy()
-    roomy = Cost(limits.flops * room, limits.params * room)
+    roomy = Cost(limits.flops * room, limits.params * room, limits.latency * room)
     for tolerance in sorted({0.0, *np.concatenate([d for _, d in found.values()])}):
         # A group that stays within the tolerance over the whole grid may go to its ceiling.
         caps = np.array([top if tolerance >= found[g][1][-1] else min(top, ratio_at_drop(found[g], tolerance))

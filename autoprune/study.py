@@ -43,6 +43,7 @@ from .distill import from_settings
 from .errors import AutopruneError, one_line
 from .files import save_torch
 from .groups import ChannelGroups
+from .latency import describe as describe_latency, trial_latency
 from .plan import Plan
 from .training import evaluate, recalibrate_bn, train
 
@@ -81,6 +82,7 @@ class Problem:
     device: torch.device
     round_to: int = 1
     checkpoints: Path | None = None  # where trials keep their fine-tuned weights (None: not kept)
+    meter: Any = None  # a latency.Meter: every candidate's latency is measured and recorded (None: not)
     strata: list[Stratum] = field(default_factory=list)  # a range study's targets; empty for one budget
 
     def limits_for(self, trial: optuna.Trial | optuna.trial.FrozenTrial) -> Cost:
@@ -354,6 +356,9 @@ class Objective:
         trial.set_user_attr("params", cost.params)
         trial.set_user_attr("flops_share", cost.flops / base.flops)
         trial.set_user_attr("params_share", cost.params / base.params)
+        if p.meter is not None:
+            for key, value in trial_latency(p.meter, p.costs, plan.keep, model, cost).items():
+                trial.set_user_attr(key, value)
         trial.set_constraint("budget", usage(cost, limits) - 1.0)
         torch.manual_seed(s.seed + trial.number)
         model.to(p.device)
@@ -434,7 +439,8 @@ def _describe(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> str:
     return (f"trial {trial.number}{target}: val {attrs['val_accuracy']:.2%} "
             f"(before fine-tune {attrs['val_accuracy_before_finetune']:.2%}) | "
             f"FLOPs {human(attrs['flops'])} ({attrs['flops_share']:.1%} of base, thop MACs) | "
-            f"params {human(attrs['params'])} ({attrs['params_share']:.1%}) | {attrs['seconds']:.1f}s | "
+            f"params {human(attrs['params'])} ({attrs['params_share']:.1%}){describe_latency(attrs)} | "
+            f"{attrs['seconds']:.1f}s | "
             f"best {best.value:.2%} (trial {best.number})")
 
 

@@ -1,0 +1,192 @@
+"""Latency budgets on a deterministic fake timer: parsing, the predictor, the cache, the search."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from autoprune.budget import Budget, fit_plan
+from autoprune.costmodel import CostModel
+from autoprune.errors import AutopruneError
+from autoprune.groups import ChannelGroups
+from autoprune.latency import LatencyModel, LatencySettings, Meter, check, latency_costs
+
+
+def fake_ms(model: nn.Module, inputs: torch.Tensor, simd: int = 2) -> float:
+    """A deterministic 'latency': conv/linear work, plus per-layer and per-call overhead.
+
+    Channel counts round up to multiples of ``simd`` (as vector units do), so it is not FLOPs.
+    """
+    total = [0.05]
+
+    def hook(module, args, output):
+        c_in, c_out = (module.in_features, module.out_features) if isinstance(module, nn.Linear) else \
+            (module.in_channels // module.groups, module.out_channels)
+        spatial = output[0, 0].numel() if output.dim() > 2 else 1
+        total[0] += 0.002 + 1e-7 * math.ceil(c_in / simd) * simd * math.ceil(c_out / simd) * simd * spatial * len(output) * \
+            int(np.prod(getattr(module, "kernel_size", (1,))))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.inference_mode():
+            model.eval()(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
+
+
+class FakeTimer:
+    """Times with :func:`fake_ms`; ``load`` slows every case alike on odd calls; counts what it timed."""
+
+    def __init__(self, load: float = 1.0) -> None:
+        self.cases: list[str] = []
+        self.load, self.calls = load, 0
+
+    def __call__(self, cases, repeats):
+        self.calls += 1
+        factor = self.load if self.calls % 2 else 1.0
+        self.cases += list(cases)
+        return {name: [fake_ms(m, x) * factor] * repeats for name, (m, x) in cases.items()}
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOPRUNE_LATENCY_CACHE", str(tmp_path / "latency"))
+    return tmp_path / "latency"
+
+
+def _setup(tiny, example, timer):
+    groups = ChannelGroups(tiny, example)
+    meter = Meter(tiny, LatencySettings(), timer)
+    return groups, meter, latency_costs(groups, CostModel(groups), meter)
+
+
+@pytest.mark.parametrize("text, value, relative", [("latency=3ms", 3.0, False), ("latency=500us", 0.5, False),
+                                                   ("latency=0.5", 0.5, True), ("latency=40%", 0.4, True),
+                                                   ("latency=0.002s", 2.0, False)])
+def test_latency_budget_parses(text, value, relative):
+    budget = Budget.parse(f"flops=0.5,{text}")
+    assert (budget.latency, budget.latency_relative, budget.flops) == (pytest.approx(value), relative, 0.5)
+    assert Budget.parse(str(budget)) == budget
+
+
+@pytest.mark.parametrize("text", ["latency=3parsecs", "latency=3", "latency=0ms", "latency=1ms,latency=2ms"])
+def test_bad_latency_budget_is_refused(text):
+    with pytest.raises(AutopruneError, match="latency"):
+        Budget.parse(text)
+
+
+def test_bad_latency_settings_are_refused():
+    with pytest.raises(AutopruneError, match="--latency-backend"):
+        LatencySettings("foo")
+    with pytest.raises(AutopruneError, match="--latency-threads"):
+        LatencySettings(threads=0)
+
+
+def test_predictor_is_close_to_the_fake_truth(tiny, example):
+    groups, meter, costs = _setup(tiny, example, FakeTimer())
+    rng = np.random.default_rng(0)
+    errors = []
+    for _ in range(20):
+        keep = {g.id: max(1, int(g.channels * rng.uniform(0.1, 1.0))) for g in groups}
+        truth = fake_ms(groups.apply(groups.plan(keep)), meter.inputs)
+        errors.append(abs(costs.predict(keep).latency / truth - 1))
+    # The issue's targets (steps of 8 channels, between grid points at small widths, miss them: see README).
+    assert np.median(errors) < 0.10 and np.percentile(errors, 90) < 0.20
+    assert costs.base.latency == pytest.approx(fake_ms(tiny, meter.inputs))
+
+
+def test_machine_load_cancels_against_the_base(tiny, example):
+    """Every other timing runs 3x slower; the base in the same loop cancels it."""
+    groups = ChannelGroups(tiny, example)
+    keep = {g.id: max(1, g.channels // 2) for g in groups}
+    model = groups.apply(groups.plan(keep))
+    meter = Meter(tiny, LatencySettings(), FakeTimer(load=3.0))
+    truth = fake_ms(model, meter.inputs) / fake_ms(tiny, meter.inputs)
+    assert meter.time(model).ms / meter.base_ms == pytest.approx(truth)
+    steady = Meter(tiny, LatencySettings(), FakeTimer())
+    assert meter.time(model).ms / meter.base_ms == pytest.approx(steady.time(model).ms / steady.base_ms)
+
+
+def test_the_table_is_cached_a_second_study_measures_nothing(tiny, example, cache):
+    first = FakeTimer()
+    _setup(tiny, example, first)
+    assert any(c.startswith("layer:") for c in first.cases) and list(cache.glob("*.json"))
+    second = FakeTimer()
+    _, _, costs = _setup(tiny, example, second)
+    assert second.cases == ["base"]  # the base is timed, once; no layer, no calibration plan
+    other = FakeTimer()
+    ChannelGroups(tiny, example)
+    LatencyModel(ChannelGroups(tiny, example), CostModel(ChannelGroups(tiny, example)),
+                 Meter(tiny, LatencySettings(batch=4), other))
+    assert any(c.startswith("layer:") for c in other.cases)  # another batch is another table
+
+
+def test_fit_plan_meets_the_latency_budget_as_measured(tiny, example):
+    groups, meter, costs = _setup(tiny, example, FakeTimer())
+    limits = Budget.parse("latency=0.6").limits(costs.base)
+    n = len(groups)
+    for seed in range(3):
+        ratios = np.random.default_rng(seed).uniform(0, 0.9, n)
+        plan, model, cost = fit_plan(groups, costs, ratios, limits, np.zeros(n), np.full(n, 0.9))
+        truth = fake_ms(model, meter.inputs)
+        assert cost.latency == pytest.approx(truth) and 0.9 * limits.latency <= truth <= limits.latency
+
+
+def test_unreachable_latency_is_refused_with_the_smallest(tiny, example):
+    groups, _, costs = _setup(tiny, example, FakeTimer())
+    n = len(groups)
+    limits = Budget.parse("latency=1us").limits(costs.base)
+    with pytest.raises(AutopruneError, match="smallest reachable model.*predicted latency.*latency="):
+        fit_plan(groups, costs, np.zeros(n), limits, np.zeros(n), np.full(n, 0.9))
+
+
+def test_prediction_is_arithmetic_only(tiny, example, monkeypatch):
+    groups, _, costs = _setup(tiny, example, FakeTimer())
+    keep = costs.keep_vector({g.id: g.channels // 2 for g in groups})
+    expected = costs.predict_vector(keep)
+    monkeypatch.setattr(torch.nn.Module, "__call__", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    assert costs.predict_vector(keep) == expected
+
+
+def test_check_reports_against_the_cap(tiny, example):
+    groups = ChannelGroups(tiny, example)
+    pruned = groups.apply(groups.plan({g.id: max(1, g.channels // 2) for g in groups}))
+    found = check(tiny, pruned, LatencySettings(), share=0.9, timer=FakeTimer())
+    assert found["within_budget"] and found["share_of_base"] < 0.9 and found["latency_backend"] == "torch"
+
+
+def test_search_under_a_latency_budget_and_resume_with_other_settings_refused(tmp_path, digits_data):
+    """Through the API on the fake timer: the budget is met as measured, recorded everywhere,
+    and a resume with other latency settings is refused."""
+    from conftest import TINY
+
+    from autoprune.api import search
+    from autoprune.pareto import trials_frame
+    from autoprune.runs import open_run
+
+    args = dict(trials=2, train_epochs=0, finetune_epochs=0.05, final_epochs=0, grid=[0.5], out=tmp_path / "run",
+                quiet=True, latency_timer=FakeTimer())
+    result = search(f"{TINY}:tiny_resnet", digits_data, "latency=0.6", **args)
+    s = result.summary
+    assert 0.9 * s["latency"]["budget_ms"] <= s["latency"]["ms"] <= s["latency"]["budget_ms"]
+    assert s["latency_check"]["within_budget"] and "predicted_ms" in s["latency"]
+    frame = trials_frame(open_run(result.study.study_name, run_dir=tmp_path / "run"))
+    assert frame["latency_ms"].notna().all() and frame["feasible"].all()
+    assert "user_attrs_latency_ms" in (tmp_path / "run" / "trials.csv").read_text()
+    with pytest.raises(AutopruneError, match="latency_threads was 1, now 2"):
+        search(f"{TINY}:tiny_resnet", digits_data, "latency=0.6", latency_threads=2, **args)
+
+
+@pytest.mark.slow
+def test_real_timer_fits_the_budget_as_it_measures(tiny, example):
+    """The wall-clock timer end to end on a tiny model: what comes back is within budget as timed."""
+    groups, meter, costs = _setup(tiny, example, None)
+    assert meter.base_ms > 0 and meter.base_spread_ms >= 0
+    limits = Budget.parse("latency=0.7").limits(costs.base)
+    n = len(groups)
+    _, _, cost = fit_plan(groups, costs, np.zeros(n), limits, np.zeros(n), np.full(n, 0.9))
+    assert cost.latency <= limits.latency and costs.last.repeats >= 20

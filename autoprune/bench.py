@@ -60,6 +60,7 @@ from .costmodel import CostModel
 from .counting import count
 from .data import Data, load_data
 from .errors import AutopruneError
+from .latency_bench import table_lines
 from .files import atomic_path, fingerprint, versions, write_text
 from .api import find_groups, train_base
 from .groups import ChannelGroups
@@ -565,6 +566,9 @@ def report(frame: pd.DataFrame, config: BenchConfig) -> None:
     proxies = _read_any(config.out / "proxies.csv")
     if len(proxies):
         lines += _proxy_lines(proxies)
+    latency = _read_any(config.out / "latency.csv")  # autoprune bench-latency
+    if len(latency):
+        lines += table_lines(latency)
     write_text(config.out / "BENCHMARKS.md", "\n".join(lines))
     _plot(table, config.out / "bench.png")
 

@@ -149,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--quiet", action="store_true")
 
+    latency = commands.add_parser("bench-latency", help="how well the latency predictor predicts: random plans, "
+                                  "predicted against timed, per model, backend and batch")
+    latency.add_argument("--models", type=_names, default=["resnet18", "mobilenet_v2"],
+                         help="comma-separated models (default: resnet18,mobilenet_v2)")
+    latency.add_argument("--backends", type=_names, default=["torch", "onnxruntime"],
+                         help="comma-separated backends (default: torch,onnxruntime)")
+    latency.add_argument("--batches", type=_ints, default=[1, 32], help="comma-separated batch sizes (default: 1,32)")
+    latency.add_argument("--plans", type=int, default=30, help="random plans per model and setting (default: 30)")
+    latency.add_argument("--threads", type=int, default=1, help="intra-op threads (default: 1)")
+    latency.add_argument("--out", default="results/benchmarks", help="output folder (default: results/benchmarks)")
+    latency.add_argument("--quiet", action="store_true")
+
     sweep = commands.add_parser("mlp-sweep", help="the MLP experiment: uniform weight pruning 10-60 %% before "
                                 "and after fine-tuning, then the weight-level search at the same budgets")
     sweep.add_argument("--dataset", default="digits", help="digits (offline, default) or mnist (with --data-dir)")
@@ -398,6 +410,20 @@ def _bench(args: argparse.Namespace) -> None:
     print(f"wrote {config.out}/: bench.csv BENCHMARKS.md bench.png")
 
 
+def _bench_latency(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .files import write_text
+    from .latency_bench import bench_latency, table_lines
+
+    if args.plans < 1:
+        raise AutopruneError("--plans must be at least 1")
+    out = Path(args.out)
+    frame = bench_latency(args.models, args.backends, args.batches, args.plans, args.threads, out, args.quiet)
+    write_text(out / "LATENCY.md", "\n".join([f"Made by: `{args.command_line}`", "", *table_lines(frame)]))
+    print(f"wrote {out}/: latency.csv LATENCY.md")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -407,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     commands = {"search": _search, "groups": _groups, "pareto": _pareto, "report": _report,
                 "export": _export, "studies": _studies, "dashboard": _dashboard, "bench": _bench,
-                "mlp-sweep": _sweep}
+                "bench-latency": _bench_latency, "mlp-sweep": _sweep}
     try:
         commands[args.command](args)
     except KeyboardInterrupt:

@@ -190,3 +190,22 @@ def test_real_timer_fits_the_budget_as_it_measures(tiny, example):
     n = len(groups)
     _, _, cost = fit_plan(groups, costs, np.zeros(n), limits, np.zeros(n), np.full(n, 0.9))
     assert cost.latency <= limits.latency and costs.last.repeats >= 20
+
+
+def test_bench_latency_measures_every_setting_and_resumes(tmp_path):
+    """The predictor-accuracy benchmark on the fake timer: a row per plan and setting, each within the
+    fake's truth, a table, and a rerun that measures nothing."""
+    from conftest import TINY
+
+    from autoprune.latency_bench import bench_latency, table_lines
+
+    spec = f"{TINY}:tiny_resnet"
+    frame = bench_latency([spec], ["torch"], [1, 4], plans=5, out=tmp_path, quiet=True, timer=FakeTimer())
+    assert sorted(frame.groupby("batch").size().tolist()) == [5, 5]
+    assert (frame["measured_ms"] < frame["base_ms"]).all()  # every random plan cuts something
+    assert frame["error"].abs().median() < 0.10  # the issue's target, on a timer with no noise
+    lines = table_lines(frame)
+    assert sum(line.startswith(f"| {spec} | torch |") for line in lines) == 2
+    timer = FakeTimer()
+    again = bench_latency([spec], ["torch"], [1, 4], plans=5, out=tmp_path, quiet=True, timer=timer)
+    assert len(again) == 10 and timer.calls == 0

@@ -46,6 +46,7 @@ from .sensitivity import GRID, bounds, equal_drop, scan
 from .space import SearchSpace, resolve
 from .study import (ENDED, Problem, Settings, SharedTable, Stratum, best_trial, checkpoint, config_dict, count_pruned,
                     enqueue_seed, open_study, run, trial_plan, trials_table)
+from .defaults import BASE_LR, FINETUNE_LR
 from .training import evaluate, resolve_device, train
 
 DEFAULT_TRAIN_EPOCHS = 15.0
@@ -99,7 +100,6 @@ def _base_model(model: nn.Module | str, weights: str | None, data: Data, out: Pa
     return built, 0.0 if head_only else DEFAULT_TRAIN_EPOCHS
 
 
-BASE_LR = 0.05  # SGD learning rate for training a base model from scratch
 
 
 def search(
@@ -117,7 +117,7 @@ def search(
     base_lr: float = BASE_LR,
     finetune_epochs: float = 1.0,
     final_epochs: float = 5.0,
-    lr: float = 0.01,
+    lr: float = FINETUNE_LR,
     batch_size: int = 64,
     space: SearchSpace | str | Path | None = None,
     grid: Sequence[float] | None = None,
@@ -456,7 +456,7 @@ def train_base(base: nn.Module, data: Data, epochs: float, device: torch.device,
     """Train the base model and keep it as ``out/base.pt``, so the next run of the study reuses it.
 
     A model that ends near chance on validation is refused and not kept: pruning
-    it would measure nothing (vgg11_bn on digits needs ``lr=0.01``).
+    it would measure nothing (vgg11_bn on digits needs a base learning rate of 0.01).
     """
     torch.manual_seed(seed)
     train(base, data.loader("train", batch_size, shuffle=True, seed=seed), epochs, device, lr=lr,
@@ -627,7 +627,7 @@ def export_trial(
     problem = rebuild_problem(run, data_dir, download, device)
     config, data = run.config, problem.data
     extra = _final_extra(run.study)
-    settings = Settings(0, config.get("finetune_epochs", 1.0), final_epochs, config.get("lr", 0.01),
+    settings = Settings(0, config.get("finetune_epochs", 1.0), final_epochs, config.get("lr", FINETUNE_LR),
                         config.get("batch_size", 64), config.get("bn_batches", 8), config.get("seed", 0), extra)
     plan = _exported_plan(chosen, config["model"], data, run.name)
     out = Path(out) if out else run.folder / f"trial-{chosen.number}"

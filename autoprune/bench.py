@@ -72,6 +72,7 @@ from .export import finetune
 from .distill import kd_loss
 from .halving import CHECK_EPOCHS, MIN_RUNG_EPOCHS, SCAN_SHARE, Deadline, scoring_seconds, timed_search
 from .study import COMPLETE, PRUNED, Problem, Settings, checkpoint, count_pruned, run, trial_plan
+from .defaults import BASE_LR, FINETUNE_LR
 from .training import evaluate, recalibrate_bn, resolve_device, train
 
 CONVERGED = ("uniform-converged", "seed-converged", "autoprune-converged")
@@ -97,7 +98,7 @@ class BenchConfig:
     trials: int = 12
     pruner: str = "median"
     train_epochs: float = 15.0  # a base trained to a plateau: an under-trained one leaves no headroom
-    base_lr: float = 0.05
+    base_lr: float = BASE_LR
     finetune_epochs: float = 1.0
     final_epochs: float = 1.0  # the floor methods' short fine-tune
     converged_epochs: float = 10.0
@@ -111,7 +112,7 @@ class BenchConfig:
     extra: dict = field(default_factory=dict)
 
 
-QUICK = dict(models=("resnet18",), budgets=(0.25,), seeds=(0,), trials=3, train_epochs=2.0, base_lr=0.05,
+QUICK = dict(models=("resnet18",), budgets=(0.25,), seeds=(0,), trials=3, train_epochs=2.0,
              dataset="digits", train_images=0, time_budget=20.0, finetune_epochs=0.2, final_epochs=0.5,
              converged_epochs=0.5, grid=(0.3, 0.6), rank_plans=4)
 
@@ -620,7 +621,7 @@ def _protocol(config: BenchConfig) -> str:
                  f"epoch(s) each, pruner {config.pruner}; uniform-matched is fine-tuned as long as autoprune took. ")
     return text + (f"uniform, global and seed get a fixed {config.final_epochs:g}-epoch fine-tune (the floor); "
                    f"*-converged rows cut that method's plan from the base again and fine-tune it "
-                   f"{config.converged_epochs:g} epochs. Every fine-tune: SGD lr 0.01, cosine over its steps, or over its "
+                   f"{config.converged_epochs:g} epochs. Every fine-tune: SGD lr {FINETUNE_LR:g}, cosine over its steps, or over its "
                    "time where it is given a wall time (a search's final fine-tune, uniform-matched). Test accuracy: mean "
                    "± standard deviation over seeds; 'vs base': points against the unpruned model.")
 

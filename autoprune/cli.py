@@ -11,6 +11,7 @@ import sys
 from typing import NoReturn, Sequence
 
 from .errors import AutopruneError, one_line
+from .defaults import BASE_LR, FINETUNE_LR
 
 
 def _epochs(text: str) -> float:
@@ -78,13 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "join one study through a shared --storage")
     search.add_argument("--new-study", action="store_true", help="discard the stored study and start afresh")
     search.add_argument("--train-epochs", type=_epochs, help="epochs to train the base model (default 15)")
-    search.add_argument("--base-lr", type=float, default=0.05,
-                        help="learning rate for training the base model (default: 0.05; 0.01 for VGG)")
+    search.add_argument("--base-lr", type=float, default=BASE_LR,
+                        help="learning rate for training the base model (default: %(default)s; 0.01 for VGG)")
     search.add_argument("--finetune-epochs", type=_epochs, default=1.0,
                         help="fine-tune epochs per trial, fractions allowed (default: 1)")
     search.add_argument("--final-epochs", type=_epochs, default=5.0,
                         help="fine-tune epochs for the winner (default: 5)")
-    search.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate (default: 0.01)")
+    search.add_argument("--lr", type=float, default=FINETUNE_LR, help="fine-tune learning rate (default: %(default)s)")
     search.add_argument("--batch-size", type=int, default=64)
     search.add_argument("--grid", type=_ratios, default=None,
                         help="sensitivity ratios (default: the space's, e.g. 0.1,0.2,…,0.9)")
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fine-tune epochs of the *-converged rows (default: 10)")
     bench.add_argument("--trials", type=int, help="most candidates per search (default: 12)")
     bench.add_argument("--train-epochs", type=_epochs, help="base training epochs (default: 15)")
-    bench.add_argument("--base-lr", type=float, help="base training learning rate (default: 0.05)")
+    bench.add_argument("--base-lr", type=float, help=f"base training learning rate (default: {BASE_LR})")
     bench.add_argument("--pruner", choices=("median", "none"), help="the searches' pruner (default: median)")
     bench.add_argument("--finetune-epochs", type=_epochs, help="per-trial fine-tune epochs (default: 1)")
     bench.add_argument("--final-epochs", type=_epochs,

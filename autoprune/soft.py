@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from .distill import Distill
 from .groups import ChannelGroups, Group
 from .plan import Plan
+from .defaults import FINETUNE_LR
 from .training import train
 
 
@@ -72,7 +73,7 @@ class _EveryEpoch:
 
 
 def soft_prune(base: nn.Module, groups: ChannelGroups, plan: Plan, loader: DataLoader, epochs: float,
-               device: torch.device, lr: float = 0.01, quiet: bool = False,
+               device: torch.device, lr: float = FINETUNE_LR, quiet: bool = False,
                distill: Distill | None = None) -> tuple[nn.Module, Plan]:
     """Soft-prune a copy of ``base`` for ``epochs`` with ``plan``'s channel counts.
 

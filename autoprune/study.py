@@ -45,6 +45,7 @@ from .files import save_torch
 from .groups import ChannelGroups
 from .latency import describe as describe_latency, trial_latency
 from .plan import Plan
+from .defaults import FINETUNE_LR
 from .training import evaluate, recalibrate_bn, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -98,7 +99,7 @@ class Settings:
     trials: int = 12
     finetune_epochs: float = 1.0
     final_epochs: float = 5.0
-    lr: float = 0.01
+    lr: float = FINETUNE_LR
     batch_size: int = 64
     bn_batches: int = 8
     seed: int = 0

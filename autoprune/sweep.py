@@ -21,6 +21,7 @@ from .data import Data, load_data
 from .errors import AutopruneError
 from .models import build_model
 from .study import Settings
+from .defaults import BASE_LR, FINETUNE_LR
 from .training import evaluate, resolve_device, train
 from .unstructured import (LABEL, WeightCosts, WeightProblem, count_nonzero, equal_drop, finetune, run_trials,
                            scan)
@@ -46,7 +47,7 @@ class SweepRow:
 
 
 def mlp_sweep(data: Data | str = "digits", levels: Sequence[float] = LEVELS, train_epochs: float = 10.0,
-              finetune_epochs: float = 1.0, trials: int = 6, lr: float = 0.01, batch_size: int = 64,
+              finetune_epochs: float = 1.0, trials: int = 6, lr: float = FINETUNE_LR, batch_size: int = 64,
               device: str = "auto", seed: int = 0, quiet: bool = False, data_dir: str = "data",
               download: bool = False, report: Callable[[SweepRow], None] | None = None) -> list[SweepRow]:
     """Run the MLP experiment; accuracies are on the test split (the search itself scores on validation).
@@ -66,7 +67,7 @@ def mlp_sweep(data: Data | str = "digits", levels: Sequence[float] = LEVELS, tra
     dev = resolve_device(device)
     torch.manual_seed(seed)
     base = build_model("mlp", data.num_classes, input_shape=data.input_shape)
-    train(base, data.loader("train", batch_size, shuffle=True, seed=seed), train_epochs, dev, lr=0.05,
+    train(base, data.loader("train", batch_size, shuffle=True, seed=seed), train_epochs, dev, lr=BASE_LR,
           desc="train mlp", quiet=quiet)
     costs = WeightCosts.of(base)
     val_acc = evaluate(base, data.loader("val", 256), dev)

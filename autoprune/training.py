@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .defaults import FINETUNE_LR
 from .errors import AutopruneError
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def train(
     loader: DataLoader,
     epochs: float,
     device: torch.device,
-    lr: float = 0.01,
+    lr: float = FINETUNE_LR,
     weight_decay: float = 5e-4,
     desc: str = "train",
     quiet: bool = False,

@@ -38,6 +38,7 @@ from .groups import ROOT_TYPES
 from .plan import Plan
 from .sensitivity import GRID, curves, ratio_at_drop
 from .study import ENDED, Settings, best_trial, config_dict, finished, open_study, trials_table
+from .defaults import BASE_LR, FINETUNE_LR
 from .training import evaluate, recalibrate_bn, train
 
 LABEL = "nonzero params (counted by autoprune; thop counts dense)"
@@ -364,8 +365,8 @@ def weight_limit(budget: str | Budget, costs: WeightCosts) -> float:
 def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: str | Budget = "params=0.2", *,
                    weights: str | None = None, trials: int = 12, study: str | None = None,
                    storage: str | None = None, out: str | Path | None = None, new_study: bool = False,
-                   train_epochs: float | None = None, base_lr: float = 0.05, finetune_epochs: float = 1.0,
-                   final_epochs: float = 5.0, lr: float = 0.01, batch_size: int = 64, grid: Sequence[float] = GRID, max_ratio: float = 0.9,
+                   train_epochs: float | None = None, base_lr: float = BASE_LR, finetune_epochs: float = 1.0,
+                   final_epochs: float = 5.0, lr: float = FINETUNE_LR, batch_size: int = 64, grid: Sequence[float] = GRID, max_ratio: float = 0.9,
                    bn_batches: int = 8, device: str = "auto", seed: int = 0, quiet: bool = False,
                    data_dir: str | Path = "data", download: bool = False, extra: dict | None = None):
     """:func:`autoprune.search` with ``granularity="weight"``: per-layer sparsity under a nonzero budget.

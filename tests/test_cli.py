@@ -122,3 +122,20 @@ def test_a_second_study_in_a_run_folder_is_refused_and_the_first_is_kept(own_run
     assert main([*ARGS, "--out", str(own_run), "--budget", "flops=0.5"]) == 2
     assert "holds the results of study 'tiny_models-digits-flops0.4'" in capsys.readouterr().err
     assert before == {f.name: f.read_bytes() for f in own_run.iterdir() if f.is_file()}
+
+
+def test_learning_rates_are_spelled_once():
+    """The fine-tune and base learning rates live in autoprune/defaults.py; a copy elsewhere drifts."""
+    import re
+    from pathlib import Path
+
+    import autoprune
+    from autoprune.defaults import BASE_LR, FINETUNE_LR
+
+    rate, number = re.compile(r"(\b|_)lr\b"), re.compile(r"(?<![\d.])0\.0[15](?!\d)")
+    package = Path(autoprune.__file__).parent
+    copies = [f"{path.name}:{n}" for path in package.glob("*.py") if path.name != "defaults.py"
+              for n, line in enumerate(path.read_text().splitlines(), 1)
+              if rate.search(line.split("#")[0]) and number.search(line.split("#")[0])]
+    assert not copies, f"learning rates spelled outside defaults.py: {copies}"
+    assert (FINETUNE_LR, BASE_LR) == (0.01, 0.05)

@@ -39,13 +39,13 @@ from .budget import fit_plan, usage
 from .costmodel import CostModel
 from .counting import Cost, human
 from .data import Data
+from .defaults import FINETUNE_LR
 from .distill import from_settings
 from .errors import AutopruneError, one_line
 from .files import save_torch
 from .groups import ChannelGroups
 from .latency import describe as describe_latency, trial_latency
 from .plan import Plan
-from .defaults import FINETUNE_LR
 from .training import evaluate, recalibrate_bn, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -641,12 +641,11 @@ def enqueue_seed(study: optuna.Study, problem: Problem) -> None:
                 study.enqueue_trial(_params(problem, uniform), user_attrs={"stratum": k, "reference": "uniform"})
         return
     if not study.trials:
-        ratios = np.clip(problem.seed_ratios, problem.low, problem.high)  # rounding can step past a bound
-        study.enqueue_trial({ratio_param(g): float(r) for g, r in zip(problem.costs.ids, ratios)},
-                            skip_if_exists=True)
+        study.enqueue_trial(_params(problem, problem.seed_ratios), skip_if_exists=True)
 
 
 def _params(problem: Problem, ratios: np.ndarray) -> dict[str, float]:
+    """A trial's parameters for ``ratios``, clipped to the bounds (rounding can step past one)."""
     ratios = np.clip(ratios, problem.low, problem.high)
     return {ratio_param(g): float(r) for g, r in zip(problem.costs.ids, ratios)}
 

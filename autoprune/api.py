@@ -44,8 +44,9 @@ from .models import build_model, load_weights, read_state_dict
 from .plan import Plan
 from .sensitivity import GRID, bounds, equal_drop, scan
 from .space import SearchSpace, resolve
-from .study import (ENDED, Problem, Settings, SharedTable, Stratum, best_trial, checkpoint, config_dict, count_pruned,
-                    enqueue_seed, open_study, run, trial_plan, trials_table)
+from .storage import SharedTable, open_study
+from .study import (ENDED, Problem, Settings, Stratum, best_trial, checkpoint, config_dict, count_pruned,
+                    enqueue_seed, run, trial_plan, trials_table)
 from .defaults import BASE_LR, FINETUNE_LR
 from .training import evaluate, resolve_device, train
 

@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 from .budget import project
 from .data import Data
 from .errors import AutopruneError
-from .study import (COMPLETE, PRUNED, Objective, Problem, Settings, claim, keep_best_checkpoints, ratio_param,
-                    recover)
+from .study import COMPLETE, PRUNED, Objective, Problem, Settings, keep_best_checkpoints, ratio_param
+from .workers import claim, recover
 from .training import evaluate, train
 
 SCAN_SHARE = 0.15  # most of the time budget the sensitivity scan may take

@@ -26,7 +26,8 @@ from .errors import AutopruneError
 from .files import fingerprint
 from .groups import ChannelGroups
 from .models import build_model, load_weights
-from .study import Problem, finished, storage_for
+from .storage import storage_for
+from .study import Problem, finished
 from .training import evaluate, resolve_device
 
 RESULTS = Path("results")

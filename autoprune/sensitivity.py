@@ -45,7 +45,7 @@ def _write(table: pd.DataFrame, path: Path) -> None:
 
 
 class SharedRows(Protocol):
-    """Where workers share finished cells (:class:`autoprune.study.SharedTable`)."""
+    """Where workers share finished cells (:class:`autoprune.storage.SharedTable`)."""
 
     def rows(self) -> list[dict]: ...
 

@@ -16,22 +16,17 @@ the best few trials are kept, so the final fine-tune goes on from the winner's.
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
-import threading
 import time
 import warnings
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import optuna
 import pandas as pd
 import torch
-from sqlalchemy.exc import SQLAlchemyError
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -41,20 +36,19 @@ from .counting import Cost, human
 from .data import Data
 from .defaults import FINETUNE_LR
 from .distill import from_settings
-from .errors import AutopruneError, one_line
+from .errors import AutopruneError
 from .files import save_torch
 from .groups import ChannelGroups
 from .latency import describe as describe_latency, trial_latency
 from .plan import Plan
 from .training import evaluate, recalibrate_bn, train
+from .workers import (COMPLETE, ENDED, FAIL, POLL_S, PRUNED, RUNNING,  # noqa: F401 (states, as modules import them)
+                      heartbeat, hold_for_test, recover, retry, surplus)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # set_metric_names is marked experimental; the warning would only clutter every run's output.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-RUNNING, COMPLETE, PRUNED, FAIL = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE,
-                                   optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-ENDED = (COMPLETE, PRUNED)  # what counts towards the trials asked for, as in Optuna's n_trials
 PRUNERS = ("median", "none")
 
 
@@ -170,113 +164,6 @@ def pruner_for(settings: Settings) -> optuna.pruners.BasePruner:
     if settings.pruner == "none":
         return optuna.pruners.NopPruner()
     return ReachedMedianPruner(startup=max(3, settings.trials // 6))
-
-
-def storage_for(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for ``url``: a database URL or a journal file ending in .log/.journal.
-
-    Dead trials are found by :func:`recover` (process ids and heartbeats), the
-    same way for every storage, so no Optuna heartbeat is configured here.
-    """
-    if url.startswith(("sqlite", "postgresql", "mysql")):
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-        except ImportError as err:
-            raise AutopruneError(f"storage {url.split(':')[0]} needs a driver: {err}; "
-                                 "for PostgreSQL pip install psycopg2-binary and write postgresql+psycopg2://…") from None
-        except SQLAlchemyError as err:  # a malformed URL, a server that does not answer
-            raise AutopruneError(f"cannot open storage {url.split('@')[-1]}: {one_line(err)}") from None
-    if url.endswith((".log", ".journal")):
-        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        lock = JournalFileSymlinkLock(url)
-        _repair_journal(Path(url), lock)
-        return optuna.storages.JournalStorage(JournalFileBackend(url, lock_obj=lock))
-    raise AutopruneError(f"unknown storage {url!r}; use sqlite:///file.db, postgresql://…, "
-                         "mysql://… or a journal file ending in .log")
-
-
-def _repair_journal(path: Path, lock: Any) -> None:
-    """Cut a line half-written by a killed process off the end of a journal file.
-
-    Optuna appends whole lines under ``lock``; a kill in the middle of one would
-    otherwise glue the next record onto it and make the journal unreadable.
-    """
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    lock.acquire()
-    try:
-        text = path.read_bytes()  # Optuna reads the whole journal anyway
-        if not text.endswith(b"\n"):
-            with open(path, "rb+") as f:
-                f.truncate(text.rfind(b"\n") + 1)
-    finally:
-        lock.release()
-
-
-def open_study(name: str, storage: str, config: dict[str, Any], new: bool = False) -> optuna.Study:
-    """Create the study, or resume it if its stored configuration matches ``config``."""
-    backend = storage_for(storage)
-    if new:
-        try:
-            optuna.delete_study(study_name=name, storage=backend)
-        except KeyError:
-            pass
-    study = optuna.create_study(study_name=name, storage=backend, direction="maximize",
-                                load_if_exists=True)
-    stored = study.user_attrs.get("config")
-    if stored is None:
-        study.set_user_attr("config", config)
-        study.set_metric_names(["val_accuracy"])
-        return study
-    differs = [f"{key} was {stored.get(key)!r}, now {config.get(key)!r}"
-               for key in sorted(set(stored) | set(config)) if stored.get(key) != config.get(key)]
-    if differs:
-        raise AutopruneError(f"study {name!r} was made with another configuration ({'; '.join(differs)}); "
-                             "run it as it was, pass --new-study to start it afresh, or pick another --study")
-    return study
-
-
-class SharedTable:
-    """Sensitivity cells kept on the study itself, one system attribute per cell.
-
-    Every worker, on this machine or another, reads the cells already measured
-    and adds the ones it measures, so a scan is done once per study.
-
-    Example:
-        >>> SharedTable(optuna.create_study()).rows()
-        []
-    """
-
-    PREFIX = "autoprune:sensitivity:"
-
-    def __init__(self, study: optuna.Study) -> None:
-        self.study = study
-
-    def _attrs(self) -> dict[str, Any]:
-        return self.study._storage.get_study_system_attrs(self.study._study_id)
-
-    def rows(self) -> list[dict]:
-        return [value for key, value in self._attrs().items() if key.startswith(self.PREFIX)]
-
-    def add(self, row: dict) -> None:
-        key = self.PREFIX + self._cell(row["base_model"], row["importance"], row["group"], row["ratio"])
-        if key not in self._attrs():  # the first measurement stays: every worker sees the same table
-            self.study._storage.set_study_system_attr(self.study._study_id, key, row)
-
-    def claim(self, base_model: str, importance: str, group: str, ratio: float) -> bool:
-        """Claim a cell to measure; False if another worker claimed it first."""
-        key = "autoprune:claim:" + self._cell(base_model, importance, group, ratio)
-        me = asdict(Worker.me())
-        if key not in self._attrs():
-            self.study._storage.set_study_system_attr(self.study._study_id, key, me)
-        return self._attrs()[key] == me  # two at once: the last write holds, and all read the same
-
-    @staticmethod
-    def _cell(base_model: str, importance: str, group: str, ratio: float) -> str:
-        return f"{base_model}:{importance}:{group}:{float(ratio):.6g}"
 
 
 def finished(study: optuna.Study) -> int:
@@ -452,172 +339,6 @@ def _describe_pruned(trial: optuna.trial.FrozenTrial) -> str:
             f"below the median | {trial.user_attrs.get('seconds', 0):.1f}s")
 
 
-HEARTBEAT_S = 10.0  # how often a running trial says it is alive
-GRACE_S = 60.0  # a trial of another machine silent this long is taken for dead
-MAX_RETRY = 3  # a trial whose worker died is tried again at most this often
-POLL_S = 2.0  # how often a worker with nothing to start looks again
-
-
-def _process_start(pid: int) -> str:
-    """When process ``pid`` started (clock ticks since boot), so a reused pid is told apart."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-@dataclass(frozen=True)
-class Worker:
-    """The process running a trial, as recorded on the trial.
-
-    Example:
-        >>> Worker.me().alive()
-        True
-    """
-
-    host: str
-    pid: int
-    started: str = ""
-
-    @classmethod
-    def me(cls) -> "Worker":
-        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()))
-
-    def alive(self) -> bool:
-        """Whether the process still runs (meaningful on its own host only)."""
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return not self.started or _process_start(self.pid) in ("", self.started)
-
-
-def _started(trial: optuna.trial.FrozenTrial) -> float:
-    return trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-
-
-def _stale(trial: optuna.trial.FrozenTrial, me: Worker, now: float, grace: float) -> bool:
-    """Whether a RUNNING trial's worker is gone: a dead process here, or silence elsewhere."""
-    who = trial.system_attrs.get("autoprune:worker")
-    if who and who["host"] == me.host:
-        return not Worker(**who).alive()
-    last = trial.system_attrs.get("autoprune:beat") or _started(trial)
-    return now - last > grace
-
-
-def recover(study: optuna.Study, grace: float = GRACE_S) -> list[int]:
-    """Mark the trials of dead workers failed and queue each again; returns their numbers.
-
-    Several workers may call this at once: the storage lets only one of them
-    fail a given trial, and only that one queues the retry.
-    """
-    me, now, failed = Worker.me(), time.time(), []
-    for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
-        if not _stale(trial, me, now, grace):
-            continue
-        try:
-            study._storage.set_trial_user_attr(trial._trial_id, "failed", "its worker died")
-            if not study._storage.set_trial_state_values(trial._trial_id, FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker got there first
-        failed.append(trial.number)
-        _retry(study, trial)
-    return failed
-
-
-def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Queue the parameters of a trial that could not finish, up to ``MAX_RETRY`` times."""
-    params = trial.params or trial.system_attrs.get("fixed_params")
-    retries = trial.user_attrs.get("retries", 0)
-    kept = {k: trial.user_attrs[k] for k in ("stratum", "reference") if k in trial.user_attrs}
-    if params and retries < MAX_RETRY:
-        study.enqueue_trial(params, user_attrs={"retry_of": trial.number, "retries": retries + 1, **kept})
-
-
-def claim(study: optuna.Study, trial_id: int) -> None:
-    """Record this process as the trial's worker, so :func:`recover` knows when it died."""
-    study._storage.set_trial_system_attr(trial_id, "autoprune:worker", asdict(Worker.me()))
-    study._storage.set_trial_system_attr(trial_id, "autoprune:beat", time.time())
-
-
-@contextmanager
-def _heartbeat(study: optuna.Study, trial_id: int, interval: float = HEARTBEAT_S) -> Iterator[None]:
-    """Record the worker on the trial and keep stamping the time while the trial runs."""
-    storage = study._storage
-    claim(study, trial_id)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(interval):
-            try:
-                storage.set_trial_system_attr(trial_id, "autoprune:beat", time.time())
-            except Exception:  # the trial ended or the storage went away: nothing left to keep alive
-                return
-
-    thread = threading.Thread(target=beat, name="autoprune-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-def _surplus(study: optuna.Study, number: int, wanted: int) -> str | None:
-    """Why trial ``number``, just started, must not run, or None.
-
-    Trials are ordered by start time (then number), an order every worker sees
-    alike: a trial is surplus when the finished trials and those started before
-    it already make ``wanted``, or when an earlier live trial has its fixed
-    parameters (a queued trial that two workers queued).
-    """
-    trials = study.get_trials(deepcopy=False)
-    mine = next(t for t in trials if t.number == number)
-    key = (_started(mine), number)
-    earlier = [t for t in trials if t.number != number and t.state in (RUNNING, *ENDED)
-               and (t.state in ENDED or (_started(t), t.number) < key)]
-    if sum(t.state in ENDED for t in trials) + sum(t.state == RUNNING for t in earlier) >= wanted:
-        return f"{wanted} trials were already finished or running"
-    fixed = mine.system_attrs.get("fixed_params")
-    stratum = mine.user_attrs.get("stratum")  # a range study queues the same uniform ratios for every target
-    if fixed and any(t.system_attrs.get("fixed_params") == fixed and t.user_attrs.get("stratum") == stratum
-                     for t in earlier):
-        return "a copy of an earlier queued trial"
-    return None
-
-
-HOLD_ENV = "AUTOPRUNE_TEST_HOLD_UNTIL_WORKERS"  # test-only; see _hold_for_test
-HOLD_TIMEOUT_S = 240.0
-
-
-def _hold_for_test(study: optuna.Study) -> None:
-    """Test-only: hold a started trial until ``$AUTOPRUNE_TEST_HOLD_UNTIL_WORKERS`` processes have started one.
-
-    A test of several workers sets it so that each worker's first trial runs
-    however late a worker starts; no timing decides whether all took part. A
-    worker that never starts a trial fails the trial after ``HOLD_TIMEOUT_S``.
-    Unset (always, outside tests) it does nothing.
-    """
-    wanted = int(os.environ.get(HOLD_ENV) or 0)
-    if not wanted:
-        return
-    end = time.monotonic() + HOLD_TIMEOUT_S
-    while len(seen := _trial_workers(study)) < wanted:
-        if time.monotonic() > end:
-            raise AutopruneError(f"{HOLD_ENV}={wanted}: only {len(seen)} worker process(es) started a trial "
-                                 f"within {HOLD_TIMEOUT_S:.0f} s")
-        time.sleep(0.1)
-
-
-def _trial_workers(study: optuna.Study) -> set[tuple[str, int]]:
-    """The (host, pid) of every process that ran or runs a trial of ``study``."""
-    return {(w["host"], w["pid"]) for t in study.get_trials(deepcopy=False)
-            if (w := t.system_attrs.get("autoprune:worker"))}
-
-
 def _counts(study: optuna.Study) -> tuple[int, int]:
     """Trials ended (finished or pruned) and running."""
     trials = study.get_trials(deepcopy=False, states=(*ENDED, RUNNING))
@@ -692,14 +413,14 @@ def run(problem: Problem, study: optuna.Study, settings: Settings, quiet: bool =
 def _run_one(study: optuna.Study, objective: Objective, wanted: int, quiet: bool) -> None:
     """Ask for a trial, run it unless it is surplus, and tell the study how it went."""
     trial = study.ask()
-    reason = _surplus(study, trial.number, wanted)
+    reason = surplus(study, trial.number, wanted)
     if reason:
         trial.set_user_attr("skipped", reason)
         study.tell(trial, state=FAIL)
         return
     try:
-        with _heartbeat(study, trial._trial_id):
-            _hold_for_test(study)
+        with heartbeat(study, trial._trial_id):
+            hold_for_test(study)
             value = objective(trial)
     except optuna.TrialPruned:
         frozen = study.tell(trial, state=PRUNED)
@@ -710,7 +431,7 @@ def _run_one(study: optuna.Study, objective: Objective, wanted: int, quiet: bool
     except BaseException:
         study.tell(trial, state=FAIL)
         if not isinstance(sys.exc_info()[1], Exception):  # interrupted, not broken: try it again later
-            _retry(study, study.get_trials(deepcopy=False)[trial.number])
+            retry(study, study.get_trials(deepcopy=False)[trial.number])
         raise
     frozen = study.tell(trial, value)
     if frozen.state == COMPLETE and not quiet:

@@ -37,7 +37,8 @@ from .files import atomic_path, command_line, fingerprint, save_torch, versions,
 from .groups import ROOT_TYPES
 from .plan import Plan
 from .sensitivity import GRID, curves, ratio_at_drop
-from .study import ENDED, Settings, best_trial, config_dict, finished, open_study, trials_table
+from .storage import open_study
+from .study import ENDED, Settings, best_trial, config_dict, finished, trials_table
 from .defaults import BASE_LR, FINETUNE_LR
 from .training import evaluate, recalibrate_bn, train
 

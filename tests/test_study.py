@@ -2,8 +2,8 @@ import optuna
 import pytest
 
 from autoprune.errors import AutopruneError
-from autoprune.study import (HOLD_ENV, SharedTable, Worker, _heartbeat, _hold_for_test, _surplus, open_study, recover,
-                             storage_for)
+from autoprune.storage import SharedTable, open_study, storage_for
+from autoprune.workers import HOLD_ENV, Worker, heartbeat, hold_for_test, recover, surplus
 
 
 def test_resuming_with_another_configuration_names_what_differs(tmp_path):
@@ -48,7 +48,7 @@ def test_a_killed_workers_trial_is_failed_and_queued_again_once(tmp_path):
 @pytest.mark.process
 def test_a_live_trial_of_this_host_is_left_alone_and_silence_elsewhere_is_death(tmp_path):
     study = open_study("s", str(tmp_path / "study.log"), {"a": 1})
-    with _heartbeat(study, study.ask()._trial_id):
+    with heartbeat(study, study.ask()._trial_id):
         assert recover(study) == []
     other = study.ask()
     study._storage.set_trial_system_attr(other._trial_id, "autoprune:worker",
@@ -60,25 +60,25 @@ def test_a_live_trial_of_this_host_is_left_alone_and_silence_elsewhere_is_death(
 @pytest.mark.process
 def test_the_test_only_hold_waits_for_every_worker_and_fails_without_them(tmp_path, monkeypatch):
     study = open_study("s", str(tmp_path / "study.log"), {"a": 1})
-    _hold_for_test(study)  # unset: nothing to wait for
+    hold_for_test(study)  # unset: nothing to wait for
     monkeypatch.setenv(HOLD_ENV, "2")
-    monkeypatch.setattr("autoprune.study.HOLD_TIMEOUT_S", 0.0)
-    with _heartbeat(study, study.ask()._trial_id):
+    monkeypatch.setattr("autoprune.workers.HOLD_TIMEOUT_S", 0.0)
+    with heartbeat(study, study.ask()._trial_id):
         with pytest.raises(AutopruneError, match="only 1 worker process"):
-            _hold_for_test(study)  # the other worker never started a trial
+            hold_for_test(study)  # the other worker never started a trial
         other = study.ask()
         study._storage.set_trial_system_attr(other._trial_id, "autoprune:worker",
                                              {"host": "elsewhere", "pid": 1, "started": ""})
-        _hold_for_test(study)  # both have: it returns
+        hold_for_test(study)  # both have: it returns
 
 
-def test_a_trial_started_past_the_total_is_surplus(tmp_path):
+def test_a_trial_started_past_the_total_issurplus(tmp_path):
     study = open_study("s", str(tmp_path / "study.log"), {"a": 1})
     study.add_trial(optuna.trial.create_trial(value=0.5))
     first, second = study.ask(), study.ask()  # two workers start at once, one trial is missing
-    assert _surplus(study, first.number, 2) is None
-    assert "already finished or running" in _surplus(study, second.number, 2)
-    assert _surplus(study, second.number, 3) is None
+    assert surplus(study, first.number, 2) is None
+    assert "already finished or running" in surplus(study, second.number, 2)
+    assert surplus(study, second.number, 3) is None
 
 
 def test_a_queued_trial_queued_twice_runs_once(tmp_path):
@@ -86,8 +86,8 @@ def test_a_queued_trial_queued_twice_runs_once(tmp_path):
     study.enqueue_trial({"x": 0.25})
     study.enqueue_trial({"x": 0.25})  # two workers queued the seed at the same moment
     first, second = study.ask(), study.ask()
-    assert _surplus(study, first.number, 10) is None
-    assert "copy of an earlier queued trial" in _surplus(study, second.number, 10)
+    assert surplus(study, first.number, 10) is None
+    assert "copy of an earlier queued trial" in surplus(study, second.number, 10)
 
 
 def test_a_half_written_journal_line_is_cut_off(tmp_path):

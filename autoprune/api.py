@@ -10,17 +10,15 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import socket
 import sys
 import threading
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from typing import Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import optuna
@@ -32,7 +30,8 @@ from .budget import STRATA, Budget, BudgetRange, check_prunes, check_reachable, 
 from .checks import check_numbers, check_run, claim_run
 from .costmodel import CostModel
 from .counting import Cost, human
-from .data import Data, load_data
+from .data import Data
+from .defaults import BASE_LR, FINETUNE_LR
 from .errors import AutopruneError
 from .export import export
 from .files import command_line, fingerprint, save_torch, versions, write_json, write_text
@@ -40,67 +39,15 @@ from .groups import ChannelGroups, apply_plan
 from .halving import SCAN_SHARE, Deadline, parse_duration, scoring_seconds, timed_search
 from .importance import criterion
 from .latency import ATTRS as LATENCY_ATTRS, LatencySettings, Meter, Timer, latency_costs, with_device
-from .models import build_model, load_weights, read_state_dict
+from .models import build_model, read_state_dict
+from .pipeline import Result, as_data, base_model, default_storage, run_folder, train_base
 from .plan import Plan
 from .sensitivity import GRID, bounds, equal_drop, scan
 from .space import SearchSpace, resolve
 from .storage import SharedTable, open_study
 from .study import (ENDED, Problem, Settings, Stratum, best_trial, checkpoint, config_dict, count_pruned,
                     enqueue_seed, run, trial_plan, trials_table)
-from .defaults import BASE_LR, FINETUNE_LR
-from .training import evaluate, resolve_device, train
-
-DEFAULT_TRAIN_EPOCHS = 15.0
-
-
-@dataclass
-class Result:
-    """What a search hands back: the pruned model, its plan, the summary and the study."""
-
-    model: nn.Module
-    plan: Plan
-    summary: dict[str, Any]
-    study: optuna.Study
-    out: Path
-
-
-def _as_data(data: Data | str | Sequence[Dataset | DataLoader], **options: Any) -> Data:
-    if isinstance(data, Data):
-        return data
-    if isinstance(data, (str, Path)):
-        return load_data(str(data), **options)
-    if isinstance(data, (tuple, list)) and len(data) == 3:
-        train_set, val_set, test_set = (d.dataset if isinstance(d, DataLoader) else d for d in data)
-        sample, _ = train_set[0]
-        labels = {int(train_set[i][1]) for i in range(min(len(train_set), 20000))}
-        num_classes = getattr(train_set, "num_classes", max(labels) + 1)
-        return Data("user", train_set, val_set, test_set, int(num_classes), tuple(sample.shape))
-    raise AutopruneError("data must be a data set name, a Data, or (train, val, test) datasets or loaders")
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "", text.replace("=", "").replace(",", "-"))
-
-
-def _base_model(model: nn.Module | str, weights: str | None, data: Data, out: Path,
-                train_epochs: float | None) -> tuple[nn.Module, float]:
-    """The base model with its weights, and how many epochs it still has to be trained."""
-    if isinstance(model, nn.Module):
-        if weights:
-            load_weights(model, weights)
-        return model, train_epochs or 0.0
-    saved = out / "base.pt"
-    if weights in (None, "DEFAULT") and saved.is_file():  # trained by an earlier run
-        return load_weights(build_model(model, data.num_classes, input_shape=data.input_shape), saved), 0.0
-    built = build_model(model, data.num_classes, pretrained=weights == "DEFAULT", input_shape=data.input_shape)
-    if weights and weights != "DEFAULT":
-        return load_weights(built, weights), train_epochs or 0.0
-    if train_epochs is not None:
-        return built, train_epochs
-    head_only = weights == "DEFAULT" and data.num_classes == 1000
-    return built, 0.0 if head_only else DEFAULT_TRAIN_EPOCHS
-
-
+from .training import evaluate, resolve_device
 
 
 def search(
@@ -230,12 +177,10 @@ def search(
         raise AutopruneError("--time-budget plans one process's time; leave out --workers (or --time-budget)")
     space = resolve(space, model).replace(grid=tuple(grid) if grid else None, max_ratio=max_ratio,
                                           importance=importance, round_to=round_to)
-    data = _as_data(data, data_dir=data_dir, download=download, seed=seed)
-    name = model if isinstance(model, str) else type(model).__name__
-    study_name = study or f"{_slug(Path(name).stem)}-{_slug(data.name)}-{_slug(str(budget))}"
-    out = Path(out) if out else Path("results") / study_name
+    data = as_data(data, data_dir=data_dir, download=download, seed=seed)
+    name, study_name, out = run_folder(model, data, budget, study, out)
     shared_storage = storage is not None  # other machines may be working on it
-    storage = storage or _default_storage(out, workers)
+    storage = storage or default_storage(out, workers)
     if workers > 1 and storage.startswith("sqlite"):
         raise AutopruneError("SQLite cannot take several worker processes; for --workers pass "
                              f"--storage {out / 'study.log'} (a journal file) or a PostgreSQL/MySQL URL")
@@ -243,7 +188,7 @@ def search(
     device = resolve_device(device)
     settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed, extra, pruner)
     example = data.example_input()
-    base, epochs = _base_model(model, weights, data, out, train_epochs)
+    base, epochs = base_model(model, weights, data, out, train_epochs)
     if epochs > 0:  # refuse a bad space or budget before training
         _budget_limits(find_groups(base, example, space, data, batch_size, seed, importance="l1"), budget, space)
         claim_run(out, study_name)
@@ -382,14 +327,6 @@ def _warm_start(folder: Path, number: int, extra: dict[str, Any]) -> Path | None
     return path if path.is_file() and not extra.get("soft_epochs") else None
 
 
-def _default_storage(out: Path, workers: int) -> str:
-    """The run directory's study: SQLite for one process, a journal file for several."""
-    journal, sqlite = out / "study.log", out / "study.db"
-    if journal.is_file() or (workers > 1 and not sqlite.is_file()):
-        return str(journal)
-    return f"sqlite:///{sqlite}"
-
-
 def _spawn(call: dict[str, Any], index: int, **given: Any) -> multiprocessing.Process:
     """Start worker process ``index``: the same search, on the prepared base model and study."""
     kwargs = {**call, **given, "new_study": False, "workers": 1, "quiet": True, "_worker": index}
@@ -450,24 +387,6 @@ def extra_settings(distill: bool, weight: float, temperature: float, soft_epochs
     if soft_epochs:
         extra["soft_epochs"] = float(soft_epochs)
     return extra
-
-
-def train_base(base: nn.Module, data: Data, epochs: float, device: torch.device, batch_size: int, seed: int,
-               out: Path, quiet: bool, lr: float = BASE_LR) -> None:
-    """Train the base model and keep it as ``out/base.pt``, so the next run of the study reuses it.
-
-    A model that ends near chance on validation is refused and not kept: pruning
-    it would measure nothing (vgg11_bn on digits needs a base learning rate of 0.01).
-    """
-    torch.manual_seed(seed)
-    train(base, data.loader("train", batch_size, shuffle=True, seed=seed), epochs, device, lr=lr,
-          desc="train base", quiet=quiet)
-    accuracy = evaluate(base, data.loader("val", 256), device)
-    if accuracy < 2.0 / data.num_classes:
-        raise AutopruneError(f"the base model trained to {accuracy:.1%} validation accuracy, near chance "
-                             f"({1 / data.num_classes:.0%}); train it with a smaller --base-lr (was {lr:g}) "
-                             "or more --train-epochs, or pass trained --weights")
-    save_torch(base.state_dict(), out / "base.pt")
 
 
 def find_groups(model: nn.Module, example: torch.Tensor, space: SearchSpace, data: Data, batch_size: int,
@@ -701,7 +620,7 @@ def describe_groups(
         >>> print(autoprune.api.describe_groups("resnet18"))
         resnet18 on digits (1, 3, 32, 32): 37.2M FLOPs (thop MACs), 11.2M params | space resnet …
     """
-    data = _as_data(data, data_dir=data_dir, download=download)
+    data = as_data(data, data_dir=data_dir, download=download)
     space = resolve(space, model).replace(importance=importance)
     base = build_model(model, data.num_classes) if isinstance(model, str) else model
     base = base.eval()

@@ -62,7 +62,8 @@ from .data import Data, load_data
 from .errors import AutopruneError
 from .latency_bench import table_lines
 from .files import atomic_path, fingerprint, versions, write_text
-from .api import find_groups, train_base
+from .api import find_groups
+from .pipeline import train_base
 from .groups import ChannelGroups
 from .models import build_model, load_weights
 from .plan import Plan

@@ -245,20 +245,33 @@ def _factory(spec: str, seed: int) -> Data:
     made = load_factory(spec, "data")()
     if not (isinstance(made, (tuple, list)) and len(made) == 3):
         raise AutopruneError(f"data factory {spec} must return (train, val, test) datasets")
-    train, val, test = made
-    for name, split in zip(("train", "val", "test"), made):
-        _check_sample(spec, name, split)
+    return from_splits(spec, *made, where=f"data factory {spec}")
+
+
+def from_splits(name: str, train: Dataset, val: Dataset, test: Dataset, where: str = "data") -> Data:
+    """A :class:`Data` from three datasets of (image tensor, class index) pairs.
+
+    The class count is the train set's ``num_classes`` attribute, or the largest
+    label seen plus one (read from sets of up to 20,000 images).
+
+    Example:
+        >>> ds = TensorDataset(torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 2, 1]))
+        >>> from_splits("toy", ds, ds, ds).num_classes
+        3
+    """
+    for split, dataset in zip(("train", "val", "test"), (train, val, test)):
+        _check_sample(where, split, dataset)
     sample, _ = train[0]
     labels = {int(train[i][1]) for i in range(len(train))} if len(train) <= 20000 else set()
     num_classes = getattr(train, "num_classes", None) or (max(labels) + 1 if labels else None)
     if num_classes is None:
-        raise AutopruneError(f"data factory {spec}: give the train set a num_classes attribute")
-    return Data(spec, train, val, test, int(num_classes), tuple(sample.shape))
+        raise AutopruneError(f"{where}: give the train set a num_classes attribute")
+    return Data(name, train, val, test, int(num_classes), tuple(sample.shape))
 
 
 def _check_sample(spec: str, name: str, split: Dataset) -> None:
     """A factory's split must hold (image tensor, class index) pairs: say which part is wrong, and how."""
-    where = f"data factory {spec}: its {name} set"
+    where = f"{spec}: its {name} set"
     if len(split) == 0:
         raise AutopruneError(f"{where} is empty; give every split at least one (image, label) pair")
     item = split[0]

@@ -26,6 +26,7 @@ from .errors import AutopruneError
 from .files import fingerprint
 from .groups import ChannelGroups
 from .models import build_model, load_weights
+from .pipeline import default_storage
 from .storage import storage_for
 from .study import Problem, finished
 from .training import evaluate, resolve_device
@@ -103,9 +104,10 @@ def quiet_storage(url: str) -> optuna.storages.BaseStorage | str:
         return storage_for(url)
 
 
-def default_storage(study: str, run_dir: str | Path | None = None) -> str:
-    """``sqlite:///results/STUDY/study.db`` (or the ``study.db`` in ``run_dir``)."""
-    return f"sqlite:///{Path(run_dir) if run_dir else RESULTS / study}/study.db"
+def run_storage(study: str, run_dir: str | Path | None = None) -> str:
+    """The storage ``search`` wrote in ``results/STUDY`` (or ``run_dir``): its ``study.log`` journal
+    where a ``--workers`` run left one, else its ``study.db``."""
+    return default_storage(Path(run_dir) if run_dir else RESULTS / study)
 
 
 def open_run(study: str, storage: str | None = None, run_dir: str | Path | None = None) -> Run:
@@ -118,10 +120,10 @@ def open_run(study: str, storage: str | None = None, run_dir: str | Path | None 
     """
     folder = Path(run_dir) if run_dir else RESULTS / study
     if storage is None:
-        if not (folder / "study.db").is_file():
-            raise AutopruneError(f"no study database at {folder / 'study.db'}; pass --storage URL "
-                                 "or --run-dir, the folder the search wrote")
-        storage = default_storage(study, folder)
+        if not any((folder / f).is_file() for f in ("study.db", "study.log")):
+            raise AutopruneError(f"no study database at {folder / 'study.db'} (nor a {folder / 'study.log'} "
+                                 "journal); pass --storage URL or --run-dir, the folder the search wrote")
+        storage = run_storage(study, folder)
     try:
         found = optuna.load_study(study_name=study, storage=quiet_storage(storage))
     except KeyError:
@@ -176,7 +178,8 @@ def list_studies(storage: str | None = None, root: str | Path = RESULTS) -> pd.D
         >>> list_studies().columns.tolist()
         ['study', 'storage', 'trials', 'complete', 'budget', 'model', 'dataset', 'best_val_accuracy', 'best_trial']
     """
-    urls = [storage] if storage else [default_storage("", db.parent) for db in sorted(Path(root).glob("*/study.db"))]
+    folders = sorted({db.parent for pattern in ("*/study.db", "*/study.log") for db in Path(root).glob(pattern)})
+    urls = [storage] if storage else [run_storage("", folder) for folder in folders]
     rows = []
     for url in urls:
         backend = quiet_storage(url)

@@ -37,6 +37,7 @@ from .files import atomic_path, command_line, fingerprint, save_torch, versions,
 from .groups import ROOT_TYPES
 from .plan import Plan
 from .sensitivity import GRID, curves, ratio_at_drop
+from .pipeline import Result, as_data, base_model, default_storage, run_folder, train_base
 from .storage import open_study
 from .study import ENDED, Settings, best_trial, config_dict, finished, trials_table
 from .defaults import BASE_LR, FINETUNE_LR
@@ -377,7 +378,6 @@ def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: 
         >>> result.summary["nonzero_share"] <= 0.2
         True
     """
-    from .api import Result, _as_data, _base_model, _slug, train_base
     from .training import resolve_device
 
     started = time.perf_counter()
@@ -387,16 +387,14 @@ def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: 
     if not 0 < max_ratio < 1 or not grid or not all(0 < r < 1 for r in grid):
         raise AutopruneError("ratios (grid and max ratio) must lie strictly between 0 and 1")
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
-    data = _as_data(data, data_dir=data_dir, download=download, seed=seed)
-    name = model if isinstance(model, str) else type(model).__name__
-    study_name = study or f"{_slug(Path(name).stem)}-{_slug(data.name)}-weight-{_slug(str(budget))}"
-    out = Path(out) if out else Path("results") / study_name
-    storage = storage or f"sqlite:///{out / 'study.db'}"
+    data = as_data(data, data_dir=data_dir, download=download, seed=seed)
+    name, study_name, out = run_folder(model, data, budget, study, out, kind="weight")
+    storage = storage or default_storage(out)
     check_run(out, study_name, storage)
     device = resolve_device(device)
     extra = extra or {}
     settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed, extra)
-    base, epochs = _base_model(model, weights, data, out, train_epochs)
+    base, epochs = base_model(model, weights, data, out, train_epochs)
     costs = WeightCosts.of(base)
     limit = weight_limit(budget, costs)
     if limit >= costs.base:

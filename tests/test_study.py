@@ -106,3 +106,15 @@ def test_sensitivity_cells_are_shared_through_the_study(tmp_path):
     SharedTable(open_study("s", url, {"a": 1})).add(row)
     SharedTable(open_study("s", url, {"a": 1})).add({**row, "drop": 0.9})  # a late duplicate loses
     assert SharedTable(open_study("s", url, {"a": 1})).rows() == [row]
+
+
+def test_a_run_folder_with_a_journal_opens_without_storage(tmp_path):
+    """A --workers run writes study.log, not study.db: open_run (pareto, report, export) finds it."""
+    from autoprune.runs import list_studies, open_run
+
+    folder = tmp_path / "run"
+    open_study("s", str(folder / "study.log"), {"budget": "flops=0.5"})
+    assert open_run("s", run_dir=folder).storage == str(folder / "study.log")
+    assert list_studies(root=tmp_path)["study"].tolist() == ["s"]
+    with pytest.raises(AutopruneError, match="nor a .*study.log"):
+        open_run("s", run_dir=tmp_path / "elsewhere")

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from .budget import project
 from .data import Data
 from .errors import AutopruneError
+from .latency import describe as describe_latency
 from .study import COMPLETE, PRUNED, Objective, Problem, Settings, keep_best_checkpoints, ratio_param
 from .workers import claim, recover
 from .training import evaluate, train
@@ -275,7 +276,7 @@ def successive_halving(problem: Problem, study: optuna.Study, settings: Settings
     if not quiet:
         tqdm.write(f"trial {trial.number} wins: val {frozen.value:.2%} after "
                    f"{frozen.user_attrs['epochs']:.2f} epochs | FLOPs {frozen.user_attrs['flops_share']:.1%} "
-                   "of base (thop MACs)")
+                   f"of base (thop MACs){describe_latency(frozen.user_attrs)}")
     keep_best_checkpoints(study, problem.checkpoints)
     return frozen
 

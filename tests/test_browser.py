@@ -81,9 +81,12 @@ def test_the_html_report_draws_every_trial_from_the_file_system(browser, tiny_ra
 def _start_dashboard(run_dir: Path) -> tuple[subprocess.Popen, list[str]]:
     """``autoprune dashboard --port 0`` in a subprocess; the URLs it prints once it listens."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # As from a terminal: a shell without job control starts background jobs with SIGINT ignored, and
+    # the child would inherit that, so Ctrl-C (SIGINT below) could not stop it when the suite runs as one.
     process = subprocess.Popen([sys.executable, "-m", "autoprune", "dashboard", "--study", RANGE_STUDY,
                                 "--run-dir", str(run_dir), "--port", "0"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
+                               stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ready, _, _ = select.select([process.stdout], [], [], WAIT_S)  # the line comes once the port answers
     line = process.stdout.readline() if ready else ""
     if not line:
@@ -112,5 +115,9 @@ def test_the_dashboard_shows_the_search_and_its_front(browser, tiny_range_run, t
         assert _errors(browser) == []
     finally:
         process.send_signal(signal.SIGINT)  # Ctrl-C
-        out, err = process.communicate(timeout=WAIT_S)
+        try:
+            out, err = process.communicate(timeout=WAIT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()  # never outlive the test
+            raise
     assert process.returncode == 0 and "dashboard stopped" in out and "Traceback" not in err

@@ -44,7 +44,9 @@ def _hover(run: Run, frame: pd.DataFrame) -> list[str]:
                  f"val accuracy {row.val_accuracy:.2%}",
                  f"FLOPs (thop MACs) {human(row.flops)} ({row.flops_share:.1%} of base)",
                  f"params {human(row.params)} ({row.params_share:.1%} of base)"]
-        if latency is not None:
+        if "latency_ms" in frame and row.latency_ms == row.latency_ms:  # timed by the trial itself
+            lines.append(f"latency {row.latency_ms:.3g} ms (measured in the search)")
+        elif latency is not None:
             lines.append(f"CPU latency, batch 1: {latency:.2f} ms")
         lines += [f"{html.escape(g)}: {plan.keep[g]}/{plan.channels[g]}" for g in plan.channels]
         texts.append("<br>".join(lines))

@@ -264,6 +264,12 @@ def _search(args: argparse.Namespace) -> None:
     print(f"best trial {s['trial']} of {s['trials']} ({s['pruned_trials']} pruned): "
           f"FLOPs {human(s['flops'])} ({s['flops_share']:.1%} of {human(s['base_flops'])}, thop MACs), "
           f"params {human(s['params'])} ({s['params_share']:.1%} of {human(s['base_params'])})")
+    _latency_and_accuracy(s)
+    print(f"wrote {result.out}/: model.pt weights.pt plan.json summary.json sensitivity.csv trials.csv")
+
+
+def _latency_and_accuracy(s: dict) -> None:
+    """The summary lines both searches print: the winner's latency (where timed) and its accuracy."""
     if "ms" in s.get("latency", {}):
         t, again = s["latency"], s.get("latency_check")
         print(f"latency {t['ms']:.3g} ± {t['spread_ms']:.2g} ms ({t['share']:.1%} of {t['base_ms']:.3g} ms; "
@@ -272,7 +278,6 @@ def _search(args: argparse.Namespace) -> None:
                  if again else ""))
     print(f"test accuracy {s['test_accuracy']:.2%} (base {s['base_test_accuracy']:.2%}), "
           f"val {s['val_accuracy']:.2%} (base {s['base_val_accuracy']:.2%}), {s['seconds']:.0f}s")
-    print(f"wrote {result.out}/: model.pt weights.pt plan.json summary.json sensitivity.csv trials.csv")
 
 
 def _weight_summary(result) -> None:
@@ -282,14 +287,7 @@ def _weight_summary(result) -> None:
     print(f"best trial {s['trial']} of {s['trials']}: {human(s['nonzero_params'])} {s['nonzero_unit']} "
           f"({s['nonzero_share']:.1%} of {human(s['base_params'])}); FLOPs {human(s['flops'])} (thop MACs, dense)")
     print(f"size: {s['model_dense_bytes'] / 1e6:.2f} MB dense, {s['model_sparse_bytes'] / 1e6:.2f} MB sparse (CSR)")
-    if "ms" in s.get("latency", {}):
-        t, again = s["latency"], s.get("latency_check")
-        print(f"latency {t['ms']:.3g} ± {t['spread_ms']:.2g} ms ({t['share']:.1%} of {t['base_ms']:.3g} ms; "
-              f"{t['latency_backend']}, batch {t['latency_batch']}, {t['latency_threads']} thread(s))"
-              + (f"; re-timed after export {again['measured_ms']:.3g} ms of {again['limit_ms']:.3g} ms allowed"
-                 if again else ""))
-    print(f"test accuracy {s['test_accuracy']:.2%} (base {s['base_test_accuracy']:.2%}), "
-          f"val {s['val_accuracy']:.2%} (base {s['base_val_accuracy']:.2%}), {s['seconds']:.0f}s")
+    _latency_and_accuracy(s)
     print(f"wrote {result.out}/: model.pt weights.pt weights_sparse.pt plan.json summary.json "
           "sensitivity.csv trials.csv")
 

@@ -28,13 +28,7 @@ def tiny_run(tmp_path_factory):
     Read only, so that no test depends on which tests ran before it: a test that
     runs the search again or writes into it works on a copy (test_cli's ``own_run``).
     """
-    from autoprune.cli import main
-
-    out = tmp_path_factory.mktemp("run")
-    assert main([*SEARCH_ARGS, "--out", str(out)]) == 0
-    before = _contents(out)
-    yield out
-    assert _contents(out) == before, "a test changed the shared tiny_run; give it a copy instead"
+    yield from _read_only_run(tmp_path_factory, "run", SEARCH_ARGS, "tiny_run")
 
 
 # A range study (~25 s): six targets from 15 % to 60 % of the FLOPs; its twelve trials are the sensitivity
@@ -48,13 +42,18 @@ RANGE_STUDY = "tiny_models-digits-flops0.15..0.6"
 @pytest.fixture(scope="session")
 def tiny_range_run(tmp_path_factory):
     """The run directory of the small range study; a test that writes to it works on a copy."""
+    yield from _read_only_run(tmp_path_factory, "range", RANGE_ARGS, "tiny_range_run")
+
+
+def _read_only_run(tmp_path_factory, prefix: str, args: list[str], name: str):
+    """Run the search ``args`` once into a fresh folder, hand it out, and check nobody wrote into it."""
     from autoprune.cli import main
 
-    out = tmp_path_factory.mktemp("range")
-    assert main([*RANGE_ARGS, "--out", str(out)]) == 0
+    out = tmp_path_factory.mktemp(prefix)
+    assert main([*args, "--out", str(out)]) == 0
     before = _contents(out)
     yield out
-    assert _contents(out) == before, "a test changed the shared tiny_range_run; give it a copy instead"
+    assert _contents(out) == before, f"a test changed the shared {name}; give it a copy instead"
 
 
 def _contents(folder: Path) -> dict[str, str]:

@@ -294,8 +294,8 @@ class LatencyModel:
     """
 
     def __init__(self, groups: ChannelGroups, costs: CostModel, meter: Meter,
-                 plans: int = CALIBRATION_PLANS) -> None:
-        self.costs, self.settings = costs, meter.settings
+                 plans: int = CALIBRATION_PLANS, round_to: int = 1) -> None:
+        self.costs, self.settings, self.round_to = costs, meter.settings, round_to
         modules = dict(groups.model.named_modules())
         rows = [i for i, n in enumerate(costs.names) if type(modules.get(n)) in TIMED]
         shapes = _input_shapes(groups.model, groups.example_input, [costs.names[i] for i in rows])
@@ -315,7 +315,8 @@ class LatencyModel:
             cache["call_ms"] = float(np.median(found["layer:empty"]))
         self._stack([layers[k] for k in keys], cache["call_ms"])
         self.channelwise = ~costs.bilinear
-        arch = hashlib.sha1(json.dumps([keys, costs.names, costs.ids, costs.channels.tolist()]).encode())
+        arch = hashlib.sha1(json.dumps([keys, costs.names, costs.ids, costs.channels.tolist(),
+                                        *([round_to] if round_to > 1 else [])]).encode())
         arch_key = arch.hexdigest()[:16]
         if arch_key not in calibrations:
             calibrations[arch_key] = self._calibrate(groups, meter, plans).tolist()
@@ -358,14 +359,19 @@ class LatencyModel:
         return self.predict_vector(self.costs.keep_vector(keep))
 
     def _calibrate(self, groups: ChannelGroups, meter: Meter, plans: int) -> np.ndarray:
-        """Fit what the layers leave out on the base and ``plans`` random plans timed whole."""
+        """Fit what the layers leave out on the base and ``plans`` random plans timed whole.
+
+        The plans round channels as the search does: onnxruntime's kernels are several times
+        slower on channel counts that are not multiples of 8, and a fit on such plans (which the
+        search never builds) overestimated every rounded plan by 70-200 %.
+        """
         from scipy.optimize import nnls
 
         from .budget import keep_counts
 
         rng = np.random.default_rng(0)
-        keeps = [self.costs.channels] + [keep_counts(self.costs, rng.uniform(0.0, 0.85, len(self.costs.ids)))
-                                         for _ in range(plans)]
+        keeps = [self.costs.channels] + [keep_counts(self.costs, rng.uniform(0.0, 0.85, len(self.costs.ids)),
+                                                     self.round_to) for _ in range(plans)]
         measured = [meter.base_ms] + [meter.time(groups.apply(groups.plan(
             dict(zip(self.costs.ids, k.astype(int).tolist()))))).ms for k in keeps[1:]]
         coef, _ = nnls(np.stack([self.features(k) for k in keeps]), np.asarray(measured))
@@ -436,9 +442,10 @@ class LatencyCosts:
         return self.last.ms
 
 
-def latency_costs(groups: ChannelGroups, costs: CostModel, meter: Meter) -> LatencyCosts:
-    """The cost model with latency, its table measured (or read from the cache) for ``meter``'s settings."""
-    return LatencyCosts(costs, LatencyModel(groups, costs, meter), meter)
+def latency_costs(groups: ChannelGroups, costs: CostModel, meter: Meter, round_to: int = 1) -> LatencyCosts:
+    """The cost model with latency, its table measured (or read from the cache) for ``meter``'s settings
+    and fitted on plans that keep multiples of ``round_to`` channels, as the search's do."""
+    return LatencyCosts(costs, LatencyModel(groups, costs, meter, round_to=round_to), meter)
 
 
 ATTRS = ("latency_ms", "latency_share", "latency_spread_ms", "latency_raw_ms", "latency_predicted_ms")

@@ -12,10 +12,11 @@ from .counting import Cost, count
 from .data import Data, load_data
 from .errors import AutopruneError
 from .groups import ChannelGroups, apply_plan
+from .options import SearchOptions
 from .pareto import pareto_front
 from .plan import Plan
 from .runs import open_run
 
-__all__ = ["search", "load_pruned", "export_trial", "open_run", "pareto_front", "Result", "Budget", "Cost", "count", "Data", "load_data",
-           "AutopruneError", "ChannelGroups", "apply_plan", "Plan"]
+__all__ = ["search", "SearchOptions", "load_pruned", "export_trial", "open_run", "pareto_front", "Result", "Budget",
+           "Cost", "count", "Data", "load_data", "AutopruneError", "ChannelGroups", "apply_plan", "Plan"]
 __version__ = "0.1.0"

@@ -5,7 +5,6 @@ The CLI is a thin layer over these two functions.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import multiprocessing
@@ -20,116 +19,59 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import optuna
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .budget import STRATA, Budget, BudgetRange, check_prunes, check_reachable, parse_budget, steps
-from .checks import check_numbers, check_run, claim_run
+from .checks import claim_run
 from .costmodel import CostModel
 from .counting import Cost, human
 from .data import Data
-from .defaults import BASE_LR, FINETUNE_LR
+from .options import DEFAULTS, SearchOptions
 from .errors import AutopruneError
 from .export import export
 from .files import command_line, fingerprint, save_torch, versions, write_json, write_text
 from .groups import ChannelGroups, apply_plan
 from .halving import SCAN_SHARE, Deadline, parse_duration, scoring_seconds, timed_search
-from .importance import criterion
-from .latency import ATTRS as LATENCY_ATTRS, LatencySettings, Meter, Timer, latency_costs, with_device
+from .latency import ATTRS as LATENCY_ATTRS, LatencySettings, Meter, latency_costs, with_device
 from .models import build_model, read_state_dict
-from .pipeline import Result, as_data, base_model, default_storage, run_folder, train_base
+from .pipeline import Result, Run, as_data, bounded_problem, find_groups, prepare
 from .plan import Plan
-from .sensitivity import GRID, bounds, equal_drop, scan
+from .sensitivity import scan
 from .space import SearchSpace, resolve
 from .storage import SharedTable, open_study
-from .study import (ENDED, Problem, Settings, Stratum, best_trial, checkpoint, config_dict, count_pruned,
+from .study import (ENDED, Problem, Settings, best_trial, checkpoint, config_dict, count_pruned,
                     enqueue_seed, run, trial_plan, trials_table)
-from .training import evaluate, resolve_device
+from .training import evaluate
 
 
 def search(
     model: nn.Module | str,
     data: Data | str | Sequence[Dataset | DataLoader],
     budget: str | Budget | BudgetRange = "flops=0.3",
+    options: SearchOptions | None = None,
     *,
-    weights: str | None = None,
-    trials: int = 12,
-    study: str | None = None,
-    storage: str | None = None,
-    out: str | Path | None = None,
-    new_study: bool = False,
-    train_epochs: float | None = None,
-    base_lr: float = BASE_LR,
-    finetune_epochs: float = 1.0,
-    final_epochs: float = 5.0,
-    lr: float = FINETUNE_LR,
-    batch_size: int = 64,
-    space: SearchSpace | str | Path | None = None,
-    grid: Sequence[float] | None = None,
-    max_ratio: float | None = None,
-    importance: str | None = None,
-    round_to: int | None = None,
-    bn_batches: int = 8,
-    device: str = "auto",
-    seed: int = 0,
-    quiet: bool = False,
-    data_dir: str | Path = "data",
-    download: bool = False,
-    workers: int = 1,
-    distill: bool = False,
-    distill_weight: float = 0.5,
-    temperature: float = 4.0,
-    soft_epochs: float = 0.0,
-    granularity: str = "channel",
-    pruner: str | None = None,
-    time_budget: str | float | None = None,
-    latency_backend: str = "torch",
-    latency_batch: int = 1,
-    latency_threads: int = 1,
-    latency_timer: Timer | None = None,
     _worker: int = 0,
+    **changes: Any,
 ) -> Result | None:
     """Find per-group pruning ratios that meet ``budget`` and keep the most accuracy.
 
     ``model`` is a trained ``nn.Module`` or a model name (torchvision name,
     ``package.module:factory``, ``file.py:factory``); a named model without
-    ``weights`` is trained first (``train_epochs``) and kept in the run directory.
-    ``data`` is a data set name or ``(train, val, test)`` datasets or loaders.
-    Running it again resumes the study; ``trials`` is the total to reach.
-    ``workers`` processes run trials side by side on this machine (the default
-    storage is then a journal file, ``study.log``); processes on other machines
-    join through a shared ``storage`` URL.
-    ``importance="thinet"`` picks channels by how well the next layer's output is
-    reconstructed without them (on a few training batches). ``distill`` fine-tunes
-    every candidate and the winner against the unpruned model's softened outputs
-    (``distill_weight``, ``temperature``); ``soft_epochs`` soft-prunes the winner for
-    that many epochs before cutting it. ``granularity="weight"`` searches per-layer
-    weight sparsity under a nonzero-params budget instead (:mod:`autoprune.unstructured`).
-    ``pruner="median"`` (the default; a weight search takes none) screens each candidate
-    by its cheap score (pruned, BatchNorm recalibrated, not fine-tuned) and stops trials
-    below the median part-way through their fine-tune; ``trials`` counts pruned trials
-    too, as Optuna's ``n_trials`` does.
-    A budget range (``"flops=0.05..0.5"``) searches the whole trade-off in one
-    study: trials are spread over :data:`~autoprune.budget.STRATA` log-spaced
-    targets (see :class:`~autoprune.budget.BudgetRange`), and the most accurate
-    trial, at the range's upper end, is exported; ``export_trial(at=...)`` exports
-    any other point. ``time_budget`` (``"30m"``, ``"1h"``, seconds) plans the run to end on time with
-    its model exported, counted from when the base model is ready: a thinned
-    sensitivity scan, one bracket of successive halving whose survivors carry
-    their weights (:mod:`autoprune.halving`), and a final fine-tune that fills
-    the rest; ``trials`` then caps the candidates and ``final_epochs`` is ignored.
-    ``budget="latency=3ms"`` (or ``latency=0.5`` of the base's, alone or with
-    ``flops=``/``params=``) caps latency as measured here (:mod:`autoprune.latency`):
-    ``latency_backend`` ``"torch"`` (eager, on ``device``) or ``"onnxruntime"`` (CPU),
-    at ``latency_batch`` with ``latency_threads`` intra-op threads; these are recorded
-    with the study. Every candidate's latency is measured and recorded, whatever the
-    budget. ``latency_timer`` replaces the wall-clock timer (tests inject a fake one).
-    ``space`` is a :class:`SearchSpace`, a YAML file or a shipped space name;
-    by default the one shipped for the architecture. ``grid``, ``max_ratio``,
-    ``importance`` and ``round_to`` override the space's values.
+    ``weights`` is trained first and kept in the run directory. ``data`` is a data
+    set name or ``(train, val, test)`` datasets or loaders. ``budget`` caps FLOPs
+    (thop MACs), params or latency: ``"flops=0.3"`` (a share of the base),
+    ``"params=1.5M"``, ``"latency=3ms"`` (timed here, :mod:`autoprune.latency`),
+    several joined by commas, or a range, ``"flops=0.05..0.5"``, that searches the
+    whole trade-off in one study over :data:`~autoprune.budget.STRATA` log-spaced
+    targets and exports the most accurate trial at its upper end
+    (``export_trial(at=...)`` exports any other point).
+
+    Everything else is a :class:`~autoprune.options.SearchOptions` field, passed as
+    ``options``, as keywords, or both (keywords win): see it for what each does.
+    Running the same search again resumes its study; ``trials`` is the total to reach.
 
     Example:
         >>> result = autoprune.search("resnet18", "digits", "flops=0.25", trials=12)
@@ -137,79 +79,47 @@ def search(
         True
     """
     started = time.perf_counter()
-    call = {k: v for k, v in locals().items() if k not in ("started", "_worker")}
-    torch.manual_seed(seed)
-    if granularity not in ("channel", "weight"):
-        raise AutopruneError(f"unknown granularity {granularity!r}; use channel or weight")
-    if soft_epochs < 0:
-        raise AutopruneError(f"--soft-epochs cannot be negative, not {soft_epochs}")
-    check_numbers(trials=trials, workers=workers, batch_size=batch_size, lr=lr, base_lr=base_lr,
-                  finetune_epochs=finetune_epochs, final_epochs=final_epochs, train_epochs=train_epochs,
-                  bn_batches=bn_batches, grid=grid, max_ratio=max_ratio, round_to=round_to)
-    extra = extra_settings(distill, distill_weight, temperature, soft_epochs)
-    if ".." in str(budget) and (granularity == "weight" or time_budget is not None):
-        what = "--granularity weight" if granularity == "weight" else "--time-budget"
+    o = (options or DEFAULTS).replace(**changes)
+    o.check()
+    torch.manual_seed(o.seed)
+    extra = extra_settings(o)
+    if ".." in str(budget) and (o.granularity == "weight" or o.time_budget is not None):
+        what = "--granularity weight" if o.granularity == "weight" else "--time-budget"
         raise AutopruneError(f"a budget range is searched by trial count on channels only; "
                              f"leave out {what} or give one budget, e.g. flops=0.25")
-    if granularity == "weight":
-        if workers > 1:  # its trial loop has no heartbeat or dead-worker recovery
-            raise AutopruneError("--workers runs channel searches only; leave it out with --granularity weight")
-        if pruner is not None:  # every weight-level candidate is fine-tuned to the end
-            raise AutopruneError("--pruner stops channel-search trials only; leave it out with --granularity weight")
-        if time_budget is not None:
-            raise AutopruneError("--time-budget plans channel searches only; leave it out with --granularity weight")
-        if soft_epochs:
-            raise AutopruneError("--soft-epochs prunes channels; leave it out with --granularity weight")
-        from .unstructured import search_weights
-        return search_weights(model, data, budget, weights=weights, trials=trials, study=study,
-                              storage=storage, out=out, new_study=new_study, train_epochs=train_epochs,
-                              base_lr=base_lr,
-                              finetune_epochs=finetune_epochs, final_epochs=final_epochs, lr=lr,
-                              batch_size=batch_size, grid=grid or GRID, bn_batches=bn_batches,
-                              max_ratio=0.9 if max_ratio is None else max_ratio,
-                              device=device, seed=seed, quiet=quiet, data_dir=data_dir, download=download,
-                              extra=extra)
-    pruner = pruner or "median"
+    if o.granularity == "weight":
+        return _weight_search(model, data, budget, o, extra)
     budget = parse_budget(budget)
-    latency = LatencySettings(latency_backend, latency_batch, latency_threads)
-    seconds = parse_duration(time_budget) if time_budget is not None else None
-    if seconds and workers > 1:
+    latency = LatencySettings(o.latency_backend, o.latency_batch, o.latency_threads)
+    seconds = parse_duration(o.time_budget) if o.time_budget is not None else None
+    if seconds and o.workers > 1:
         raise AutopruneError("--time-budget plans one process's time; leave out --workers (or --time-budget)")
-    space = resolve(space, model).replace(grid=tuple(grid) if grid else None, max_ratio=max_ratio,
-                                          importance=importance, round_to=round_to)
-    data = as_data(data, data_dir=data_dir, download=download, seed=seed)
-    name, study_name, out = run_folder(model, data, budget, study, out)
-    shared_storage = storage is not None  # other machines may be working on it
-    storage = storage or default_storage(out, workers)
-    if workers > 1 and storage.startswith("sqlite"):
-        raise AutopruneError("SQLite cannot take several worker processes; for --workers pass "
-                             f"--storage {out / 'study.log'} (a journal file) or a PostgreSQL/MySQL URL")
-    check_run(out, study_name, storage)
-    device = resolve_device(device)
-    settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed, extra, pruner)
-    example = data.example_input()
-    base, epochs = base_model(model, weights, data, out, train_epochs)
-    if epochs > 0:  # refuse a bad space or budget before training
-        _budget_limits(find_groups(base, example, space, data, batch_size, seed, importance="l1"), budget, space)
-        claim_run(out, study_name)
-        train_base(base, data, epochs, device, batch_size, seed, out, quiet, base_lr)
-    base = base.to(device).eval()
+    space = resolve(o.space, model).replace(grid=tuple(o.grid) if o.grid else None, max_ratio=o.max_ratio,
+                                            importance=o.importance, round_to=o.round_to)
+
+    def refuse_early(base: nn.Module, data: Data) -> None:  # a bad space or budget, before training
+        groups = find_groups(base, data.example_input(), space, data, o.batch_size, o.seed, importance="l1")
+        _budget_limits(groups, budget, space)
+
+    r = prepare(model, data, budget, o, before_training=refuse_early)
+    data, out, base, device = r.data, r.out, r.base, r.device
     deadline = Deadline(seconds) if seconds else None  # the time budget counts from here
-    base_id = fingerprint(base.state_dict())
-    groups = find_groups(base, example, space, data, batch_size, seed, base_model=base_id, device=device)
+    settings = Settings.of(o, extra)
+    groups = find_groups(base, data.example_input(), space, data, o.batch_size, o.seed, base_model=r.base_id,
+                         device=device)
     latency = with_device(latency, device, data.input_shape)
-    meter = Meter(base, latency, latency_timer)
+    meter = Meter(base, latency, o.latency_timer)
     costs, limits = _budget_limits(groups, budget, space, meter)
-    config = config_dict(model=name, base_model=base_id, dataset=data.name, budget=str(budget),
-                         importance=space.importance, grid=[float(r) for r in space.grid],
+    config = config_dict(model=r.name, base_model=r.base_id, dataset=data.name, budget=str(budget),
+                         importance=space.importance, grid=[float(g) for g in space.grid],
                          max_ratio=space.max_ratio, space=space.to_dict(),
-                         finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
-                         bn_batches=bn_batches, seed=seed, pruner=pruner,
+                         finetune_epochs=o.finetune_epochs, lr=o.lr, batch_size=o.batch_size,
+                         bn_batches=o.bn_batches, seed=o.seed, pruner=settings.pruner,
                          **(latency.config() if budget.latency is not None else {}),  # absent: older studies resume
                          **{k: v for k, v in extra.items() if k == "distill"},  # soft pruning: export only
                          **({"strata": STRATA} if isinstance(budget, BudgetRange) else {}))
-    claim_run(out, study_name)
-    the_study = open_study(study_name, storage, config, new=new_study)
+    claim_run(out, r.study)
+    the_study = open_study(r.study, r.storage, config, new=o.new_study)
     the_study.set_user_attr(FINAL_EXTRA, extra)  # so `export` fine-tunes as this run's final fine-tune does
     the_study.set_user_attr(LATENCY_SETTINGS, latency.config())  # what the trials' latencies mean
     if not (out / "base.pt").is_file():
@@ -217,71 +127,79 @@ def search(
     clock = time.perf_counter()
     base_val = evaluate(base, data.loader("val", 256), device)
     base_eval = (time.perf_counter() - clock) / len(data.val)  # seconds per image, for planning
-    if not quiet:
+    if not o.quiet:
         caps = ", ".join(f"≤ {human(cap)} {what}" for cap, what in
                          ((limits.flops, "FLOPs"), (limits.params, "params")) if cap < float("inf"))
         caps += f"{', ' if caps else ''}≤ {limits.latency:.3g} ms" if limits.latency < float("inf") else ""
-        print(f"base {name} on {data.name}: val {base_val:.2%} | {costs.base} | {len(groups)} groups | "
+        print(f"base {r.name} on {data.name}: val {base_val:.2%} | {costs.base} | {len(groups)} groups | "
               f"budget {budget}: {caps}")
     base_score = evaluate(base, data.loader("score", 256), device) if len(data.score) < len(data.val) else base_val
     table = scan(groups, costs, base, data, base_score, device, out / "sensitivity.csv", space.grid,
-                 bn_batches, batch_size, quiet, round_to=space.round_to, shared=SharedTable(the_study),
+                 o.bn_batches, o.batch_size, o.quiet, round_to=space.round_to, shared=SharedTable(the_study),
                  seconds=SCAN_SHARE * deadline.left() if deadline else None)
-    low, ceiling = space.ratio_bounds(groups.ids)
-    targets = budget.targets(STRATA) if isinstance(budget, BudgetRange) else [budget]
-    tightest = targets[0].limits(costs.base)  # one scan serves every target: bound for the tightest
-    high = np.maximum(low, bounds(table, costs, tightest, ceiling, round_to=space.round_to))
-    strata = [Stratum(str(b), b.limits(costs.base),
-                      equal_drop(table, costs, b.limits(costs.base), low, high, space.round_to))
-              for b in targets] if isinstance(budget, BudgetRange) else []
-    seed = strata[-1].seed if strata else equal_drop(table, costs, limits, low, high, space.round_to)
-    problem = Problem(base, data, groups, costs, limits, low, high, seed, base_val, device,
-                      space.round_to, out / "checkpoints", strata=strata, meter=meter)
+    targets = [(str(b), b.limits(costs.base)) for b in budget.targets(STRATA)] \
+        if isinstance(budget, BudgetRange) else []
+    problem = bounded_problem(base, data, groups, costs, table, space, limits, base_val, device, targets,
+                              checkpoints=out / "checkpoints", meter=meter)
     # Workers on other machines must not draw the same candidates: give each process its own stream.
-    stream = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) if shared_storage else 0
+    stream = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) if r.shared else 0
     if _worker:
         run(problem, the_study, settings, True, stream + 100003 * _worker)
         return None
+    finish = dict(budget=budget, limits=limits, run=r, extra=extra)
     if deadline:
         reserve = scoring_seconds(base_eval, data) + base_eval * len(data.test) + 2.0  # the base is tested too
-        chosen, seconds_left = timed_search(problem, the_study, settings, deadline, reserve, quiet)
+        chosen, seconds_left = timed_search(problem, the_study, settings, deadline, reserve, o.quiet)
         # The final fine-tune trains by the clock (an epoch-time estimate would end early or late), or not at all.
         settings = replace(settings, final_epochs=0.0, final_seconds=seconds_left)
-        return _finish(problem, the_study, chosen, settings, out, quiet, started, dict(
-            budget=budget, limits=limits, name=name, base_id=base_id, data=data, study_name=study_name,
-            storage=storage, device=device, extra=extra, time_budget=seconds))
+        return _finish(problem, the_study, chosen, settings, o.quiet, started, time_budget=seconds, **finish)
     enqueue_seed(the_study, problem)
-    children = [_spawn(call, i, model=name if isinstance(model, str) else base, data=data, storage=storage,
-                       out=out, study=study_name) for i in range(1, workers)]
+    # Each worker runs the same search on the prepared base model and study.
+    worker = o.replace(storage=r.storage, out=out, study=r.study, new_study=False, workers=1, quiet=True,
+                       **({} if isinstance(model, str) else {"weights": None, "train_epochs": 0.0}))
+    children = [_spawn(model if isinstance(model, str) else base, data, budget, worker, i, o.workers)
+                for i in range(1, o.workers)]
     try:
-        with _threads(workers):
-            run(problem, the_study, settings, quiet, stream)
+        with _threads(o.workers):
+            run(problem, the_study, settings, o.quiet, stream)
     except BaseException:
         _join(children, check=False)  # the error at hand is the one to report
         raise
     _join(children)
-    return _finish(problem, the_study, best_trial(the_study), settings, out, quiet, started, dict(
-        budget=budget, limits=limits, name=name, base_id=base_id, data=data, study_name=study_name,
-        storage=storage, device=device, extra=extra))
+    return _finish(problem, the_study, best_trial(the_study), settings, o.quiet, started, **finish)
+
+
+def _weight_search(model: nn.Module | str, data: Any, budget: Any, o: SearchOptions,
+                   extra: dict[str, Any]) -> Result:
+    """The weight-level search, refusing the options it does not take."""
+    for given, flag, why in ((o.workers > 1, "--workers", "runs channel searches only"),
+                             (o.pruner is not None, "--pruner", "stops channel-search trials only"),
+                             (o.time_budget is not None, "--time-budget", "plans channel searches only"),
+                             (o.soft_epochs > 0, "--soft-epochs", "prunes channels")):
+        if given:  # e.g. --workers: the weight search's trial loop has no heartbeat or dead-worker recovery
+            raise AutopruneError(f"{flag} {why}; leave it out with --granularity weight")
+    from .unstructured import search_weights
+    return search_weights(model, data, budget, o, extra)
 
 
 def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.FrozenTrial, settings: Settings,
-            out: Path, quiet: bool, started: float, run: dict[str, Any]) -> Result:
+            quiet: bool, started: float, budget: Budget | BudgetRange, limits: Cost, run: Run,
+            extra: dict[str, Any], time_budget: float | None = None) -> Result:
     """Export the chosen trial (once), write the trials table and the summary, and hand back the result."""
-    budget, limits, data, extra = run["budget"], run["limits"], run["data"], run["extra"]
-    plan = _exported_plan(chosen, run["name"], data, run["study_name"])
+    data, out = run.data, run.out
+    plan = _exported_plan(chosen, run.name, data, run.study)
     write_text(out / "trials.csv", trials_table(the_study).to_csv(index=False))
     start = _warm_start(problem.checkpoints, chosen.number, extra)
     record = dict(budget=str(budget), budget_flops=limits.flops, budget_params=limits.params,
                   trial=chosen.number, trial_val_accuracy=chosen.value, trials=ended(the_study),
                   pruned_trials=count_pruned(the_study),
-                  final_epochs=round(settings.final_epochs, 3), model=run["name"], base_model=run["base_id"],
-                  dataset=data.name, study=run["study_name"], storage=run["storage"], device=str(run["device"]),
+                  final_epochs=round(settings.final_epochs, 3), model=run.name, base_model=run.base_id,
+                  dataset=data.name, study=run.study, storage=run.storage, device=str(run.device),
                   input_shape=list(data.input_shape),
                   warm_start=start and str(start.relative_to(out)), **extra,
                   **_latency_record(chosen, limits, problem.meter))
-    if run.get("time_budget"):  # a rerun keeps the export it planned, not one planned anew
-        record["time_budget_seconds"] = run["time_budget"]
+    if time_budget:  # a rerun keeps the export it planned, not one planned anew
+        record["time_budget_seconds"] = time_budget
         previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
         if all(previous.get(k) == record[k] for k in ("study", "trial", "time_budget_seconds")):
             record["final_epochs"] = previous.get("final_epochs", record["final_epochs"])
@@ -327,19 +245,18 @@ def _warm_start(folder: Path, number: int, extra: dict[str, Any]) -> Path | None
     return path if path.is_file() and not extra.get("soft_epochs") else None
 
 
-def _spawn(call: dict[str, Any], index: int, **given: Any) -> multiprocessing.Process:
-    """Start worker process ``index``: the same search, on the prepared base model and study."""
-    kwargs = {**call, **given, "new_study": False, "workers": 1, "quiet": True, "_worker": index}
-    if not isinstance(kwargs["model"], str):
-        kwargs.update(weights=None, train_epochs=0.0)  # the base model handed over is already trained
+def _spawn(model: nn.Module | str, data: Data, budget: Any, options: SearchOptions, index: int,
+           workers: int) -> multiprocessing.Process:
+    """Start worker process ``index`` of ``workers``: :func:`search` with ``options`` as worker ``index``."""
+    call = (model, data, budget, options, index)
     process = multiprocessing.get_context("spawn").Process(
-        target=_worker_main, args=(kwargs, os.getpid(), max(1, torch.get_num_threads() // call["workers"])),
+        target=_worker_main, args=(call, os.getpid(), max(1, torch.get_num_threads() // workers)),
         name=f"autoprune-worker-{index}")
     process.start()
     return process
 
 
-def _worker_main(kwargs: dict[str, Any], parent: int, threads: int) -> None:
+def _worker_main(call: tuple, parent: int, threads: int) -> None:
     """Body of a spawned worker: run trials; die with the parent rather than outlive it."""
     def watch() -> None:
         while os.getppid() == parent:
@@ -349,7 +266,8 @@ def _worker_main(kwargs: dict[str, Any], parent: int, threads: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
     torch.set_num_threads(threads)
     try:
-        search(**kwargs)
+        model, data, budget, options, index = call
+        search(model, data, budget, options, _worker=index)
     except KeyboardInterrupt:  # Ctrl-C reaches every process; the parent says what to do
         raise SystemExit(130) from None
     except AutopruneError as err:
@@ -377,35 +295,16 @@ def _threads(workers: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def extra_settings(distill: bool, weight: float, temperature: float, soft_epochs: float) -> dict[str, Any]:
+def extra_settings(o: SearchOptions) -> dict[str, Any]:
     """The optional fine-tune modes, as stored with the study (absent when off, so older studies resume)."""
     extra: dict[str, Any] = {}
-    if distill:
+    if o.distill:
         from .distill import Distill
-        Distill(nn.Identity(), weight, temperature)  # validates the numbers before any work
-        extra["distill"] = {"weight": float(weight), "temperature": float(temperature)}
-    if soft_epochs:
-        extra["soft_epochs"] = float(soft_epochs)
+        Distill(nn.Identity(), o.distill_weight, o.temperature)  # validates the numbers before any work
+        extra["distill"] = {"weight": float(o.distill_weight), "temperature": float(o.temperature)}
+    if o.soft_epochs:
+        extra["soft_epochs"] = float(o.soft_epochs)
     return extra
-
-
-def find_groups(model: nn.Module, example: torch.Tensor, space: SearchSpace, data: Data, batch_size: int,
-            seed: int, base_model: str = "", importance: str | None = None,
-            device: torch.device | None = None) -> ChannelGroups:
-    """The model's groups under ``space`` (its layer patterns checked against the model)."""
-    space.check_layers(model)
-    importance = importance or space.importance
-    batches = None
-    if criterion(importance).needs_gradients:  # a few training batches give the gradients
-        batches = itertools.islice(data.loader("train", batch_size, shuffle=True, seed=seed), 4)
-    thinet = importance == "thinet"  # ranks from activations, after the groups are found
-    groups = ChannelGroups(model, example, importance="l1" if thinet else importance, ignore=space.ignore,
-                           base_model=base_model, batches=batches)
-    if thinet:
-        from .thinet import rerank
-        rerank(groups, model, data.loader("train", batch_size, shuffle=True, seed=seed),
-               device or torch.device("cpu"), seed=seed)
-    return groups
 
 
 def _budget_limits(groups: ChannelGroups, budget: Budget | BudgetRange, space: SearchSpace,
@@ -421,7 +320,7 @@ def _budget_limits(groups: ChannelGroups, budget: Budget | BudgetRange, space: S
     space.check_groups(groups.ids)
     costs = CostModel(groups)
     if budget.latency is not None and meter is not None:
-        costs = latency_costs(groups, costs, meter)
+        costs = latency_costs(groups, costs, meter, space.round_to)
     limits = budget.limits(costs.base)
     check_prunes(budget, limits, costs.base)
     tightest = budget.low.limits(costs.base) if isinstance(budget, BudgetRange) else limits
@@ -495,7 +394,7 @@ def export_trial(
     storage: str | None = None,
     run_dir: str | Path | None = None,
     out: str | Path | None = None,
-    final_epochs: float = 5.0,
+    final_epochs: float = DEFAULTS.final_epochs,
     formats: Sequence[str] = (),
     quantize: str | None = None,
     latency_batches: Sequence[int] = (1, 32),
@@ -547,8 +446,9 @@ def export_trial(
     problem = rebuild_problem(run, data_dir, download, device)
     config, data = run.config, problem.data
     extra = _final_extra(run.study)
-    settings = Settings(0, config.get("finetune_epochs", 1.0), final_epochs, config.get("lr", FINETUNE_LR),
-                        config.get("batch_size", 64), config.get("bn_batches", 8), config.get("seed", 0), extra)
+    stored = DEFAULTS.replace(**{k: config[k] for k in ("finetune_epochs", "lr", "batch_size", "bn_batches", "seed")
+                                 if k in config})  # as the search trained (older studies lack some)
+    settings = replace(Settings.of(stored, extra), trials=0, final_epochs=final_epochs)
     plan = _exported_plan(chosen, config["model"], data, run.name)
     out = Path(out) if out else run.folder / f"trial-{chosen.number}"
     start = _warm_start(run.folder / "checkpoints", chosen.number, extra)
@@ -625,7 +525,7 @@ def describe_groups(
     base = build_model(model, data.num_classes) if isinstance(model, str) else model
     base = base.eval()
     example = data.example_input()
-    groups = find_groups(base, example, space, data, 64, 0, importance="l1")
+    groups = find_groups(base, example, space, data, DEFAULTS.batch_size, 0, importance="l1")
     space.check_groups(groups.ids)
     costs = CostModel(groups)
     low, high = space.ratio_bounds(groups.ids)

@@ -60,20 +60,19 @@ from .costmodel import CostModel
 from .counting import count
 from .data import Data, load_data
 from .errors import AutopruneError
-from .latency_bench import table_lines
+from .latency_bench import search_lines, table_lines
 from .files import atomic_path, fingerprint, versions, write_text
-from .api import find_groups
-from .pipeline import train_base
+from .pipeline import bounded_problem, find_groups, train_base
 from .groups import ChannelGroups
 from .models import build_model, load_weights
 from .plan import Plan
-from .sensitivity import GRID, bounds, equal_drop, scan
+from .sensitivity import GRID, scan
 from .space import SearchSpace, resolve
 from .export import finetune
 from .distill import kd_loss
 from .halving import CHECK_EPOCHS, MIN_RUNG_EPOCHS, SCAN_SHARE, Deadline, scoring_seconds, timed_search
 from .study import COMPLETE, PRUNED, Problem, Settings, checkpoint, count_pruned, run, trial_plan
-from .defaults import BASE_LR, FINETUNE_LR
+from .options import BASE_EPOCHS, BASE_LR, DEFAULTS, FINETUNE_LR
 from .training import evaluate, recalibrate_bn, resolve_device, train
 
 CONVERGED = ("uniform-converged", "seed-converged", "autoprune-converged")
@@ -96,11 +95,11 @@ class BenchConfig:
     dataset: str = "fashion-mnist"
     train_images: int = 20000  # a fixed random subset of the training split (0: all of it)
     time_budget: float = 120.0  # seconds per search run, scan included (0: the trial-count search)
-    trials: int = 12
+    trials: int = DEFAULTS.trials
     pruner: str = "median"
-    train_epochs: float = 15.0  # a base trained to a plateau: an under-trained one leaves no headroom
+    train_epochs: float = BASE_EPOCHS  # a base trained to a plateau: an under-trained one leaves no headroom
     base_lr: float = BASE_LR
-    finetune_epochs: float = 1.0
+    finetune_epochs: float = DEFAULTS.finetune_epochs
     final_epochs: float = 1.0  # the floor methods' short fine-tune
     converged_epochs: float = 10.0
     grid: Sequence[float] = GRID
@@ -162,10 +161,10 @@ def _subject(name: str, data: Data, config: BenchConfig, device: torch.device) -
     if weights.is_file():
         load_weights(model, weights)
     else:
-        train_base(model, data, config.train_epochs, device, 64, 0, cache, config.quiet, lr=config.base_lr)
+        train_base(model, data, config.train_epochs, device, DEFAULTS.batch_size, 0, cache, config.quiet, lr=config.base_lr)
     model = model.to(device).eval()
     space = resolve(None, name).replace(grid=tuple(config.grid), max_ratio=config.max_ratio)
-    groups = find_groups(model, data.example_input(), space, data, 64, 0,
+    groups = find_groups(model, data.example_input(), space, data, DEFAULTS.batch_size, 0,
                          base_model=fingerprint(model.state_dict()), device=device)
     costs = CostModel(groups)
     clock = time.perf_counter()
@@ -186,12 +185,8 @@ def _subject(name: str, data: Data, config: BenchConfig, device: torch.device) -
 def _problem(subject: Subject, budget: float, config: BenchConfig) -> Problem:
     s = subject
     limits = Budget(flops=budget).limits(s.costs.base)
-    round_to = s.space.round_to
-    low, ceiling = s.space.ratio_bounds(s.groups.ids)
-    check_reachable(s.costs, limits, ceiling, round_to)
-    high = np.maximum(low, bounds(s.table, s.costs, limits, ceiling, round_to=round_to))
-    return Problem(s.model, s.data, s.groups, s.costs, limits, low, high,
-                   equal_drop(s.table, s.costs, limits, low, high, round_to), s.base_val, s.device, round_to)
+    check_reachable(s.costs, limits, s.space.ratio_bounds(s.groups.ids)[1], s.space.round_to)
+    return bounded_problem(s.model, s.data, s.groups, s.costs, s.table, s.space, limits, s.base_val, s.device)
 
 
 def _uniform(problem: Problem, config: BenchConfig) -> Plan:
@@ -571,6 +566,9 @@ def report(frame: pd.DataFrame, config: BenchConfig) -> None:
     latency = _read_any(config.out / "latency.csv")  # autoprune bench-latency
     if len(latency):
         lines += table_lines(latency)
+    searches = _read_any(config.out / "latency_search.csv")  # autoprune bench-latency --search
+    if len(searches):
+        lines += search_lines(searches)
     write_text(config.out / "BENCHMARKS.md", "\n".join(lines))
     _plot(table, config.out / "bench.png")
 

@@ -1,4 +1,5 @@
-"""Refuse bad input before anything is written: numbers, the run folder, the storage URL.
+"""Refuse bad input before anything is written: the run folder, the storage URL (the numbers:
+:meth:`autoprune.options.SearchOptions.check`).
 
 A search checks all of these before it creates a file, so a mistake never leaves
 a half-made run behind (a study configuration holding the bad value would refuse
@@ -8,10 +9,8 @@ the corrected rerun) and never touches another study's results.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
-from typing import Sequence
 
 from .errors import AutopruneError, one_line
 from .files import sweep, write_json
@@ -19,30 +18,6 @@ from .files import sweep, write_json
 RUN_FILE = "run.json"  # names the study a run folder belongs to
 STORAGE_USAGE = "write it as sqlite:///path/study.db, postgresql+psycopg2://user:password@host:port/db, " \
                 "mysql://… or a journal file ending in .log"
-
-
-def check_numbers(*, trials: int, workers: int, batch_size: int, lr: float, base_lr: float,
-                  finetune_epochs: float, final_epochs: float, train_epochs: float | None, bn_batches: int,
-                  grid: Sequence[float] | None, max_ratio: float | None, round_to: int | None) -> None:
-    """Every number a search takes, each blamed on its own flag."""
-    for flag, value, least in (("--trials", trials, 1), ("--workers", workers, 1),
-                               ("--batch-size", batch_size, 1), ("bn_batches", bn_batches, 1),
-                               ("--round-to", 1 if round_to is None else round_to, 1)):
-        if value < least:
-            raise AutopruneError(f"{flag} must be at least {least}, not {value}")
-    for flag, value in (("--lr", lr), ("--base-lr", base_lr)):
-        if not (math.isfinite(value) and value > 0):
-            raise AutopruneError(f"{flag} must be a positive number, not {value:g}")
-    for flag, value in (("--finetune-epochs", finetune_epochs), ("--final-epochs", final_epochs),
-                        ("--train-epochs", 0.0 if train_epochs is None else train_epochs)):
-        if not (math.isfinite(value) and value >= 0):
-            raise AutopruneError(f"{flag} must be a number of epochs, 0 or more, not {value:g}")
-    for flag, ratios in (("--grid", grid or ()), ("--max-ratio", () if max_ratio is None else (max_ratio,))):
-        bad = [r for r in ratios if not 0 < r < 1]
-        if bad:
-            raise AutopruneError(f"{flag} takes ratios strictly between 0 and 1 (e.g. 0.1,0.5,0.9), not {bad[0]:g}")
-    if grid is not None and not grid:
-        raise AutopruneError("--grid needs at least one ratio, e.g. 0.1,0.5,0.9")
 
 
 def check_writable(folder: Path, flag: str = "--out") -> None:

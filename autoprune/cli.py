@@ -11,7 +11,7 @@ import sys
 from typing import NoReturn, Sequence
 
 from .errors import AutopruneError, one_line
-from .defaults import BASE_LR, FINETUNE_LR
+from .options import BASE_EPOCHS, BASE_LR, DEFAULTS as D, SearchOptions
 
 
 def _epochs(text: str) -> float:
@@ -34,7 +34,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="digits",
                         help="digits (offline), mnist, fashion-mnist, cifar10, cifar100, an image folder, "
                              "or file.py:factory returning (train, val, test) (default: digits)")
-    parser.add_argument("--data-dir", default="data", help="where torchvision data sets live (default: data)")
+    parser.add_argument("--data-dir", default=D.data_dir, help="where torchvision data sets live (default: %(default)s)")
     parser.add_argument("--download", action="store_true", help="download the torchvision data set if missing")
     parser.add_argument("--space", help="search space: a YAML file or a shipped name (resnet, mobilenet, vgg, "
                         "…; default: the one shipped for the architecture)")
@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "of the base's, timed here: see --latency-*), or several joined by a comma; a range, "
                              "flops=0.05..0.5, searches the whole trade-off in one study over 6 log-spaced "
                              "targets; FLOPs are thop MACs (default: flops=0.3)")
-    search.add_argument("--trials", type=int, default=12,
-                        help="trials the study should reach, pruned ones included (default: 12); with "
+    search.add_argument("--trials", type=int, default=D.trials,
+                        help="trials the study should reach, pruned ones included (default: %(default)s); with "
                              "--time-budget, the most candidates to try")
     search.add_argument("--time-budget",
                         help="wall time for the run, e.g. 30m, 1h30m, 600 (seconds), counted once the base "
@@ -74,19 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--study", help="study name (default: MODEL-DATASET-BUDGET)")
     search.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the run directory)")
     search.add_argument("--out", help="run directory (default: results/STUDY)")
-    search.add_argument("--workers", type=int, default=1,
-                        help="worker processes on this machine sharing the study (default: 1); machines "
+    search.add_argument("--workers", type=int, default=D.workers,
+                        help="worker processes on this machine sharing the study (default: %(default)s); machines "
                              "join one study through a shared --storage")
     search.add_argument("--new-study", action="store_true", help="discard the stored study and start afresh")
-    search.add_argument("--train-epochs", type=_epochs, help="epochs to train the base model (default 15)")
-    search.add_argument("--base-lr", type=float, default=BASE_LR,
+    search.add_argument("--train-epochs", type=_epochs, help=f"epochs to train the base model (default {BASE_EPOCHS:g})")
+    search.add_argument("--base-lr", type=float, default=D.base_lr,
                         help="learning rate for training the base model (default: %(default)s; 0.01 for VGG)")
-    search.add_argument("--finetune-epochs", type=_epochs, default=1.0,
-                        help="fine-tune epochs per trial, fractions allowed (default: 1)")
-    search.add_argument("--final-epochs", type=_epochs, default=5.0,
-                        help="fine-tune epochs for the winner (default: 5)")
-    search.add_argument("--lr", type=float, default=FINETUNE_LR, help="fine-tune learning rate (default: %(default)s)")
-    search.add_argument("--batch-size", type=int, default=64)
+    search.add_argument("--finetune-epochs", type=_epochs, default=D.finetune_epochs,
+                        help="fine-tune epochs per trial, fractions allowed (default: %(default)g)")
+    search.add_argument("--final-epochs", type=_epochs, default=D.final_epochs,
+                        help="fine-tune epochs for the winner (default: %(default)g)")
+    search.add_argument("--lr", type=float, default=D.lr, help="fine-tune learning rate (default: %(default)s)")
+    search.add_argument("--batch-size", type=int, default=D.batch_size, help="(default: %(default)s)")
+    search.add_argument("--bn-batches", type=int, default=D.bn_batches,
+                        help="training batches that recalibrate BatchNorm before the sensitivity scan scores "
+                             "a cut (default: %(default)s)")
     search.add_argument("--grid", type=_ratios, default=None,
                         help="sensitivity ratios (default: the space's, e.g. 0.1,0.2,…,0.9)")
     search.add_argument("--max-ratio", type=float, default=None,
@@ -97,25 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="median: stop a candidate below the median of the trials that got as far, half-way "
                              "through its fine-tune or, where that ranks the finished trials, right after the "
                              "cut (default); none: fine-tune every candidate to the end")
-    search.add_argument("--granularity", choices=("channel", "weight"), default="channel",
+    search.add_argument("--granularity", choices=("channel", "weight"), default=D.granularity,
                         help="channel: remove channels (default); weight: per-layer magnitude sparsity under a "
                              "nonzero-params budget (--budget params=0.2)")
     search.add_argument("--distill", action="store_true",
                         help="fine-tune against the unpruned model's softened outputs (knowledge distillation)")
-    search.add_argument("--distill-weight", type=float, default=0.5,
-                        help="share of the KD term in the loss, the rest cross-entropy (default: 0.5)")
-    search.add_argument("--temperature", type=float, default=4.0, help="KD softmax temperature (default: 4)")
-    search.add_argument("--soft-epochs", type=_epochs, default=0.0,
+    search.add_argument("--distill-weight", type=float, default=D.distill_weight,
+                        help="share of the KD term in the loss, the rest cross-entropy (default: %(default)s)")
+    search.add_argument("--temperature", type=float, default=D.temperature,
+                        help="KD softmax temperature (default: %(default)g)")
+    search.add_argument("--soft-epochs", type=_epochs, default=D.soft_epochs,
                         help="soft-prune the winner this many epochs (weakest filters zeroed, re-selected "
                              "each epoch by L2 norm) before removing them (default: 0, off)")
-    search.add_argument("--latency-backend", choices=("torch", "onnxruntime"), default="torch",
+    search.add_argument("--latency-backend", choices=("torch", "onnxruntime"), default=D.latency_backend,
                         help="what --budget latency= times: torch (eager, on --device) or onnxruntime (CPU) "
                              "(default: torch)")
-    search.add_argument("--latency-batch", type=int, default=1, help="batch size latency is timed at (default: 1)")
-    search.add_argument("--latency-threads", type=int, default=1,
-                        help="intra-op threads latency is timed with (default: 1)")
-    search.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda, cuda:N")
-    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--latency-batch", type=int, default=D.latency_batch,
+                        help="batch size latency is timed at (default: %(default)s)")
+    search.add_argument("--latency-threads", type=int, default=D.latency_threads,
+                        help="intra-op threads latency is timed with (default: %(default)s)")
+    search.add_argument("--device", default=D.device, help="auto (CUDA if there is one), cpu, cuda, cuda:N")
+    search.add_argument("--seed", type=int, default=D.seed)
     search.add_argument("--quiet", action="store_true", help="no progress bars or per-trial lines")
 
     groups = commands.add_parser("groups", help="list the prunable channel groups of a model")
@@ -137,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fine-tune epochs of the *-converged rows (default: 10)")
     bench.add_argument("--trials", type=int, help="most candidates per search (default: 12)")
     bench.add_argument("--train-epochs", type=_epochs, help="base training epochs (default: 15)")
-    bench.add_argument("--base-lr", type=float, help=f"base training learning rate (default: {BASE_LR})")
+    bench.add_argument("--base-lr", type=float, help=f"base training learning rate (default: {BASE_LR:g})")
     bench.add_argument("--pruner", choices=("median", "none"), help="the searches' pruner (default: median)")
     bench.add_argument("--finetune-epochs", type=_epochs, help="per-trial fine-tune epochs (default: 1)")
     bench.add_argument("--final-epochs", type=_epochs,
@@ -159,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--batches", type=_ints, default=[1, 32], help="comma-separated batch sizes (default: 1,32)")
     latency.add_argument("--plans", type=int, default=30, help="random plans per model and setting (default: 30)")
     latency.add_argument("--threads", type=int, default=1, help="intra-op threads (default: 1)")
+    latency.add_argument("--search", metavar="MODEL",
+                         help="instead: is a latency budget worth it on MODEL? per seed, a FLOPs-budgeted search "
+                              "(--flops), then a latency-budgeted one capped at its winner's latency, both re-timed "
+                              "after export (the benchmark's base model and data; torch, batch 1, one thread)")
+    latency.add_argument("--flops", type=float, default=0.3, help="with --search: the FLOPs budget (default: 0.3)")
+    latency.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="with --search (default: 0,1,2)")
+    latency.add_argument("--trials", type=int, default=D.trials, help="with --search (default: %(default)s)")
+    latency.add_argument("--finetune-epochs", type=_epochs, default=D.finetune_epochs,
+                         help="with --search (default: %(default)g)")
+    latency.add_argument("--final-epochs", type=_epochs, default=D.final_epochs,
+                         help="with --search (default: %(default)g)")
     latency.add_argument("--out", default="results/benchmarks", help="output folder (default: results/benchmarks)")
     latency.add_argument("--quiet", action="store_true")
 
@@ -217,7 +233,8 @@ def _inspect_commands(commands: argparse._SubParsersAction) -> None:
                         "a share of the base (0.2, 20%%) or a count (8M); picks a point of a range study")
     export.add_argument("--params", help="likewise for params (0.1, 1.5M); with --flops, both must hold")
     export.add_argument("--out", help="output folder (default: RUN_DIR/trial-N)")
-    export.add_argument("--final-epochs", type=_epochs, default=5.0, help="fine-tune epochs (default: 5)")
+    export.add_argument("--final-epochs", type=_epochs, default=D.final_epochs,
+                        help="fine-tune epochs (default: %(default)g)")
     export.add_argument("--format", action="append", default=[], choices=["onnx", "torchscript"],
                         help="also write this format, checked against PyTorch (repeatable)")
     export.add_argument("--quantize", choices=["dynamic"], help="also write an int8 dynamically quantized copy")
@@ -245,18 +262,7 @@ def _search(args: argparse.Namespace) -> None:
     from .api import search
     from .counting import human
 
-    result = search(args.model, args.dataset, args.budget, weights=args.weights, trials=args.trials,
-                    study=args.study, storage=args.storage, out=args.out, new_study=args.new_study,
-                    train_epochs=args.train_epochs, base_lr=args.base_lr, finetune_epochs=args.finetune_epochs,
-                    final_epochs=args.final_epochs, lr=args.lr, batch_size=args.batch_size,
-                    space=args.space, grid=args.grid, max_ratio=args.max_ratio, importance=args.importance,
-                    round_to=args.round_to,
-                    device=args.device, seed=args.seed, quiet=args.quiet, data_dir=args.data_dir,
-                    download=args.download, distill=args.distill, distill_weight=args.distill_weight,
-                    temperature=args.temperature, soft_epochs=args.soft_epochs, granularity=args.granularity,
-                    workers=args.workers, pruner=args.pruner, time_budget=args.time_budget,
-                    latency_backend=args.latency_backend, latency_batch=args.latency_batch,
-                    latency_threads=args.latency_threads)
+    result = search(args.model, args.dataset, args.budget, SearchOptions.from_args(args))
     s = result.summary
     if args.granularity == "weight":
         _weight_summary(result)
@@ -413,11 +419,19 @@ def _bench_latency(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .files import write_text
-    from .latency_bench import bench_latency, table_lines
+    from .latency_bench import bench_latency, latency_searches, search_lines, table_lines
 
     if args.plans < 1:
         raise AutopruneError("--plans must be at least 1")
     out = Path(args.out)
+    if args.search:
+        options = SearchOptions(trials=args.trials, finetune_epochs=args.finetune_epochs,
+                                final_epochs=args.final_epochs)
+        frame = latency_searches(args.search, args.flops, args.seeds, options, out, args.quiet)
+        write_text(out / "LATENCY_SEARCH.md", "\n".join([f"Made by: `{args.command_line}`", "",
+                                                          *search_lines(frame)]))
+        print(f"wrote {out}/: latency_search.csv LATENCY_SEARCH.md")
+        return
     frame = bench_latency(args.models, args.backends, args.batches, args.plans, args.threads, out, args.quiet)
     write_text(out / "LATENCY.md", "\n".join([f"Made by: `{args.command_line}`", "", *table_lines(frame)]))
     print(f"wrote {out}/: latency.csv LATENCY.md")

@@ -14,6 +14,7 @@ Example (the command of record)::
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -23,10 +24,13 @@ import pandas as pd
 
 from .budget import keep_counts
 from .costmodel import CostModel
+from .data import Data
+from .errors import AutopruneError
 from .files import atomic_path
 from .groups import ChannelGroups
 from .latency import LatencyModel, LatencySettings, Meter, Timer
 from .models import build_model
+from .options import SearchOptions
 from .space import resolve
 
 COLUMNS = ["model", "backend", "batch", "threads", "plan_index", "predicted_ms", "measured_ms", "spread_ms",
@@ -48,7 +52,7 @@ def predictor_accuracy(name: str, settings: LatencySettings, plans: int, seed: i
     space = resolve(None, name)
     clock = time.perf_counter()
     meter = Meter(model, settings, timer)
-    predictor = LatencyModel(groups, costs, meter)
+    predictor = LatencyModel(groups, costs, meter, round_to=space.round_to)
     table_seconds = time.perf_counter() - clock
     rows = []
     for index, keep in enumerate(_random_keeps(costs, space.round_to, space.max_ratio, plans, seed)):
@@ -120,4 +124,102 @@ def table_lines(frame: pd.DataFrame) -> list[str]:
         lines.append(f"| {row.model} | {row.backend} | {row.batch} | {row.plans} | {row.base_ms:.2f} | "
                      f"{row.measured_lo:.2f}–{row.measured_hi:.2f} | {row.median:.1%} | {row.p90:.1%} | "
                      f"{row.spread:.3f} | {row.table_seconds:.0f} | {row.predict_us:.0f} |")
+    return lines + [""]
+
+
+SEARCH_COLUMNS = ["model", "seed", "kind", "budget", "test_accuracy", "val_accuracy", "base_test_accuracy",
+                  "flops_share", "search_latency_ms", "latency_ms", "latency_spread_ms", "base_ms", "cap_ms",
+                  "share_of_cap", "check_share_of_cap", "trials", "seconds"]
+
+
+def latency_searches(name: str, flops: float, seeds: Sequence[int], options: SearchOptions,
+                     out: Path = Path("results/benchmarks"), quiet: bool = False, data: Data | None = None,
+                     weights: Path | None = None) -> pd.DataFrame:
+    """Is a latency budget worth it? Per seed, the FLOPs-budgeted search at ``flops``, then the
+    latency-budgeted search capped at the latency that search's winner measured; then both winners
+    are timed afresh, together, against the base (after export, by a new :class:`Meter`).
+
+    Both searches start from the benchmark's cached base model and data (``bench --models name``
+    makes them) and run the same ``options`` (trials, epochs); the latency search also pays for
+    timing its candidates. Rows go to ``out/latency_search.csv`` as each seed ends, so a killed run
+    goes on with the next seed.
+    """
+    import torch
+
+    from .api import search
+    from .bench import BenchConfig, bench_data
+    from .models import load_weights
+
+    path = out / "latency_search.csv"
+    frame = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=SEARCH_COLUMNS)
+    data = data or bench_data(BenchConfig(out=out))
+    weights = weights or out / "cache" / data.name / Path(name).stem / "base.pt"
+    if not weights.is_file():
+        raise AutopruneError(f"{weights} does not exist; make the benchmark's base model first: "
+                             f"autoprune bench --models {name} --methods uniform --seeds 0")
+    base = load_weights(build_model(name, data.num_classes, input_shape=data.input_shape), weights).eval()
+    settings = LatencySettings(options.latency_backend, options.latency_batch, options.latency_threads, "cpu",
+                               data.input_shape)
+    for seed in seeds:
+        if ((frame["model"] == name) & (frame["seed"] == seed)).sum() >= 2:
+            continue
+        runs = out / "latency-searches" / f"{Path(name).stem}-flops{flops:g}-seed{seed}"
+        common = dict(weights=str(weights), seed=seed, quiet=quiet, device="cpu")
+        by_flops = search(name, data, f"flops={flops:g}", options, out=runs / "flops", **common)
+        cap = _round_up(by_flops.summary["latency"]["ms"])
+        (runs / "latency").mkdir(parents=True, exist_ok=True)  # the same base: its sensitivity table serves
+        if not (runs / "latency" / "sensitivity.csv").is_file():
+            (runs / "latency" / "sensitivity.csv").write_bytes((runs / "flops" / "sensitivity.csv").read_bytes())
+        by_latency = search(name, data, f"latency={cap:g}ms", options, out=runs / "latency", **common)
+        meter = Meter(base, settings, options.latency_timer)
+        rows = []
+        for kind, result in (("flops", by_flops), ("latency", by_latency)):
+            timing, s = meter.time(torch.load(result.out / "model.pt", weights_only=False).eval()), result.summary
+            rows.append({"model": name, "seed": seed, "kind": kind, "budget": s["budget"],
+                         "test_accuracy": s["test_accuracy"], "val_accuracy": s["val_accuracy"],
+                         "base_test_accuracy": s["base_test_accuracy"], "flops_share": s["flops_share"],
+                         "search_latency_ms": s["latency"]["ms"], "latency_ms": timing.ms,
+                         "latency_spread_ms": timing.spread_ms, "base_ms": meter.base_ms, "cap_ms": cap,
+                         "share_of_cap": timing.ms / cap,
+                         "check_share_of_cap": s.get("latency_check", {}).get("share_of_limit", float("nan")),
+                         "trials": s["trials"], "seconds": s["seconds"]})
+        frame = pd.concat([frame, pd.DataFrame(rows)], ignore_index=True) if len(frame) else pd.DataFrame(rows)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            frame.to_csv(tmp, index=False)
+        if not quiet:
+            f, l = rows
+            print(f"{name} seed {seed}: flops={flops:g} → {f['latency_ms']:.3g} ms, test {f['test_accuracy']:.2%}; "
+                  f"latency={cap:g}ms → {l['latency_ms']:.3g} ms ({l['share_of_cap']:.0%} of the cap), "
+                  f"FLOPs {l['flops_share']:.1%}, test {l['test_accuracy']:.2%}")
+    return frame
+
+
+def _round_up(ms: float, digits: int = 4) -> float:
+    """``ms`` to ``digits`` significant digits, rounded up: a cap below the FLOPs winner's latency
+    would exclude the very model it is compared with."""
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(ms)))
+    return math.ceil(ms * scale) / scale
+
+
+def search_lines(frame: pd.DataFrame) -> list[str]:
+    """The latency-against-FLOPs budget section of ``BENCHMARKS.md``."""
+    lines = ["## Is a latency budget worth it?", "",
+             "Per seed: the FLOPs-budgeted search, then the latency-budgeted search capped at the latency the "
+             "first one's winner measured, same base, data, trials and epochs. Latencies are re-timed after "
+             "export, both winners and the base in one interleaved loop (torch, CPU, batch 1, one thread). "
+             "'of cap': the latency winner's re-timed latency over its cap (target: 90-100 %).", "",
+             "| model | seed | FLOPs budget: FLOPs | ms | test | latency cap ms | FLOPs | ms (of cap) | test | "
+             "test gain |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    gains = []
+    for (model, seed), pair in frame.groupby(["model", "seed"], sort=False):
+        if set(pair["kind"]) != {"flops", "latency"}:
+            continue
+        f, l = (pair[pair["kind"] == k].iloc[0] for k in ("flops", "latency"))
+        gains.append(l.test_accuracy - f.test_accuracy)
+        lines.append(f"| {model} | {seed} | {f.flops_share:.1%} | {f.latency_ms:.3g} | {f.test_accuracy:.2%} | "
+                     f"{l.cap_ms:.3g} | {l.flops_share:.1%} | {l.latency_ms:.3g} ({l.share_of_cap:.0%}) | "
+                     f"{l.test_accuracy:.2%} | {100 * gains[-1]:+.2f} |")
+    if len(gains) > 1:
+        lines.append(f"| mean ± std | | | | | | | | | {100 * np.mean(gains):+.2f} ± {100 * np.std(gains, ddof=1):.2f} |")
     return lines + [""]

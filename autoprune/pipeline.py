@@ -1,32 +1,45 @@
-"""The first stages every search shares, channel or weight, and the benchmark: the data, the run
-folder and its storage, the base model and its training.
+"""The stages every search shares, channel or weight, and the benchmark.
 
-A search is then: groups (:mod:`autoprune.groups`) → sensitivity (:mod:`autoprune.sensitivity`) →
-search (:mod:`autoprune.study`, :mod:`autoprune.halving`) → export (:mod:`autoprune.export`);
-:func:`autoprune.api.search` and :func:`autoprune.unstructured.search_weights` run them.
+A search is: :func:`prepare` (the data, the run folder and its storage, the trained
+base model) → :func:`find_groups` (:mod:`autoprune.groups`) → sensitivity
+(:mod:`autoprune.sensitivity`) → :func:`bounded_problem` → search (:mod:`autoprune.study`,
+:mod:`autoprune.halving`) → export (:mod:`autoprune.export`). :func:`autoprune.api.search`,
+:func:`autoprune.unstructured.search_weights` and :mod:`autoprune.bench` run these stages;
+what differs between them is which ones and with what.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import optuna
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .checks import check_run, claim_run
+from .costmodel import CostModel
+from .counting import Cost
 from .data import Data, from_splits, load_data
-from .defaults import BASE_LR
 from .errors import AutopruneError
-from .files import save_torch
+from .files import fingerprint, save_torch
+from .groups import ChannelGroups
+from .importance import criterion
 from .models import build_model, load_weights
+from .options import BASE_EPOCHS, BASE_LR, SearchOptions
 from .plan import Plan
-from .training import evaluate, train
+from .sensitivity import bounds, equal_drop
+from .space import SearchSpace
+from .study import Problem, Stratum
+from .training import evaluate, resolve_device, train
 
-DEFAULT_TRAIN_EPOCHS = 15.0  # a base model trained here, when no --weights and no --train-epochs
+
 
 
 @dataclass
@@ -90,7 +103,7 @@ def base_model(model: nn.Module | str, weights: str | None, data: Data, out: Pat
     if train_epochs is not None:
         return built, train_epochs
     head_only = weights == "DEFAULT" and data.num_classes == 1000
-    return built, 0.0 if head_only else DEFAULT_TRAIN_EPOCHS
+    return built, 0.0 if head_only else BASE_EPOCHS
 
 
 def train_base(base: nn.Module, data: Data, epochs: float, device: torch.device, batch_size: int, seed: int,
@@ -109,3 +122,85 @@ def train_base(base: nn.Module, data: Data, epochs: float, device: torch.device,
                              f"({1 / data.num_classes:.0%}); train it with a smaller --base-lr (was {lr:g}) "
                              "or more --train-epochs, or pass trained --weights")
     save_torch(base.state_dict(), out / "base.pt")
+
+
+@dataclass
+class Run:
+    """A search ready for its stages: the data, names, run folder, storage, device and trained base."""
+
+    data: Data
+    name: str  # the model's name as the study records it
+    study: str
+    out: Path
+    storage: str
+    shared: bool  # the storage was given: processes on other machines may work on the study
+    device: torch.device
+    base: nn.Module
+    base_id: str  # fingerprint of the base model's weights
+
+
+def prepare(model: nn.Module | str, data: Data | str | Sequence, budget: Any, options: SearchOptions,
+            kind: str = "", before_training: Callable[[nn.Module, Data], object] | None = None) -> Run:
+    """The first stage: data, run folder and storage (refused, before anything is written, if they
+    cannot be used), and the base model, trained and kept in the run folder if it has to be.
+
+    ``before_training(base, data)`` may refuse the untrained base (a bad space or budget), so a
+    mistake costs no training.
+    """
+    o = options
+    data = as_data(data, data_dir=o.data_dir, download=o.download, seed=o.seed)
+    name, study, out = run_folder(model, data, budget, o.study, o.out, kind=kind)
+    storage = o.storage or default_storage(out, o.workers)
+    if o.workers > 1 and storage.startswith("sqlite"):
+        raise AutopruneError("SQLite cannot take several worker processes; for --workers pass "
+                             f"--storage {out / 'study.log'} (a journal file) or a PostgreSQL/MySQL URL")
+    check_run(out, study, storage)
+    device = resolve_device(o.device)
+    base, epochs = base_model(model, o.weights, data, out, o.train_epochs)
+    if epochs > 0:
+        if before_training:
+            before_training(base, data)
+        claim_run(out, study)
+        train_base(base, data, epochs, device, o.batch_size, o.seed, out, o.quiet, o.base_lr)
+    base = base.to(device).eval()
+    return Run(data, name, study, out, storage, o.storage is not None, device, base,
+               fingerprint(base.state_dict()))
+
+
+def find_groups(model: nn.Module, example: torch.Tensor, space: SearchSpace, data: Data, batch_size: int,
+                seed: int, base_model: str = "", importance: str | None = None,
+                device: torch.device | None = None) -> ChannelGroups:
+    """The model's groups under ``space`` (its layer patterns checked against the model)."""
+    space.check_layers(model)
+    importance = importance or space.importance
+    batches = None
+    if criterion(importance).needs_gradients:  # a few training batches give the gradients
+        batches = itertools.islice(data.loader("train", batch_size, shuffle=True, seed=seed), 4)
+    thinet = importance == "thinet"  # ranks from activations, after the groups are found
+    groups = ChannelGroups(model, example, importance="l1" if thinet else importance, ignore=space.ignore,
+                           base_model=base_model, batches=batches)
+    if thinet:
+        from .thinet import rerank
+        rerank(groups, model, data.loader("train", batch_size, shuffle=True, seed=seed),
+               device or torch.device("cpu"), seed=seed)
+    return groups
+
+
+def bounded_problem(base: nn.Module, data: Data, groups: ChannelGroups, costs: CostModel, table: pd.DataFrame,
+                    space: SearchSpace, limits: Cost, base_val: float, device: torch.device,
+                    targets: Sequence[tuple[str, Cost]] = (), **extra: Any) -> Problem:
+    """The search stage's problem: per-group ratio bounds from the sensitivity ``table`` and the
+    seed plan that spends the budget for an equal accuracy drop everywhere.
+
+    ``targets`` (name, caps) are a range's strata, tightest first: the bounds serve the tightest,
+    each stratum gets its own seed, and the range's seed is the loosest's. ``extra`` goes to
+    :class:`~autoprune.study.Problem` (checkpoints, meter).
+    """
+    low, ceiling = space.ratio_bounds(groups.ids)
+    tightest = targets[0][1] if targets else limits  # one scan serves every target: bound for the tightest
+    high = np.maximum(low, bounds(table, costs, tightest, ceiling, round_to=space.round_to))
+    strata = [Stratum(label, caps, equal_drop(table, costs, caps, low, high, space.round_to))
+              for label, caps in targets]
+    seed = strata[-1].seed if strata else equal_drop(table, costs, limits, low, high, space.round_to)
+    return Problem(base, data, groups, costs, limits, low, high, seed, base_val, device, space.round_to,
+                   strata=strata, **extra)

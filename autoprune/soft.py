@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from .distill import Distill
 from .groups import ChannelGroups, Group
 from .plan import Plan
-from .defaults import FINETUNE_LR
+from .options import FINETUNE_LR
 from .training import train
 
 

@@ -34,7 +34,7 @@ from .budget import fit_plan, usage
 from .costmodel import CostModel
 from .counting import Cost, human
 from .data import Data
-from .defaults import FINETUNE_LR
+from .options import DEFAULTS, SearchOptions
 from .distill import from_settings
 from .errors import AutopruneError
 from .files import save_torch
@@ -90,18 +90,25 @@ class Problem:
 class Settings:
     """How the search trains and scores candidates (recorded with the study)."""
 
-    trials: int = 12
-    finetune_epochs: float = 1.0
-    final_epochs: float = 5.0
-    lr: float = FINETUNE_LR
-    batch_size: int = 64
-    bn_batches: int = 8
-    seed: int = 0
+    trials: int = DEFAULTS.trials
+    finetune_epochs: float = DEFAULTS.finetune_epochs
+    final_epochs: float = DEFAULTS.final_epochs
+    lr: float = DEFAULTS.lr
+    batch_size: int = DEFAULTS.batch_size
+    bn_batches: int = DEFAULTS.bn_batches
+    seed: int = DEFAULTS.seed
     extra: dict[str, Any] = field(default_factory=dict)
     pruner: str = "median"  # or "none": every trial is fine-tuned to the end
     trial_bn_batches: int = 2  # BatchNorm recalibration before a trial's cheap score
     checks: int = 1  # validation checks (chances to be pruned) during a trial's fine-tune
     final_seconds: float = 0.0  # with a time budget: the final fine-tune trains this long, not final_epochs
+
+    @classmethod
+    def of(cls, options: SearchOptions, extra: dict[str, Any]) -> Settings:
+        """The trial recipe a search's ``options`` give, with its optional fine-tune modes ``extra``."""
+        o = options
+        return cls(o.trials, o.finetune_epochs, o.final_epochs, o.lr, o.batch_size, o.bn_batches, o.seed, extra,
+                   o.pruner or "median")
 
     def __post_init__(self) -> None:
         if self.pruner not in PRUNERS:

@@ -21,7 +21,7 @@ from .data import Data, load_data
 from .errors import AutopruneError
 from .models import build_model
 from .study import Settings
-from .defaults import BASE_LR, FINETUNE_LR
+from .options import BASE_LR, FINETUNE_LR
 from .training import evaluate, resolve_device, train
 from .unstructured import (LABEL, WeightCosts, WeightProblem, count_nonzero, equal_drop, finetune, run_trials,
                            scan)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .defaults import FINETUNE_LR
+from .options import FINETUNE_LR
 from .errors import AutopruneError
 
 if TYPE_CHECKING:

@@ -28,19 +28,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .budget import Budget
-from .checks import check_run, claim_run
+from .checks import claim_run
 from .counting import Cost, count, human
 from .data import Data
 from .distill import from_settings
 from .errors import AutopruneError
-from .files import atomic_path, command_line, fingerprint, save_torch, versions, write_json, write_text
+from .files import atomic_path, command_line, save_torch, versions, write_json, write_text
 from .groups import ROOT_TYPES
 from .plan import Plan
 from .sensitivity import GRID, curves, ratio_at_drop
-from .pipeline import Result, as_data, base_model, default_storage, run_folder, train_base
+from .pipeline import Result, prepare
 from .storage import open_study
 from .study import ENDED, Settings, best_trial, config_dict, finished, trials_table
-from .defaults import BASE_LR, FINETUNE_LR
+from .options import SearchOptions
 from .training import evaluate, recalibrate_bn, train
 
 LABEL = "nonzero params (counted by autoprune; thop counts dense)"
@@ -364,63 +364,53 @@ def weight_limit(budget: str | Budget, costs: WeightCosts) -> float:
     return budget.limits(Cost(math.inf, costs.base)).params
 
 
-def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: str | Budget = "params=0.2", *,
-                   weights: str | None = None, trials: int = 12, study: str | None = None,
-                   storage: str | None = None, out: str | Path | None = None, new_study: bool = False,
-                   train_epochs: float | None = None, base_lr: float = BASE_LR, finetune_epochs: float = 1.0,
-                   final_epochs: float = 5.0, lr: float = FINETUNE_LR, batch_size: int = 64, grid: Sequence[float] = GRID, max_ratio: float = 0.9,
-                   bn_batches: int = 8, device: str = "auto", seed: int = 0, quiet: bool = False,
-                   data_dir: str | Path = "data", download: bool = False, extra: dict | None = None):
-    """:func:`autoprune.search` with ``granularity="weight"``: per-layer sparsity under a nonzero budget.
-
-    Example:
-        >>> result = autoprune.search("mlp", "digits", "params=0.2", granularity="weight", trials=8)
-        >>> result.summary["nonzero_share"] <= 0.2
-        True
-    """
-    from .training import resolve_device
-
-    started = time.perf_counter()
-    torch.manual_seed(seed)
-    if trials < 1:
-        raise AutopruneError(f"--trials must be at least 1, not {trials}")
-    if not 0 < max_ratio < 1 or not grid or not all(0 < r < 1 for r in grid):
-        raise AutopruneError("ratios (grid and max ratio) must lie strictly between 0 and 1")
-    budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
-    data = as_data(data, data_dir=data_dir, download=download, seed=seed)
-    name, study_name, out = run_folder(model, data, budget, study, out, kind="weight")
-    storage = storage or default_storage(out)
-    check_run(out, study_name, storage)
-    device = resolve_device(device)
-    extra = extra or {}
-    settings = Settings(trials, finetune_epochs, final_epochs, lr, batch_size, bn_batches, seed, extra)
-    base, epochs = base_model(model, weights, data, out, train_epochs)
+def _weight_limit(base: nn.Module, budget: Budget, max_ratio: float) -> tuple[WeightCosts, float]:
+    """The model's weight costs and the budget's nonzero cap; refused if it does not prune or is out of reach."""
     costs = WeightCosts.of(base)
     limit = weight_limit(budget, costs)
     if limit >= costs.base:
         raise AutopruneError(f"budget {budget} does not prune: the base model's {human(costs.base)} "
                              f"{LABEL} already meet it; ask for less than the base, e.g. params=0.5")
     project_sparsities(costs, np.zeros(len(weight_layers(base))), limit, max_ratio)  # refuse early
-    if epochs > 0:
-        claim_run(out, study_name)
-        train_base(base, data, epochs, device, batch_size, seed, out, quiet, base_lr)
-    base = base.to(device).eval()
-    base_id = fingerprint(base.state_dict())
-    costs = WeightCosts.of(base)
-    limit = weight_limit(budget, costs)
+    return costs, limit
+
+
+def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: str | Budget,
+                   options: SearchOptions, extra: dict[str, Any] | None = None) -> Result:
+    """:func:`autoprune.search` with ``granularity="weight"``: per-layer sparsity under a nonzero budget.
+
+    Of ``options`` it takes the base model's, the data's, the study's and the fine-tune's; its
+    sensitivity grid and largest sparsity default to :data:`~autoprune.sensitivity.GRID` and 0.9.
+
+    Example:
+        >>> result = autoprune.search("mlp", "digits", "params=0.2", granularity="weight", trials=8)
+        >>> result.summary["nonzero_share"] <= 0.2
+        True
+    """
+    started = time.perf_counter()
+    o = options
+    torch.manual_seed(o.seed)
+    grid, max_ratio, quiet = o.grid or GRID, 0.9 if o.max_ratio is None else o.max_ratio, o.quiet
+    budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+    r = prepare(model, data, budget, o, kind="weight",
+                before_training=lambda base, _: _weight_limit(base, budget, max_ratio))
+    data, out, base, device, base_id, name, study_name = r.data, r.out, r.base, r.device, r.base_id, r.name, r.study
+    extra = extra or {}
+    settings = Settings.of(o, extra)
+    costs, limit = _weight_limit(base, budget, max_ratio)
     config = config_dict(model=name, base_model=base_id, dataset=data.name, budget=str(budget), granularity="weight",
-                         grid=[float(r) for r in grid], max_ratio=max_ratio, finetune_epochs=finetune_epochs, lr=lr,
-                         batch_size=batch_size, bn_batches=bn_batches, seed=seed,
+                         grid=[float(g) for g in grid], max_ratio=max_ratio, finetune_epochs=o.finetune_epochs,
+                         lr=o.lr, batch_size=o.batch_size, bn_batches=o.bn_batches, seed=o.seed,
                          **{k: v for k, v in extra.items() if k == "distill"})
     claim_run(out, study_name)
-    the_study = open_study(study_name, storage, config, new=new_study)
+    the_study = open_study(study_name, r.storage, config, new=o.new_study)
     if not (out / "base.pt").is_file():
         save_torch(base.state_dict(), out / "base.pt")
     base_val = evaluate(base, data.loader("val", 256), device)
     if not quiet:
         print(f"base {name} on {data.name}: val {base_val:.2%} | {human(costs.base)} {LABEL} | "
               f"{len(costs.names)} layers | budget {budget}: ≤ {human(limit)} nonzero params")
-    table = scan(base, costs, data, base_val, device, out / "sensitivity.csv", grid, bn_batches, quiet, base_id)
+    table = scan(base, costs, data, base_val, device, out / "sensitivity.csv", grid, o.bn_batches, quiet, base_id)
     problem = WeightProblem(base, data, costs, limit, max_ratio, equal_drop(table, costs, limit, max_ratio),
                             base_val, device)
     run_trials(problem, the_study, settings, quiet)
@@ -432,9 +422,9 @@ def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: 
     plan = Plan({}, {}, "magnitude", base_id, meta)  # no channel removed: load_pruned loads weights.pt as is
     write_text(out / "trials.csv", trials_table(the_study).to_csv(index=False))
     record = dict(budget=str(budget), budget_nonzero_params=limit, trial=chosen.number,
-                  trial_val_accuracy=chosen.value, final_epochs=final_epochs,
+                  trial_val_accuracy=chosen.value, final_epochs=o.final_epochs,
                   trials=len(the_study.get_trials(deepcopy=False, states=ENDED)),
-                  model=name, base_model=base_id, dataset=data.name, study=study_name, storage=storage,
+                  model=name, base_model=base_id, dataset=data.name, study=study_name, storage=r.storage,
                   device=str(device), input_shape=list(data.input_shape), **extra)
     pruned, summary = export_weights(problem, sparsities, out, settings, quiet, plan, **record)
     summary.update(seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())

@@ -125,17 +125,38 @@ def test_a_second_study_in_a_run_folder_is_refused_and_the_first_is_kept(own_run
 
 
 def test_learning_rates_are_spelled_once():
-    """The fine-tune and base learning rates live in autoprune/defaults.py; a copy elsewhere drifts."""
+    """The fine-tune and base learning rates live in autoprune/options.py; a copy elsewhere drifts."""
     import re
     from pathlib import Path
 
     import autoprune
-    from autoprune.defaults import BASE_LR, FINETUNE_LR
+    from autoprune.options import BASE_LR, FINETUNE_LR
 
     rate, number = re.compile(r"(\b|_)lr\b"), re.compile(r"(?<![\d.])0\.0[15](?!\d)")
     package = Path(autoprune.__file__).parent
-    copies = [f"{path.name}:{n}" for path in package.glob("*.py") if path.name != "defaults.py"
+    copies = [f"{path.name}:{n}" for path in package.glob("*.py") if path.name != "options.py"
               for n, line in enumerate(path.read_text().splitlines(), 1)
               if rate.search(line.split("#")[0]) and number.search(line.split("#")[0])]
-    assert not copies, f"learning rates spelled outside defaults.py: {copies}"
+    assert not copies, f"learning rates spelled outside options.py: {copies}"
     assert (FINETUNE_LR, BASE_LR) == (0.01, 0.05)
+
+
+def test_search_flags_are_the_options_with_their_defaults():
+    """Every search option is a `search` flag whose default is the option's own: no default is spelled twice."""
+    from autoprune.cli import build_parser
+    from autoprune.options import DEFAULTS, OPTION_NAMES, SearchOptions
+
+    args = build_parser().parse_args(["search"])
+    assert [n for n in OPTION_NAMES if not hasattr(args, n)] == ["latency_timer"]  # tests inject it, users do not
+    assert SearchOptions.from_args(args) == DEFAULTS
+    tuned = SearchOptions.from_args(build_parser().parse_args(["search", "--trials", "3", "--lr", "0.2"]))
+    assert (tuned.trials, tuned.lr) == (3, 0.2)
+
+
+def test_an_unknown_search_option_is_refused_with_the_known_ones():
+    from autoprune import search
+    from autoprune.options import DEFAULTS
+
+    with pytest.raises(TypeError, match="unknown search option 'trails'; known: weights, "):
+        search("resnet18", "digits", "flops=0.3", trails=3)
+    assert DEFAULTS.replace(trials=3).trials == 3 and DEFAULTS.trials == 12

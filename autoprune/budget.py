@@ -350,9 +350,18 @@ def fit_plan(groups: ChannelGroups, costs: CostModel, ratios: np.ndarray, limits
             cost = Cost(cost.flops, cost.params, costs.measure(model, limits.latency))
         if fits(cost, limits):
             return plan, model, cost
-        target = Cost(*(t * min(1.0, cap / c) * 0.999 if math.isfinite(cap) else t
-                        for t, cap, c in zip((target.flops, target.params, target.latency),
-                                             (limits.flops, limits.params, limits.latency),
-                                             (cost.flops, cost.params, cost.latency))))
+        target = _tightened(target, Cost(*costs.predict_vector(kept)), cost, limits)
     raise AutopruneError(f"could not fit a plan into the budget ({cost} measured); "
                          "loosen the budget or the ratio bounds")
+
+
+def _tightened(target: Cost, predicted: Cost, built: Cost, limits: Cost) -> Cost:
+    """The next projection's target after a built model came out over ``limits``: each cap it broke is
+    aimed below the plan's *prediction* by the overshoot (tightening the target alone moves nothing
+    while the prediction sits well under it, as latency's can by a few per cent)."""
+    def aim(t: float, p: float, cap: float, c: float) -> float:
+        return min(t, p) * cap / c * 0.999 if math.isfinite(cap) and c > cap else t
+
+    return Cost(*(aim(*values) for values in zip(
+        (target.flops, target.params, target.latency), (predicted.flops, predicted.params, predicted.latency),
+        (limits.flops, limits.params, limits.latency), (built.flops, built.params, built.latency))))

@@ -209,3 +209,42 @@ def test_bench_latency_measures_every_setting_and_resumes(tmp_path):
     timer = FakeTimer()
     again = bench_latency([spec], ["torch"], [1, 4], plans=5, out=tmp_path, quiet=True, timer=timer)
     assert len(again) == 10 and timer.calls == 0
+
+
+def test_latency_search_benchmark_caps_at_the_flops_winners_latency_and_resumes(tmp_path, digits_data):
+    """`bench-latency --search` on the fake timer: per seed a FLOPs search, then a latency search capped
+    at its winner's latency, both re-timed after export; the cap holds; a rerun searches nothing."""
+    from conftest import TINY
+
+    from autoprune.latency_bench import latency_searches, search_lines
+    from autoprune.models import build_model
+    from autoprune.options import SearchOptions
+
+    spec = f"{TINY}:tiny_resnet"
+    weights = tmp_path / "base.pt"
+    torch.save(build_model(spec, digits_data.num_classes).state_dict(), weights)
+    options = SearchOptions(trials=2, finetune_epochs=0.05, final_epochs=0, grid=[0.5], latency_timer=FakeTimer())
+    frame = latency_searches(spec, 0.5, [0], options, tmp_path, quiet=True, data=digits_data, weights=weights)
+    flops, latency = (frame[frame["kind"] == k].iloc[0] for k in ("flops", "latency"))
+    assert flops.budget == "flops=0.5" and latency.budget == f"latency={latency.cap_ms:g}ms"
+    assert latency.cap_ms == pytest.approx(flops.latency_ms, rel=1e-3)  # the fake timer has no noise
+    assert 0.9 <= latency.share_of_cap <= 1.0 and flops.flops_share <= 0.5
+    assert sum(line.startswith(f"| {spec} | 0 |") for line in search_lines(frame)) == 1
+    timer = FakeTimer()
+    again = latency_searches(spec, 0.5, [0], options.replace(latency_timer=timer), tmp_path, quiet=True,
+                             data=digits_data, weights=weights)
+    assert len(again) == 2 and timer.calls == 0
+
+
+def test_an_over_budget_build_aims_the_next_prediction_below_the_cap():
+    """A plan predicted 2 % under its latency cap built 0.02 % over it: the next target goes under the
+    prediction (tightening the target by the overshoot alone found the same plan six times over)."""
+    from autoprune.budget import _tightened
+    from autoprune.counting import Cost
+
+    inf = math.inf
+    target = _tightened(Cost(inf, inf, 0.2812), Cost(2e6, 1e4, 0.2753), Cost(2e6, 1e4, 0.28125),
+                        Cost(inf, inf, 0.2812))
+    assert target.latency < 0.2753 * 0.2812 / 0.28125 and (target.flops, target.params) == (inf, inf)
+    flops = _tightened(Cost(1e6, inf, inf), Cost(0.99e6, 5e3, inf), Cost(1.01e6, 5e3, 0.2), Cost(1e6, inf, inf))
+    assert flops.flops < 0.99e6 and flops.latency == inf

@@ -60,7 +60,7 @@ from .costmodel import CostModel
 from .counting import count
 from .data import Data, load_data
 from .errors import AutopruneError
-from .latency_bench import search_lines, table_lines
+from .latency_bench import own_sections
 from .files import atomic_path, fingerprint, versions, write_text
 from .pipeline import bounded_problem, find_groups, train_base
 from .groups import ChannelGroups
@@ -563,12 +563,7 @@ def report(frame: pd.DataFrame, config: BenchConfig) -> None:
     proxies = _read_any(config.out / "proxies.csv")
     if len(proxies):
         lines += _proxy_lines(proxies)
-    latency = _read_any(config.out / "latency.csv")  # autoprune bench-latency
-    if len(latency):
-        lines += table_lines(latency)
-    searches = _read_any(config.out / "latency_search.csv")  # autoprune bench-latency --search
-    if len(searches):
-        lines += search_lines(searches)
+    lines += own_sections(config.out / "BENCHMARKS.md")  # autoprune bench-latency's, with their commands
     write_text(config.out / "BENCHMARKS.md", "\n".join(lines))
     _plot(table, config.out / "bench.png")
 

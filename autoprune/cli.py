@@ -418,8 +418,7 @@ def _bench(args: argparse.Namespace) -> None:
 def _bench_latency(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .files import write_text
-    from .latency_bench import bench_latency, latency_searches, search_lines, table_lines
+    from .latency_bench import bench_latency, latency_searches, search_lines, table_lines, update_section
 
     if args.plans < 1:
         raise AutopruneError("--plans must be at least 1")
@@ -428,13 +427,12 @@ def _bench_latency(args: argparse.Namespace) -> None:
         options = SearchOptions(trials=args.trials, finetune_epochs=args.finetune_epochs,
                                 final_epochs=args.final_epochs)
         frame = latency_searches(args.search, args.flops, args.seeds, options, out, args.quiet)
-        write_text(out / "LATENCY_SEARCH.md", "\n".join([f"Made by: `{args.command_line}`", "",
-                                                          *search_lines(frame)]))
-        print(f"wrote {out}/: latency_search.csv LATENCY_SEARCH.md")
+        update_section(out / "BENCHMARKS.md", search_lines(frame), args.command_line)
+        print(f"wrote {out}/: latency_search.csv, its section of BENCHMARKS.md")
         return
     frame = bench_latency(args.models, args.backends, args.batches, args.plans, args.threads, out, args.quiet)
-    write_text(out / "LATENCY.md", "\n".join([f"Made by: `{args.command_line}`", "", *table_lines(frame)]))
-    print(f"wrote {out}/: latency.csv LATENCY.md")
+    update_section(out / "BENCHMARKS.md", table_lines(frame), args.command_line)
+    print(f"wrote {out}/: latency.csv, its section of BENCHMARKS.md")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -111,7 +111,7 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
 
 def table_lines(frame: pd.DataFrame) -> list[str]:
     """The predictor-accuracy section of ``BENCHMARKS.md``."""
-    lines = ["## Does the latency predictor predict?", "",
+    lines = [HEADINGS[0], "",
              "Random plans (a uniform random ratio per group, rounded as the model's search space rounds), "
              "their latency predicted from the per-layer table and timed whole, interleaved with the base model "
              "(median ratio to the base, times the base's latency), CPU, one thread; error: predicted / measured "
@@ -204,7 +204,7 @@ def _round_up(ms: float, digits: int = 4) -> float:
 
 def search_lines(frame: pd.DataFrame) -> list[str]:
     """The latency-against-FLOPs budget section of ``BENCHMARKS.md``."""
-    lines = ["## Is a latency budget worth it?", "",
+    lines = [HEADINGS[1], "",
              "Per seed: the FLOPs-budgeted search, then the latency-budgeted search capped at the latency the "
              "first one's winner measured, same base, data, trials and epochs. Latencies are re-timed after "
              "export, both winners and the base in one interleaved loop (torch, CPU, batch 1, one thread). "
@@ -223,3 +223,34 @@ def search_lines(frame: pd.DataFrame) -> list[str]:
     if len(gains) > 1:
         lines.append(f"| mean ± std | | | | | | | | | {100 * np.mean(gains):+.2f} ± {100 * np.std(gains, ddof=1):.2f} |")
     return lines + [""]
+
+
+HEADINGS = ("## Does the latency predictor predict?", "## Is a latency budget worth it?")  # sections it owns
+
+
+def own_sections(path: Path) -> list[str]:
+    """The sections of ``BENCHMARKS.md`` that ``bench-latency`` wrote, as they stand (``bench`` keeps them)."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    kept, mine = [], False
+    for line in lines:
+        if line.startswith("## ") or line.startswith("# "):
+            mine = line in HEADINGS
+        if mine:
+            kept.append(line)
+    return kept + [""] * bool(kept)
+
+
+def update_section(path: Path, lines: list[str], made_by: str) -> None:
+    """Put ``lines`` (a section, its ``## `` heading first) into the markdown file at ``path``, in place
+    of the section of that heading or at the end: ``BENCHMARKS.md`` keeps what ``bench`` wrote."""
+    heading = lines[0]
+    section = [heading, "", f"Made by: `{made_by}`", *lines[1:]]
+    old = path.read_text().splitlines() if path.is_file() else ["# Benchmarks", ""]
+    if heading in old:
+        start = old.index(heading)
+        end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")), len(old))
+        new = old[:start] + section + old[end:]
+    else:
+        new = old + [""] * (old[-1:] != [""]) + section
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(new).rstrip("\n") + "\n")

@@ -248,3 +248,20 @@ def test_an_over_budget_build_aims_the_next_prediction_below_the_cap():
     assert target.latency < 0.2753 * 0.2812 / 0.28125 and (target.flops, target.params) == (inf, inf)
     flops = _tightened(Cost(1e6, inf, inf), Cost(0.99e6, 5e3, inf), Cost(1.01e6, 5e3, 0.2), Cost(1e6, inf, inf))
     assert flops.flops < 0.99e6 and flops.latency == inf
+
+
+def test_bench_latency_sections_replace_their_own_and_keep_the_rest(tmp_path):
+    """bench-latency writes its sections into BENCHMARKS.md in place, with the command, and leaves what
+    `bench` wrote; `bench` keeps them (own_sections) when it rewrites the file."""
+    from autoprune.latency_bench import HEADINGS, own_sections, update_section
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n## resnet18\n\nrow\n")
+    update_section(path, [HEADINGS[0], "", "| old |"], "autoprune bench-latency --plans 3")
+    update_section(path, [HEADINGS[1], "", "| search |"], "autoprune bench-latency --search m")
+    update_section(path, [HEADINGS[0], "", "| new |"], "autoprune bench-latency --plans 30")
+    text = path.read_text()
+    assert "## resnet18\n\nrow\n" in text and "| old |" not in text and "--plans 30`" in text
+    assert text.index("| new |") < text.index("| search |")  # replaced where it stood
+    kept = own_sections(path)
+    assert kept[0] == HEADINGS[0] and "| search |" in kept and "row" not in kept

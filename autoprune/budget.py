@@ -340,7 +340,7 @@ def fit_plan(groups: ChannelGroups, costs: CostModel, ratios: np.ndarray, limits
     Under a latency cap ``costs`` is a :class:`~autoprune.latency.LatencyCosts`
     and every built model is timed as well (``costs.measure``).
     """
-    target = limits
+    target, least = limits, smallest(costs, high, round_to)
     for _ in range(6):
         kept = project(costs, ratios, target, low, high, round_to)
         plan = groups.plan(dict(zip(costs.ids, kept.astype(int).tolist())), meta)
@@ -350,9 +350,17 @@ def fit_plan(groups: ChannelGroups, costs: CostModel, ratios: np.ndarray, limits
             cost = Cost(cost.flops, cost.params, costs.measure(model, limits.latency))
         if fits(cost, limits):
             return plan, model, cost
-        target = _tightened(target, Cost(*costs.predict_vector(kept)), cost, limits)
-    raise AutopruneError(f"could not fit a plan into the budget ({cost} measured); "
-                         "loosen the budget or the ratio bounds")
+        if target == least:  # the smallest model the bounds allow, and it is over: nothing else will fit
+            break
+        tighter = _tightened(target, Cost(*costs.predict_vector(kept)), cost, limits)
+        # Past what the bounds reach by prediction, the last try is their smallest model.
+        target = tighter if fits(least, tighter) else least
+    raise NoFit(f"could not fit a plan into the budget ({cost} measured); loosen the budget or the ratio bounds")
+
+
+class NoFit(AutopruneError):
+    """No plan within the bounds fits the budget as built and measured (the predictor promised one):
+    a search drops that candidate, where a budget no plan reaches by prediction is refused up front."""
 
 
 def _tightened(target: Cost, predicted: Cost, built: Cost, limits: Cost) -> Cost:

@@ -250,7 +250,10 @@ def successive_halving(problem: Problem, study: optuna.Study, settings: Settings
         trial = study.ask()
         claim(study, trial._trial_id)  # a rerun after a kill fails these trials at once
         started = time.perf_counter()
-        alive.append((trial, objective.start(trial), started))
+        try:
+            alive.append((trial, objective.start(trial), started))
+        except optuna.TrialPruned:  # no plan fits its latency cap as measured: the race goes on without it
+            study.tell(trial, state=PRUNED)
         bar.update()
     bar.close()
     scores: dict[int, float] = {}

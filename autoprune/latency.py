@@ -321,6 +321,9 @@ class LatencyModel:
         if arch_key not in calibrations:
             calibrations[arch_key] = self._calibrate(groups, meter, plans).tolist()
         self.coef = np.asarray(calibrations[arch_key])
+        # A cached table was timed another day, when the machine may have run faster or slower (load, clock):
+        # predictions are anchored to the base model as timed now.
+        self.scale = meter.base_ms / max(float(self.coef @ self.features(costs.channels)), 1e-12)
         cache["settings"] = {k: v for k, v in self.settings.config().items() if k != "latency_input_shape"}
         write_json(path, cache)
 
@@ -352,7 +355,7 @@ class LatencyModel:
 
     def predict_vector(self, keep: np.ndarray) -> float:
         """Latency (ms) for channels kept per group, in ``costs.ids`` order: arithmetic only."""
-        return float(self.coef @ self.features(keep))
+        return float(self.scale * (self.coef @ self.features(keep)))
 
     def predict(self, keep: Mapping[str, int]) -> float:
         """Latency (ms) of the model that keeps ``keep[gid]`` channels per group."""

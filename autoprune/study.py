@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .budget import fit_plan, usage
+from .budget import NoFit, fit_plan, usage
 from .costmodel import CostModel
 from .counting import Cost, human
 from .data import Data
@@ -243,7 +243,11 @@ class Objective:
         if p.strata:
             trial.set_user_attr("target", p.strata[trial.user_attrs["stratum"]].budget)
         limits = p.limits_for(trial)
-        plan, model, cost = fit_plan(p.groups, p.costs, ratios, limits, p.low, p.high, p.round_to)
+        try:
+            plan, model, cost = fit_plan(p.groups, p.costs, ratios, limits, p.low, p.high, p.round_to)
+        except NoFit as err:  # built and timed over the cap however tightened: drop it, go on with the next
+            trial.set_user_attr("no_fit", str(err))
+            raise optuna.TrialPruned(str(err)) from None
         trial.set_user_attr("cut_seconds", round(time.perf_counter() - started, 3))
         base = p.costs.base
         trial.set_user_attr("plan", plan.to_dict())
@@ -340,6 +344,8 @@ def _describe(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> str:
 
 
 def _describe_pruned(trial: optuna.trial.FrozenTrial) -> str:
+    if "no_fit" in trial.user_attrs:
+        return f"trial {trial.number}: dropped: {trial.user_attrs['no_fit']}"
     step = trial.last_step
     when = "before fine-tuning (cheap score)" if step == 0 else f"at check {step} of the fine-tune"
     return (f"trial {trial.number}: pruned {when}: val {trial.intermediate_values[step]:.2%} "

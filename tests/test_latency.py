@@ -125,6 +125,22 @@ def test_the_table_is_cached_a_second_study_measures_nothing(tiny, example, cach
     assert any(c.startswith("layer:") for c in other.cases)  # another batch is another table
 
 
+class SlowTimer(FakeTimer):
+    """The same machine another day: everything 1.3x slower."""
+
+    def __call__(self, cases, repeats):
+        return {k: [v * 1.3 for v in vs] for k, vs in super().__call__(cases, repeats).items()}
+
+
+def test_a_cached_table_is_anchored_to_the_base_as_timed_now(tiny, example):
+    """A table cached on a fast day predicts in the units of a slow one: its predictions follow the base."""
+    groups, _, fast = _setup(tiny, example, FakeTimer())
+    _, _, slow = _setup(tiny, example, SlowTimer())
+    keep = {g.id: max(1, g.channels // 2) for g in groups}
+    assert slow.latency.predict(keep) == pytest.approx(1.3 * fast.latency.predict(keep), rel=1e-6)
+    assert slow.latency.predict(groups.full()) == pytest.approx(slow.base.latency)
+
+
 def test_fit_plan_meets_the_latency_budget_as_measured(tiny, example):
     groups, meter, costs = _setup(tiny, example, FakeTimer())
     limits = Budget.parse("latency=0.6").limits(costs.base)
@@ -226,7 +242,7 @@ def test_latency_search_benchmark_caps_at_the_flops_winners_latency_and_resumes(
     options = SearchOptions(trials=2, finetune_epochs=0.05, final_epochs=0, grid=[0.5], latency_timer=FakeTimer())
     frame = latency_searches(spec, 0.5, [0], options, tmp_path, quiet=True, data=digits_data, weights=weights)
     flops, latency = (frame[frame["kind"] == k].iloc[0] for k in ("flops", "latency"))
-    assert flops.budget == "flops=0.5" and latency.budget == f"latency={latency.cap_ms:g}ms"
+    assert flops.budget == "flops=0.5" and latency.budget.startswith("latency=0.")  # a share of the base
     assert latency.cap_ms == pytest.approx(flops.latency_ms, rel=1e-3)  # the fake timer has no noise
     assert 0.9 <= latency.share_of_cap <= 1.0 and flops.flops_share <= 0.5
     assert sum(line.startswith(f"| {spec} | 0 |") for line in search_lines(frame)) == 1
@@ -265,3 +281,28 @@ def test_bench_latency_sections_replace_their_own_and_keep_the_rest(tmp_path):
     assert text.index("| new |") < text.index("| search |")  # replaced where it stood
     kept = own_sections(path)
     assert kept[0] == HEADINGS[0] and "| search |" in kept and "row" not in kept
+
+
+def test_a_candidate_no_plan_fits_is_dropped_and_the_search_goes_on(tmp_path, digits_data, monkeypatch):
+    """A candidate that stays over its latency cap however tightened is a pruned trial, not a crash."""
+    from conftest import TINY
+
+    import autoprune.study as study_module
+    from autoprune.api import search
+    from autoprune.budget import NoFit, fit_plan
+
+    calls = []
+
+    def fails_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise NoFit("could not fit a plan into the budget (a test)")
+        return fit_plan(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "fit_plan", fails_second)
+    result = search(f"{TINY}:tiny_resnet", digits_data, "latency=0.6", trials=3, train_epochs=0,
+                    finetune_epochs=0.05, final_epochs=0, grid=[0.5], out=tmp_path / "run", quiet=True,
+                    pruner="none", latency_timer=FakeTimer())
+    trials = result.study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert "a test" in trials[1].user_attrs["no_fit"] and result.summary["trial"] in (0, 2)

@@ -61,7 +61,7 @@ from .counting import count
 from .data import Data, load_data
 from .errors import AutopruneError
 from .latency_bench import own_sections
-from .files import atomic_path, fingerprint, versions, write_text
+from .files import append_rows, atomic_path, fingerprint, versions, write_text
 from .pipeline import bounded_problem, find_groups, train_base
 from .groups import ChannelGroups
 from .models import build_model, load_weights
@@ -272,13 +272,6 @@ def _read(path: Path) -> pd.DataFrame:
     return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=COLUMNS)
 
 
-def _append(path: Path, frame: pd.DataFrame, row: dict) -> pd.DataFrame:
-    frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True) if len(frame) else pd.DataFrame([row])
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-    return frame
-
-
 def _plan_of(method: str, problem: Problem, config: BenchConfig) -> Plan:
     """The plan of a method that does not search."""
     if method in ("uniform", "uniform-matched"):
@@ -360,8 +353,8 @@ def benchmark(config: BenchConfig) -> pd.DataFrame:
                 for seed in config.seeds:
                     for method in config.methods:
                         if (name, float(budget), seed, method) not in done:
-                            frame = _append(path, frame, {"model": name, "budget": budget, "seed": seed,
-                                                          "method": method, "note": str(err)})
+                            frame = append_rows(path, frame, [{"model": name, "budget": budget, "seed": seed,
+                                                               "method": method, "note": str(err)}])
                 continue
             for seed in config.seeds:
                 for method in config.methods:
@@ -375,7 +368,7 @@ def benchmark(config: BenchConfig) -> pd.DataFrame:
                         row = {"note": str(err)}
                     row = {"model": name, "budget": budget, "seed": seed, "method": method,
                            "base_test_accuracy": subject.base_test, **row}
-                    frame = _append(path, frame, row)
+                    frame = append_rows(path, frame, [row])
                     if not config.quiet:
                         print(_line(row))
         _rank_once(subject, config)
@@ -399,7 +392,7 @@ def _rank_once(subject: Subject, config: BenchConfig) -> None:
     for index in range(len(mine), config.rank_plans):
         row = {"model": subject.name, "budget": budget, "plan_index": index,
                "base_test_accuracy": subject.base_test, **measure_proxies(problem, config, index)}
-        table = _append(path, table, row)
+        table = append_rows(path, table, [row])
         if not config.quiet:
             print(f"{subject.name} flops={budget:g} plan {index + 1}/{config.rank_plans}: "
                   + ", ".join(f"{k} {row[k]:.4f}" for k in PROXIES + ("converged",)))

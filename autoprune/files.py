@@ -13,11 +13,26 @@ import tempfile
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 PACKAGES = ("autoprune", "torch", "torchvision", "torch-pruning", "optuna", "thop", "pandas")
+
+
+def append_rows(path: str | Path, frame: pd.DataFrame, rows: list[dict]) -> pd.DataFrame:
+    """``frame`` with ``rows`` added, written to the CSV at ``path`` atomically: a benchmark that is
+    killed keeps every row it measured before."""
+    import pandas  # here, not at the top: every command imports this module, few write tables
+
+    new = pandas.DataFrame(rows)
+    frame = pandas.concat([frame, new], ignore_index=True) if len(frame) else new
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return frame
 
 
 @contextmanager

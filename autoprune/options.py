@@ -111,7 +111,7 @@ class SearchOptions:
         if self.granularity not in ("channel", "weight"):
             raise AutopruneError(f"unknown granularity {self.granularity!r}; use channel or weight")
         for flag, value, least in (("--trials", self.trials, 1), ("--workers", self.workers, 1),
-                                   ("--batch-size", self.batch_size, 1), ("bn_batches", self.bn_batches, 1),
+                                   ("--batch-size", self.batch_size, 1), ("--bn-batches", self.bn_batches, 1),
                                    ("--round-to", 1 if self.round_to is None else self.round_to, 1)):
             if value < least:
                 raise AutopruneError(f"{flag} must be at least {least}, not {value}")

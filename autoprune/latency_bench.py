@@ -22,11 +22,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .budget import keep_counts
+from .budget import keep_counts, parse_budget
 from .costmodel import CostModel
 from .data import Data
 from .errors import AutopruneError
-from .files import atomic_path
+from .files import append_rows, atomic_path
 from .groups import ChannelGroups
 from .latency import LatencyModel, LatencySettings, Meter, Timer
 from .models import build_model
@@ -86,11 +86,7 @@ def bench_latency(models: Sequence[str], backends: Sequence[str], batches: Seque
                     continue
                 settings = LatencySettings(backend, batch, threads, "cpu", (3, 32, 32))
                 rows = predictor_accuracy(name, settings, plans, timer=timer, done=len(mine))
-                frame = pd.concat([frame, pd.DataFrame(rows)], ignore_index=True) if len(frame) else \
-                    pd.DataFrame(rows)
-                out.mkdir(parents=True, exist_ok=True)
-                with atomic_path(path) as tmp:
-                    frame.to_csv(tmp, index=False)
+                frame = append_rows(path, frame, rows)
                 if not quiet:
                     errors = np.abs(pd.DataFrame(rows)["error"]) if rows else np.array([np.nan])
                     print(f"{name} {backend} batch {batch}: median |error| {np.median(errors):.1%}, "
@@ -111,15 +107,14 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
 
 def table_lines(frame: pd.DataFrame) -> list[str]:
     """The predictor-accuracy section of ``BENCHMARKS.md``."""
-    lines = [HEADINGS[0], "",
+    lines = _section(HEADINGS[0],
              "Random plans (a uniform random ratio per group, rounded as the model's search space rounds), "
              "their latency predicted from the per-layer table and timed whole, interleaved with the base model "
              "(median ratio to the base, times the base's latency), CPU, one thread; error: predicted / measured "
              "- 1. Target: median |error| under 10 %, 90th percentile under 20 %. 'table s': building the table "
-             "(0 where it came from the cache).", "",
-             "| model | backend | batch | plans | base ms | measured ms | median abs error | 90th pct | "
-             "timing spread ms | table s | predict µs |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "(0 where it came from the cache).",
+             ["model", "backend", "batch", "plans", "base ms", "measured ms", "median abs error", "90th pct",
+              "timing spread ms", "table s", "predict µs"])
     for row in summary(frame).itertuples():
         lines.append(f"| {row.model} | {row.backend} | {row.batch} | {row.plans} | {row.base_ms:.2f} | "
                      f"{row.measured_lo:.2f}–{row.measured_hi:.2f} | {row.median:.1%} | {row.p90:.1%} | "
@@ -127,7 +122,7 @@ def table_lines(frame: pd.DataFrame) -> list[str]:
     return lines + [""]
 
 
-SEARCH_COLUMNS = ["model", "seed", "kind", "budget", "test_accuracy", "val_accuracy", "base_test_accuracy",
+SEARCH_COLUMNS = ["model", "flops_budget", "seed", "kind", "budget", "test_accuracy", "val_accuracy", "base_test_accuracy",
                   "flops_share", "search_latency_ms", "latency_ms", "latency_spread_ms", "base_ms", "cap_ms",
                   "share_of_cap", "check_share_of_cap", "trials", "seconds"]
 
@@ -151,6 +146,8 @@ def latency_searches(name: str, flops: float, seeds: Sequence[int], options: Sea
     from .bench import BenchConfig, bench_data
     from .models import load_weights
 
+    options.check()
+    budget = parse_budget(f"flops={flops:g}")  # a bad budget or option is refused before any data is loaded
     path = out / "latency_search.csv"
     frame = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=SEARCH_COLUMNS)
     data = data or bench_data(BenchConfig(out=out))
@@ -162,11 +159,11 @@ def latency_searches(name: str, flops: float, seeds: Sequence[int], options: Sea
     settings = LatencySettings(options.latency_backend, options.latency_batch, options.latency_threads, "cpu",
                                data.input_shape)
     for seed in seeds:
-        if ((frame["model"] == name) & (frame["seed"] == seed)).sum() >= 2:
+        if ((frame["model"] == name) & (frame["flops_budget"] == flops) & (frame["seed"] == seed)).sum() >= 2:
             continue
         runs = out / "latency-searches" / f"{Path(name).stem}-flops{flops:g}-seed{seed}"
         common = dict(weights=str(weights), seed=seed, quiet=quiet, device="cpu")
-        by_flops = search(name, data, f"flops={flops:g}", options, out=runs / "flops", **common)
+        by_flops = search(name, data, budget, options, out=runs / "flops", **common)
         # A share of the base, not milliseconds: each search times its base at its start, and load then
         # (another process, this machine's own noise) moves every millisecond figure of that run alike.
         share = _round_up(by_flops.summary["latency"]["share"])
@@ -178,7 +175,7 @@ def latency_searches(name: str, flops: float, seeds: Sequence[int], options: Sea
         rows = []
         for kind, result in (("flops", by_flops), ("latency", by_latency)):
             timing, s = meter.time(torch.load(result.out / "model.pt", weights_only=False).eval()), result.summary
-            rows.append({"model": name, "seed": seed, "kind": kind, "budget": s["budget"],
+            rows.append({"model": name, "flops_budget": flops, "seed": seed, "kind": kind, "budget": s["budget"],
                          "test_accuracy": s["test_accuracy"], "val_accuracy": s["val_accuracy"],
                          "base_test_accuracy": s["base_test_accuracy"], "flops_share": s["flops_share"],
                          "search_latency_ms": s["latency"]["ms"], "latency_ms": timing.ms,
@@ -186,16 +183,18 @@ def latency_searches(name: str, flops: float, seeds: Sequence[int], options: Sea
                          "cap_ms": share * meter.base_ms, "share_of_cap": timing.ms / (share * meter.base_ms),
                          "check_share_of_cap": s.get("latency_check", {}).get("share_of_limit", float("nan")),
                          "trials": s["trials"], "seconds": s["seconds"]})
-        frame = pd.concat([frame, pd.DataFrame(rows)], ignore_index=True) if len(frame) else pd.DataFrame(rows)
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            frame.to_csv(tmp, index=False)
+        frame = append_rows(path, frame, rows)
         if not quiet:
             f, l = rows
             print(f"{name} seed {seed}: flops={flops:g} → {f['latency_ms']:.3g} ms, test {f['test_accuracy']:.2%}; "
                   f"latency={share:g} → {l['latency_ms']:.3g} ms ({l['share_of_cap']:.0%} of the cap), "
                   f"FLOPs {l['flops_share']:.1%}, test {l['test_accuracy']:.2%}")
     return frame
+
+
+def _section(heading: str, text: str, columns: list[str]) -> list[str]:
+    """A ``BENCHMARKS.md`` section's heading, explanation and table header."""
+    return [heading, "", text, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
 
 
 def _round_up(value: float, digits: int = 4) -> float:
@@ -207,19 +206,18 @@ def _round_up(value: float, digits: int = 4) -> float:
 
 def search_lines(frame: pd.DataFrame) -> list[str]:
     """The latency-against-FLOPs budget section of ``BENCHMARKS.md``."""
-    lines = [HEADINGS[1], "",
+    lines = _section(HEADINGS[1],
              "Per seed: the FLOPs-budgeted search, then the latency-budgeted search capped at the latency the "
              "first one's winner measured (its share of the base's, which load does not move), same base, data, "
-             "trials and epochs. Latencies are re-timed after "
-             "export, both winners and the base in one interleaved loop (torch, CPU, batch 1, one thread). "
+             "trials and epochs. Latencies are re-timed after export, both winners and the base in one interleaved loop (torch, CPU, batch 1, one thread). "
              "'of cap': the latency winner's re-timed latency over its cap (target: 90-100 %); 'check': the "
              "same, as the search itself re-timed it right after export; 'drift': the FLOPs winner re-timed "
              "here over its latency as its search measured it (how far this loop's timing is from the "
-             "searches').", "",
-             "| model | seed | FLOPs budget: FLOPs | ms | test | latency cap | FLOPs | ms (of cap) | check | "
-             "test | test gain | drift |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "searches').",
+             ["model", "seed", "FLOPs budget: FLOPs", "ms", "test", "latency cap", "FLOPs", "ms (of cap)", "check",
+              "test", "test gain", "drift"])
     gains = []
-    for (model, seed), pair in frame.groupby(["model", "seed"], sort=False):
+    for (model, _, seed), pair in frame.groupby(["model", "flops_budget", "seed"], sort=False):
         if set(pair["kind"]) != {"flops", "latency"}:
             continue
         f, l = (pair[pair["kind"] == k].iloc[0] for k in ("flops", "latency"))

@@ -306,3 +306,20 @@ def test_a_candidate_no_plan_fits_is_dropped_and_the_search_goes_on(tmp_path, di
     trials = result.study.trials
     assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
     assert "a test" in trials[1].user_attrs["no_fit"] and result.summary["trial"] in (0, 2)
+
+
+def test_latency_search_benchmark_keys_its_rows_by_the_flops_budget_too(tmp_path, digits_data):
+    """Rows measured at one --flops do not stand for another: a second budget is searched, not skipped."""
+    from conftest import TINY
+
+    from autoprune.latency_bench import latency_searches
+    from autoprune.models import build_model
+    from autoprune.options import SearchOptions
+
+    spec = f"{TINY}:tiny_resnet"
+    weights = tmp_path / "base.pt"
+    torch.save(build_model(spec, digits_data.num_classes).state_dict(), weights)
+    options = SearchOptions(trials=1, finetune_epochs=0.05, final_epochs=0, grid=[0.5], latency_timer=FakeTimer())
+    for flops in (0.5, 0.6):
+        frame = latency_searches(spec, flops, [0], options, tmp_path, quiet=True, data=digits_data, weights=weights)
+    assert sorted(frame["flops_budget"].tolist()) == [0.5, 0.5, 0.6, 0.6]

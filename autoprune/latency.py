@@ -59,6 +59,7 @@ TIMED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 REPEATS = 20  # interleaved runs per whole-model timing
 LAYER_REPEATS = 7  # per grid point of a layer
 CALIBRATION_PLANS = 16  # random plans timed whole to fit what the layers leave out (8 missed on onnxruntime)
+FIT_VERSION = 2  # how the remainder is fitted; a cached fit made another way is made again
 RETIMES = 2  # more rounds for a candidate within the noise of the budget
 
 # cases (name -> (module, input batch)) and repeats -> milliseconds per repeat, per case.
@@ -317,8 +318,8 @@ class LatencyModel:
             cache["call_ms"] = float(np.median(found["layer:empty"]))
         self._stack([layers[k] for k in keys], cache["call_ms"])
         self.channelwise = ~costs.bilinear
-        arch = hashlib.sha1(json.dumps([keys, costs.names, costs.ids, costs.channels.tolist(),
-                                        *([round_to] if round_to > 1 else [])]).encode())
+        arch = hashlib.sha1(json.dumps([keys, costs.names, costs.ids, costs.channels.tolist(), round_to,
+                                        FIT_VERSION]).encode())
         arch_key = arch.hexdigest()[:16]
         anchors = cache.setdefault("calibration_base_ms", {})
         if arch_key not in calibrations:
@@ -370,7 +371,7 @@ class LatencyModel:
 
         The plans round channels as the search does: onnxruntime's kernels are several times
         slower on channel counts that are not multiples of 8, and a fit on such plans (which the
-        search never builds) overestimated every rounded plan by 70-200 %.
+        search never builds) overestimated rounded plans by 70-570 %.
         """
         from scipy.optimize import nnls
 
@@ -383,7 +384,8 @@ class LatencyModel:
             dict(zip(self.costs.ids, k.astype(int).tolist()))))).ms for k in keeps[1:]]
         # Weighted by 1 / latency, the fit minimises relative error, the error the budget feels; unweighted,
         # the base and the large plans outweighed the small ones (mobilenet_v2 on onnxruntime: 90th
-        # percentile 23-37 % with 8 plans, 15 % with 16 weighted, in a hold-out test on the benchmark's plans).
+        # percentile 22-24 % unweighted on 8 plans, 15 % weighted on 16, in a hold-out test on the
+        # benchmark's plans).
         weights = 1.0 / np.maximum(np.asarray(measured), 1e-12)
         coef, _ = nnls(np.stack([self.features(k) for k in keeps]) * weights[:, None], np.asarray(measured) * weights)
         return coef

@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .task import to_device
+
 with warnings.catch_warnings():  # thop imports distutils, deprecated in 3.11
     warnings.simplefilter("ignore", DeprecationWarning)
     import thop
@@ -84,14 +86,14 @@ def human(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _profile(model: nn.Module, example_input: torch.Tensor, custom_ops: CustomOps | None):
+def _profile(model: nn.Module, example_input: object, custom_ops: CustomOps | None):
     # Wrapped so that a root that is itself a leaf gets its params counted too
     # (thop counts only children's params); layer_costs unwraps it again.
     probe = nn.Sequential(copy.deepcopy(model).cpu().eval())
     ops = {**DEFAULT_OPS, **(custom_ops or {})}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        flops, params, tree = thop.profile(probe, inputs=(example_input.cpu(),), custom_ops=ops,
+        flops, params, tree = thop.profile(probe, inputs=(to_device(example_input, torch.device("cpu")),), custom_ops=ops,
                                            verbose=False, ret_layer_info=True)
     owned = _unvisited_params(probe[0], ops)
     return flops, params + sum(owned.values()), tree, owned
@@ -120,7 +122,7 @@ def _unvisited_params(model: nn.Module, ops: CustomOps) -> dict[str, float]:
     return found
 
 
-def count(model: nn.Module, example_input: torch.Tensor, custom_ops: CustomOps | None = None) -> Cost:
+def count(model: nn.Module, example_input: object, custom_ops: CustomOps | None = None) -> Cost:
     """thop's FLOPs (MACs) and params of ``model`` for one ``example_input`` batch.
 
     Example:
@@ -132,7 +134,7 @@ def count(model: nn.Module, example_input: torch.Tensor, custom_ops: CustomOps |
 
 
 def layer_costs(
-    model: nn.Module, example_input: torch.Tensor, custom_ops: CustomOps | None = None
+    model: nn.Module, example_input: object, custom_ops: CustomOps | None = None
 ) -> dict[str, Cost]:
     """thop's count per counted module, keyed by module name (the leaves of its tree), and each
     parameter thop does not visit, keyed by its own name (``class_token``)."""

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .counting import attention_macs
 from .errors import AutopruneError
 from .importance import criterion
 from .plan import Plan
+from .task import cpu_example, cross_entropy, shape_signature, to_device
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -84,7 +84,7 @@ def _size(tensor: object, dim: int) -> int:
 
 
 def build_graph(
-    model: nn.Module, example_input: torch.Tensor
+    model: nn.Module, example_input: object
 ) -> tuple[tp.DependencyGraph, dict[object, str], dict[str, tuple[int, int]]]:
     """Trace ``model`` (modified in place by later pruning) into a dependency graph.
 
@@ -110,7 +110,7 @@ def build_graph(
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_input, verbose=False
+                model, example_inputs=example_input, forward_fn=lambda m, x: m(x), verbose=False
             )
     except AutopruneError:
         raise
@@ -147,7 +147,7 @@ class _ChannelSplits(TorchFunctionMode):
         return out
 
 
-def find_channel_shuffle(model: nn.Module, example_input: torch.Tensor) -> str | None:
+def find_channel_shuffle(model: nn.Module, example_input: object) -> str | None:
     """A message naming the layer that splits channels into groups (a channel shuffle), if any.
 
     Torch-Pruning cannot map channel indices through such a reshape and the
@@ -185,7 +185,7 @@ def find_channel_shuffle(model: nn.Module, example_input: torch.Tensor) -> str |
             "use a model without channel shuffle (e.g. mobilenet_v2)")
 
 
-def _attention_split(model: nn.Module, example_input: torch.Tensor) -> dict[str, tuple[float, float]]:
+def _attention_split(model: nn.Module, example_input: object) -> dict[str, tuple[float, float]]:
     """Each attention layer's MACs as (projections, products), from one forward pass."""
     found: dict[str, tuple[float, float]] = {}
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
@@ -221,13 +221,13 @@ def _unit(group, names: dict[nn.Module, str]) -> int:
     return unit
 
 
-def _gradients(model: nn.Module, batches: Iterable) -> None:
-    """Accumulate the cross-entropy gradients of ``batches`` on ``model`` (for Taylor importance)."""
+def _gradients(model: nn.Module, batches: Iterable, loss: Callable) -> None:
+    """Accumulate the task loss's gradients of ``batches`` on ``model`` (for Taylor importance)."""
     model.zero_grad()
     seen = 0
     with torch.enable_grad():
-        for inputs, targets in batches:
-            F.cross_entropy(model(inputs.cpu()), targets.cpu()).backward()
+        for batch in batches:
+            loss(model, to_device(batch, torch.device("cpu"))).backward()
             seen += 1
     if not seen:
         raise AutopruneError("taylor importance needs training batches; none were given")
@@ -251,7 +251,9 @@ class ChannelGroups:
     ``importance`` on the base weights, least important first, so a plan of
     channel counts becomes a plan of channel indices deterministically. A
     criterion that needs gradients (``taylor``) takes them from ``batches``,
-    an iterable of ``(inputs, targets)``. With ``check`` every group is pruned
+    an iterable of batches, through ``loss(model, batch)`` (the task's; cross-entropy
+    by default). ``example_input`` is what the model is called with: a batched
+    tensor or a list of image tensors (a detector's). With ``check`` every group is pruned
     once on a copy at construction, so a model Torch-Pruning mishandles is
     refused here, naming the layer, and not in the middle of a search.
 
@@ -265,27 +267,28 @@ class ChannelGroups:
     def __init__(
         self,
         model: nn.Module,
-        example_input: torch.Tensor,
+        example_input: object,
         importance: str = "l1",
         ignore: Sequence[str] = (),
         base_model: str = "",
         batches: Iterable | None = None,
         check: bool = True,
+        loss: Callable[[nn.Module, object], torch.Tensor] = cross_entropy,
     ) -> None:
         self.model = model
-        self.example_input = example_input.detach().cpu()[:1]
+        self.example_input = cpu_example(example_input)
         self.importance = importance
         self.base_model = base_model
         chosen = criterion(importance)
         probe = copy.deepcopy(model).cpu().eval()
         graph, grad_fns, sizes = build_graph(probe, self.example_input)
         with torch.no_grad():
-            self.output_shape = tuple(probe(self.example_input).shape)
+            self.output_shape = shape_signature(probe(self.example_input))
         if chosen.needs_gradients:
             if batches is None:
                 raise AutopruneError(f"{importance} importance needs a few training batches "
                                      "(pass batches=); or choose l1, l2, bn_scale or fpgm")
-            _gradients(probe, batches)
+            _gradients(probe, batches, loss)
         names = {m: n for n, m in probe.named_modules()}
         params = {p: n for n, p in probe.named_parameters()}
         scorer, fallback = chosen.make(), _importance("l1")
@@ -294,7 +297,10 @@ class ChannelGroups:
         self.scores: dict[str, torch.Tensor] = {}
         inputs: dict[str, dict[str, float]] = {}
         outputs: dict[str, dict[str, float]] = {}
-        for group in graph.get_all_groups(root_module_types=ROOT_TYPES):
+        # Roots left alone are skipped before their group is built: a detector's head reshapes its
+        # channels into anchors × classes, and building those groups takes minutes.
+        skip = [m for n, m in probe.named_modules() if any(fnmatch.fnmatchcase(n, p) for p in ignore)]
+        for group in graph.get_all_groups(ignored_layers=skip, root_module_types=ROOT_TYPES):
             found = self._describe(group, graph, names, ignore)
             if found is None:
                 continue
@@ -377,7 +383,7 @@ class ChannelGroups:
         try:
             pruned = self.apply(self.plan(keep))
             with torch.no_grad():
-                shape = tuple(pruned(self.example_input).shape)
+                shape = shape_signature(pruned(self.example_input))
         except AutopruneError:
             raise
         except Exception as err:
@@ -436,7 +442,7 @@ class ChannelGroups:
         return apply_plan(self.model, plan, self.example_input)
 
 
-def apply_plan(model: nn.Module, plan: Plan, example_input: torch.Tensor) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan, example_input: object) -> nn.Module:
     """Physically remove the channels ``plan`` drops from a copy of ``model``.
 
     Example:
@@ -445,7 +451,7 @@ def apply_plan(model: nn.Module, plan: Plan, example_input: torch.Tensor) -> nn.
     pruned = copy.deepcopy(model).cpu().eval()
     if not plan.kept:
         return pruned
-    graph, _, _ = build_graph(pruned, example_input.detach().cpu()[:1])
+    graph, _, _ = build_graph(pruned, cpu_example(example_input))
     modules = dict(pruned.named_modules())
     for gid, kept in plan.kept.items():
         root = modules.get(gid)

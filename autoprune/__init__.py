@@ -16,7 +16,8 @@ from .options import SearchOptions
 from .pareto import pareto_front
 from .plan import Plan
 from .runs import open_run
+from .task import CLASSIFICATION, Task
 
 __all__ = ["search", "SearchOptions", "load_pruned", "export_trial", "open_run", "pareto_front", "Result", "Budget",
-           "Cost", "count", "Data", "load_data", "AutopruneError", "ChannelGroups", "apply_plan", "Plan"]
+           "Cost", "count", "Data", "load_data", "AutopruneError", "ChannelGroups", "apply_plan", "Plan", "Task", "CLASSIFICATION"]
 __version__ = "0.1.0"

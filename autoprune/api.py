@@ -44,6 +44,7 @@ from .space import SearchSpace, resolve
 from .storage import SharedTable, open_study
 from .study import (ENDED, Problem, Settings, best_trial, checkpoint, config_dict, count_pruned,
                     enqueue_seed, run, trial_plan, trials_table)
+from .task import SCORE, Task, input_kind, score_record, zeros_like_input
 from .training import evaluate
 
 
@@ -102,12 +103,13 @@ def search(
         _budget_limits(groups, budget, space)
 
     r = prepare(model, data, budget, o, before_training=refuse_early)
+    named = data if isinstance(data, (str, Path)) else None  # workers load named data (and --task) themselves
     data, out, base, device = r.data, r.out, r.base, r.device
     deadline = Deadline(seconds) if seconds else None  # the time budget counts from here
     settings = Settings.of(o, extra)
     groups = find_groups(base, data.example_input(), space, data, o.batch_size, o.seed, base_model=r.base_id,
                          device=device)
-    latency = with_device(latency, device, data.input_shape)
+    latency = with_device(latency, device, data.input_shape, isinstance(data.example_input(), list))
     meter = Meter(base, latency, o.latency_timer)
     costs, limits = _budget_limits(groups, budget, space, meter)
     config = config_dict(model=r.name, base_model=r.base_id, dataset=data.name, budget=str(budget),
@@ -115,6 +117,7 @@ def search(
                          max_ratio=space.max_ratio, space=space.to_dict(),
                          finetune_epochs=o.finetune_epochs, lr=o.lr, batch_size=o.batch_size,
                          bn_batches=o.bn_batches, seed=o.seed, pruner=settings.pruner,
+                         **({} if data.task.is_classification else {"task": data.task.label}),  # absent: classification
                          **(latency.config() if budget.latency is not None else {}),  # absent: older studies resume
                          **{k: v for k, v in extra.items() if k == "distill"},  # soft pruning: export only
                          **({"strata": STRATA} if isinstance(budget, BudgetRange) else {}))
@@ -122,18 +125,21 @@ def search(
     the_study = open_study(r.study, r.storage, config, new=o.new_study)
     the_study.set_user_attr(FINAL_EXTRA, extra)  # so `export` fine-tunes as this run's final fine-tune does
     the_study.set_user_attr(LATENCY_SETTINGS, latency.config())  # what the trials' latencies mean
+    the_study.set_user_attr(SCORE, score_record(data.task))  # what the trials' values are, for pareto and report
     if not (out / "base.pt").is_file():
         save_torch(base.state_dict(), out / "base.pt")
     clock = time.perf_counter()
-    base_val = evaluate(base, data.loader("val", 256), device)
+    base_val = evaluate(base, data.loader("val", 256), device, data.task)
     base_eval = (time.perf_counter() - clock) / len(data.val)  # seconds per image, for planning
     if not o.quiet:
         caps = ", ".join(f"≤ {human(cap)} {what}" for cap, what in
                          ((limits.flops, "FLOPs"), (limits.params, "params")) if cap < float("inf"))
         caps += f"{', ' if caps else ''}≤ {limits.latency:.3g} ms" if limits.latency < float("inf") else ""
-        print(f"base {r.name} on {data.name}: val {base_val:.2%} | {costs.base} | {len(groups)} groups | "
+        print(f"base {r.name} on {data.name}: val {data.task.name} {data.task.show(base_val)} | {costs.base} | "
+              f"{len(groups)} groups | "
               f"budget {budget}: {caps}")
-    base_score = evaluate(base, data.loader("score", 256), device) if len(data.score) < len(data.val) else base_val
+    base_score = evaluate(base, data.loader("score", 256), device, data.task) \
+        if len(data.score) < len(data.val) else base_val
     table = scan(groups, costs, base, data, base_score, device, out / "sensitivity.csv", space.grid,
                  o.bn_batches, o.batch_size, o.quiet, round_to=space.round_to, shared=SharedTable(the_study),
                  seconds=SCAN_SHARE * deadline.left() if deadline else None)
@@ -157,7 +163,7 @@ def search(
     # Each worker runs the same search on the prepared base model and study.
     worker = o.replace(storage=r.storage, out=out, study=r.study, new_study=False, workers=1, quiet=True,
                        **({} if isinstance(model, str) else {"weights": None, "train_epochs": 0.0}))
-    children = [_spawn(model if isinstance(model, str) else base, data, budget, worker, i, o.workers)
+    children = [_spawn(model if isinstance(model, str) else base, named or data, budget, worker, i, o.workers)
                 for i in range(1, o.workers)]
     try:
         with _threads(o.workers):
@@ -235,7 +241,7 @@ def _exported_plan(chosen: optuna.trial.FrozenTrial, model: str, data: Data, stu
     """Trial ``chosen``'s plan, recording what :func:`load_pruned` needs to rebuild it."""
     found = trial_plan(chosen)
     meta = {"model": model, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
-            "dataset": data.name, "study": study, "trial": chosen.number}
+            **input_kind(data.example_input()), "dataset": data.name, "study": study, "trial": chosen.number}
     return Plan(found.kept, found.channels, found.importance, found.base_model, meta)
 
 
@@ -371,16 +377,13 @@ def load_pruned(
         spec = model or meta.get("model")
         if not spec or "num_classes" not in meta:
             raise AutopruneError("the plan does not record its model; pass the base model as model=")
-        model = build_model(spec, int(meta["num_classes"]), input_shape=meta.get("input_shape"))
+        model = build_model(spec, meta["num_classes"] and int(meta["num_classes"]), input_shape=meta.get("input_shape"))
     if weights == "auto":
         weights = folder / "weights.pt" if folder and (folder / "weights.pt").is_file() else None
     if weights is None and plan.base_model and fingerprint(model.state_dict()) != plan.base_model:
         raise AutopruneError("the model's weights are not the base weights this plan was made from; "
                              "load the base weights first or pass weights= for the pruned model")
-    shape = meta.get("input_shape")
-    if not shape:
-        raise AutopruneError("the plan does not record its input shape; it was not written by autoprune")
-    pruned = apply_plan(model, plan, torch.zeros(1, *shape))
+    pruned = apply_plan(model, plan, zeros_like_input(meta))
     if weights is not None:
         pruned.load_state_dict(read_state_dict(weights))
     return pruned.eval()
@@ -404,6 +407,7 @@ def export_trial(
     download: bool = False,
     device: str = "auto",
     quiet: bool = False,
+    task: Task | str | None = None,
 ) -> dict[str, Any]:
     """Rebuild trial ``trial`` (default: the best) of a stored study, fine-tune, test and write it.
 
@@ -414,7 +418,8 @@ def export_trial(
     ``out`` (default ``RUN_DIR/trial-N``); ``formats`` adds ``model.onnx``
     and/or ``model.torchscript.pt``, each checked against the PyTorch outputs;
     ``quantize="dynamic"`` adds an int8 copy (``model-int8.pt``) with its size,
-    accuracy and latency. The summary holds the CPU latency (median of
+    accuracy and latency. ``task`` is the search's task where it was given as an object
+    (a ``--task`` file is found from the study). The summary holds the CPU latency (median of
     ``repeats`` runs, ms, ``threads`` intra-op threads) of base and pruned
     models at each of ``latency_batches``.
 
@@ -443,7 +448,7 @@ def export_trial(
         from .pareto import best_under
         trial = best_under(run, at)
     chosen = best_trial(run.study, trial)
-    problem = rebuild_problem(run, data_dir, download, device)
+    problem = rebuild_problem(run, data_dir, download, device, task)
     config, data = run.config, problem.data
     extra = _final_extra(run.study)
     stored = DEFAULTS.replace(**{k: config[k] for k in ("finetune_epochs", "lr", "batch_size", "bn_batches", "seed")
@@ -456,20 +461,25 @@ def export_trial(
                   trial=chosen.number, trial_val_accuracy=chosen.value, trials=ended(run.study),
                   final_epochs=final_epochs, model=config["model"], base_model=config["base_model"],
                   dataset=data.name, study=run.name, storage=run.storage, device=str(problem.device),
-                  input_shape=list(data.input_shape), warm_start=start and str(start.relative_to(run.folder)),
-                  **extra)
+                  input_shape=list(data.input_shape),
+                  warm_start=start and str(start.relative_to(run.folder)), **extra)
     summary = export(problem, plan, out, settings, quiet, start, **record)
     pruned = torch.load(out / "model.pt", weights_only=False).eval()
-    inputs = next(iter(data.loader("val", 16)))[0]
-    for name in formats:
+    inputs = data.example_input(16)
+    for name in formats:  # a format that cannot take the model is said in one line; model.pt stands
         path = out / ("model.onnx" if name == "onnx" else "model.torchscript.pt")
         write = deploy.to_onnx if name == "onnx" else deploy.to_torchscript
-        summary[name] = write(pruned, inputs, path)
+        try:
+            summary[name] = write(pruned, inputs, path)
+        except AutopruneError as err:
+            summary[name] = {"error": str(err)}
+            print(f"autoprune: {name}: {err}", file=sys.stderr)
     models = {"base": problem.model, "pruned": pruned}
     if quantize:
         models["quantized"] = deploy.quantize_dynamic(pruned)
         summary["quantized"] = _quantized(models["quantized"], out, data)
-    latency = deploy.latency_ms(models, data.example_input(), latency_batches, repeats, threads=threads)
+    latency = deploy.latency_ms(models, data.input_shape, latency_batches, repeats, threads=threads,
+                                listed=isinstance(inputs, list))
     if "latency_backend" in config:  # a latency budget: re-timed afresh with the study's own settings
         from .latency import check
         cap = Budget.parse(config["budget"])
@@ -498,8 +508,8 @@ def _quantized(quantized: nn.Module, out: Path, data: Data) -> dict[str, Any]:
             "quantized_layers": deploy.quantized_layers(quantized),
             "state_dict_bytes": deploy.state_dict_bytes(quantized, out / "weights-int8.pt"),
             "float_state_dict_bytes": (out / "weights.pt").stat().st_size,
-            "val_accuracy": evaluate(quantized, data.loader("val", 256), cpu),
-            "test_accuracy": evaluate(quantized, data.loader("test", 256), cpu)}
+            "val_accuracy": evaluate(quantized, data.loader("val", 256), cpu, data.task),
+            "test_accuracy": evaluate(quantized, data.loader("test", 256), cpu, data.task)}
 
 
 def describe_groups(
@@ -509,8 +519,9 @@ def describe_groups(
     importance: str | None = None,
     data_dir: str | Path = "data",
     download: bool = False,
+    task: Task | str | None = None,
 ) -> str:
-    """A table of the prunable groups a search space is written against.
+    """A table of the prunable groups a search space is written against (``task`` as in :func:`search`).
 
     One row per group: its id (what ``bounds`` patterns match), channels, the
     channel step it moves in (``round_to`` and its blocks), its share of the FLOPs (what pruning it to one
@@ -520,9 +531,9 @@ def describe_groups(
         >>> print(autoprune.api.describe_groups("resnet18"))
         resnet18 on digits (1, 3, 32, 32): 37.2M FLOPs (thop MACs), 11.2M params | space resnet …
     """
-    data = as_data(data, data_dir=data_dir, download=download)
+    data = as_data(data, task, data_dir=data_dir, download=download)
     space = resolve(space, model).replace(importance=importance)
-    base = build_model(model, data.num_classes) if isinstance(model, str) else model
+    base = build_model(model, data.num_classes, input_shape=data.input_shape) if isinstance(model, str) else model
     base = base.eval()
     example = data.example_input()
     groups = find_groups(base, example, space, data, DEFAULTS.batch_size, 0, importance="l1")
@@ -531,7 +542,7 @@ def describe_groups(
     low, high = space.ratio_bounds(groups.ids)
     step = steps(costs, space.round_to).astype(int)
     name = model if isinstance(model, str) else type(model).__name__
-    lines = [f"{name} on {data.name} {tuple(example.shape)}: {costs.base} | space {space.name} "
+    lines = [f"{name} on {data.name} {(1, *data.input_shape)}: {costs.base} | space {space.name} "
              f"({space.source or 'given'}) | {len(groups)} prunable groups",
              f"{'group':40s} {'channels':>8s} {'step':>4s} {'FLOPs share':>11s} {'ratio bounds':>12s}  layers"]
     for group, lo, hi, by in zip(groups, low, high, step):

@@ -73,6 +73,7 @@ from .distill import kd_loss
 from .halving import CHECK_EPOCHS, MIN_RUNG_EPOCHS, SCAN_SHARE, Deadline, scoring_seconds, timed_search
 from .study import COMPLETE, PRUNED, Problem, Settings, checkpoint, count_pruned, run, trial_plan
 from .options import BASE_EPOCHS, BASE_LR, DEFAULTS, FINETUNE_LR
+from .task import Task, load_task
 from .training import evaluate, recalibrate_bn, resolve_device, train
 
 CONVERGED = ("uniform-converged", "seed-converged", "autoprune-converged")
@@ -93,6 +94,7 @@ class BenchConfig:
     seeds: Sequence[int] = (0, 1, 2)
     methods: Sequence[str] = DEFAULT_METHODS
     dataset: str = "fashion-mnist"
+    task: str | None = None  # file.py:name of a Task factory (default: classification)
     train_images: int = 20000  # a fixed random subset of the training split (0: all of it)
     time_budget: float = 120.0  # seconds per search run, scan included (0: the trial-count search)
     trials: int = DEFAULTS.trials
@@ -142,7 +144,7 @@ class Subject:
 
 def bench_data(config: BenchConfig) -> Data:
     """The benchmark's data: the data set, its training split cut to ``train_images`` (a fixed subset)."""
-    data = load_data(config.dataset)
+    data = load_data(config.dataset, task=load_task(config.task))
     if config.train_images and len(data.train) > config.train_images:
         order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))
         data = replace(data, train=Subset(data.train, sorted(order[:config.train_images].tolist())))
@@ -156,7 +158,7 @@ def _subject(name: str, data: Data, config: BenchConfig, device: torch.device) -
     ``autoprune search --time-budget`` gives it, and its time is charged to every search run.
     """
     cache = config.out / "cache" / data.name / Path(name).stem
-    model = build_model(name, data.num_classes)
+    model = build_model(name, data.num_classes, input_shape=data.input_shape)
     weights = cache / "base.pt"
     if weights.is_file():
         load_weights(model, weights)
@@ -168,16 +170,16 @@ def _subject(name: str, data: Data, config: BenchConfig, device: torch.device) -
                          base_model=fingerprint(model.state_dict()), device=device)
     costs = CostModel(groups)
     clock = time.perf_counter()
-    base_val = evaluate(model, data.loader("val", 256), device)
+    base_val = evaluate(model, data.loader("val", 256), device, data.task)
     eval_seconds = (time.perf_counter() - clock) / len(data.val)
-    base_score = evaluate(model, data.loader("score", 256), device)
+    base_score = evaluate(model, data.loader("score", 256), device, data.task)
     seconds = None
     if config.time_budget:  # one run's scan share, spent once: a rerun of the benchmark does not extend it
         seconds = max(0.0, SCAN_SHARE * config.time_budget - _read_any(cache / "sensitivity.csv").get(
             "seconds", pd.Series(dtype=float)).sum())
     table = scan(groups, costs, model, data, base_score, device, cache / "sensitivity.csv", space.grid,
                  quiet=config.quiet, round_to=space.round_to, seconds=seconds)
-    base_test = evaluate(model, data.loader("test", 256), device)
+    base_test = evaluate(model, data.loader("test", 256), device, data.task)
     return Subject(name, model, data, groups, costs, table, base_val, device, space, base_test,
                    float(table["seconds"].sum()), eval_seconds)
 
@@ -262,8 +264,8 @@ def finish(problem: Problem, plan: Plan, epochs: float, seed: int, start: Path |
     tuned = time.perf_counter() - clock
     cost = count(model, problem.groups.example_input)
     base = problem.costs.base
-    return {"test_accuracy": evaluate(model, data.loader("test", 256), device),
-            "val_accuracy": evaluate(model, data.loader("val", 256), device),
+    return {"test_accuracy": evaluate(model, data.loader("test", 256), device, data.task),
+            "val_accuracy": evaluate(model, data.loader("val", 256), device, data.task),
             "flops": cost.flops, "params": cost.params, "flops_share": cost.flops / base.flops,
             "params_share": cost.params / base.params, "finetune_seconds": tuned, "final_epochs": epochs}
 
@@ -370,7 +372,7 @@ def benchmark(config: BenchConfig) -> pd.DataFrame:
                            "base_test_accuracy": subject.base_test, **row}
                     frame = append_rows(path, frame, [row])
                     if not config.quiet:
-                        print(_line(row))
+                        print(_line(row, subject.data.task))
         _rank_once(subject, config)
     report(frame, config)
     return frame
@@ -435,20 +437,20 @@ def measure_proxies(problem: Problem, config: BenchConfig, index: int) -> dict:
         clock = _lap(phases, "surgery", clock)
         count(model, problem.groups.example_input)
         clock = _lap(phases, "thop check", clock)
-        recalibrate_bn(model.to(device), loader, device, settings.trial_bn_batches)
+        recalibrate_bn(model.to(device), loader, device, settings.trial_bn_batches, task=data.task)
         clock = _lap(phases, "BatchNorm recalibration", clock)
         return model
 
     model = cut()
-    row = {"bn_score": evaluate(model, scoring, device), "kd_loss": distill_loss(model, problem.model, scoring,
+    row = {"bn_score": evaluate(model, scoring, device, data.task), "kd_loss": distill_loss(model, problem.model, scoring,
                                                                                  device)}
     clock = _lap(phases, "evaluation", clock)
     for epochs in (CHECK_EPOCHS, MIN_RUNG_EPOCHS):
         model = cut()
         torch.manual_seed(index)
-        train(model, loader, epochs, device, lr=settings.lr, quiet=True)
+        train(model, loader, epochs, device, lr=settings.lr, quiet=True, task=data.task)
         clock = _lap(phases, "fine-tuning", clock)
-        row[f"score_{epochs:g}ep"] = evaluate(model, scoring, device)
+        row[f"score_{epochs:g}ep"] = evaluate(model, scoring, device, data.task)
         clock = _lap(phases, "evaluation", clock)
     final = finish(problem, plan, config.converged_epochs, index)
     cost = count(problem.groups.apply(plan), problem.groups.example_input)
@@ -494,11 +496,11 @@ def _lap(phases: dict, name: str, since: float) -> float:
     return now
 
 
-def _line(row: dict) -> str:
+def _line(row: dict, task: Task) -> str:
     if not isinstance(row.get("test_accuracy"), float) or math.isnan(row["test_accuracy"]):
         return f"{row['model']} flops={row['budget']} seed {row['seed']} {row['method']}: {row.get('note')}"
-    return (f"{row['model']} flops={row['budget']} seed {row['seed']} {row['method']:>15s}: test "
-            f"{row['test_accuracy']:.2%} | FLOPs {row['flops_share']:.1%} of base (thop MACs) | "
+    return (f"{row['model']} flops={row['budget']} seed {row['seed']} {row['method']:>15s}: test {task.name} "
+            f"{task.show(row['test_accuracy'])} | FLOPs {row['flops_share']:.1%} of base (thop MACs) | "
             f"params {row['params_share']:.1%} | {row['seconds']:.0f}s")
 
 
@@ -521,6 +523,7 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
 def report(frame: pd.DataFrame, config: BenchConfig) -> None:
     """Write ``BENCHMARKS.md`` and ``bench.png`` from every row measured so far."""
     table = summarise(frame)
+    task = load_task(config.task)
     lines = [
         "# Benchmarks", "",
         f"Made by: `{config.command or 'autoprune bench'}`", "",
@@ -531,15 +534,15 @@ def report(frame: pd.DataFrame, config: BenchConfig) -> None:
     ]
     for model in dict.fromkeys(table["model"]):
         base = table.loc[table["model"] == model, "base"].dropna()
-        lines += [f"## {model}", "", f"Base model: test accuracy {base.iloc[0]:.2%}." if len(base) else "",
-                  "", "| budget | method | test accuracy | vs base | FLOPs share | params share | wall s "
+        lines += [f"## {model}", "", f"Base model: test {task.name} {task.show(base.iloc[0])}." if len(base) else "",
+                  "", f"| budget | method | test {task.name} | vs base | FLOPs share | params share | wall s "
                   "| fine-tune epochs | trials (dropped) | trial overhead | runs |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in table[table["model"] == model].itertuples():
             trials = f"{row.trials:.0f} ({row.pruned:.1f})" if row.trials else ""
             overhead = f"{row.overhead:.1%}" if row.overhead == row.overhead else ""
             gap = f"{100 * (row.test_mean - row.base):+.2f}" if row.base == row.base else ""
-            lines.append(f"| {row.budget:g} | {row.method} | {row.test_mean:.2%} ± {row.test_std:.2%} | {gap} | "
+            lines.append(f"| {row.budget:g} | {row.method} | {task.show(row.test_mean)} ± {task.show(row.test_std)} | {gap} | "
                          f"{row.flops_share:.1%} | {row.params_share:.1%} | {row.wall:.0f} | {row.epochs:.1f} | "
                          f"{trials} | {overhead} | {row.runs} |")
         scan = _read_any(config.out / "cache" / config.dataset / Path(model).stem / "sensitivity.csv")
@@ -552,13 +555,13 @@ def report(frame: pd.DataFrame, config: BenchConfig) -> None:
         for row in failed.drop_duplicates(["budget", "method"]).itertuples():
             lines.append(f"\n{row.method} at flops={row.budget:g}: {row.note}")
         lines.append("")
-    lines += ["![test accuracy against FLOPs](bench.png)", ""]
+    lines += [f"![test {task.name} against FLOPs](bench.png)", ""]
     proxies = _read_any(config.out / "proxies.csv")
     if len(proxies):
         lines += _proxy_lines(proxies)
     lines += own_sections(config.out / "BENCHMARKS.md")  # autoprune bench-latency's, with their commands
     write_text(config.out / "BENCHMARKS.md", "\n".join(lines))
-    _plot(table, config.out / "bench.png")
+    _plot(table, config.out / "bench.png", task)
 
 
 def _proxy_lines(proxies: pd.DataFrame) -> list[str]:
@@ -613,7 +616,7 @@ def _protocol(config: BenchConfig) -> str:
                    "± standard deviation over seeds; 'vs base': points against the unpruned model.")
 
 
-def _plot(table: pd.DataFrame, path: Path) -> None:
+def _plot(table: pd.DataFrame, path: Path, task: Task) -> None:
     import matplotlib
     import matplotlib.ticker
 
@@ -623,14 +626,15 @@ def _plot(table: pd.DataFrame, path: Path) -> None:
     models = list(dict.fromkeys(table["model"]))
     if not models:
         return
+    scale, unit = (100, ", %") if "%" in task.format else (1, "")  # a score shown as a percentage is plotted as one
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         for colour, method in enumerate(METHODS):  # one colour per method in every panel
             rows = table[(table["model"] == model) & (table["method"] == method)].sort_values("flops_share")
             if len(rows):
-                ax.errorbar(100 * rows["flops_share"], 100 * rows["test_mean"], yerr=100 * rows["test_std"],
+                ax.errorbar(100 * rows["flops_share"], scale * rows["test_mean"], yerr=scale * rows["test_std"],
                             marker="o", capsize=3, label=method, color=f"C{colour % 10}")
-        ax.set(title=model, xlabel="FLOPs kept, % of base (thop MACs)", ylabel="test accuracy, %")
+        ax.set(title=model, xlabel="FLOPs kept, % of base (thop MACs)", ylabel=f"test {task.name}{unit}")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

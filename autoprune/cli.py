@@ -36,6 +36,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                              "or file.py:factory returning (train, val, test) (default: digits)")
     parser.add_argument("--data-dir", default=D.data_dir, help="where torchvision data sets live (default: %(default)s)")
     parser.add_argument("--download", action="store_true", help="download the torchvision data set if missing")
+    parser.add_argument("--task", default=D.task,
+                        help="what the model is trained and judged on: file.py:name or package.module:name of a "
+                             "factory returning an autoprune.Task (loss, score, inputs; default: classification)")
     parser.add_argument("--space", help="search space: a YAML file or a shipped name (resnet, mobilenet, vgg, "
                         "…; default: the one shipped for the architecture)")
     parser.add_argument("--importance", help="channel importance: l1, l2, bn_scale, taylor, fpgm or thinet "
@@ -134,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=_ints, help="comma-separated seeds (default: 0,1,2)")
     bench.add_argument("--methods", type=_names, help="methods (default: uniform,global,seed,random,autoprune,uniform-matched; add autoprune-distill for the KD row)")
     bench.add_argument("--dataset", help="data set (default: fashion-mnist; --quick: digits)")
+    bench.add_argument("--task", help="file.py:name of an autoprune.Task factory (default: classification)")
     bench.add_argument("--train-images", type=int,
                        help="train on a fixed random subset of this many images (default: 20000; 0: all)")
     bench.add_argument("--time-budget", help="wall time of each search run, scan included, e.g. 120 or 2m "
@@ -245,6 +249,7 @@ def _inspect_commands(commands: argparse._SubParsersAction) -> None:
                         help="CPU threads while timing (default: 1, steady on a busy machine)")
     export.add_argument("--data-dir", default="data", help="where torchvision data sets live (default: data)")
     export.add_argument("--download", action="store_true", help="download the torchvision data set if missing")
+    export.add_argument("--task", help="the search's --task (default: the one the study records)")
     export.add_argument("--device", default="auto", help="for the fine-tune: auto, cpu, cuda, cuda:N")
     export.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -282,8 +287,11 @@ def _latency_and_accuracy(s: dict) -> None:
               f"{t['latency_backend']}, batch {t['latency_batch']}, {t['latency_threads']} thread(s))"
               + (f"; re-timed after export {again['measured_ms']:.3g} ms of {again['limit_ms']:.3g} ms allowed"
                  if again else ""))
-    print(f"test accuracy {s['test_accuracy']:.2%} (base {s['base_test_accuracy']:.2%}), "
-          f"val {s['val_accuracy']:.2%} (base {s['base_val_accuracy']:.2%}), {s['seconds']:.0f}s")
+    from .task import Score
+
+    score = Score.of(s)
+    print(f"test {score.name} {score.show(s['test_accuracy'])} (base {score.show(s['base_test_accuracy'])}), "
+          f"val {score.show(s['val_accuracy'])} (base {score.show(s['base_val_accuracy'])}), {s['seconds']:.0f}s")
 
 
 def _weight_summary(result) -> None:
@@ -312,7 +320,7 @@ def _groups(args: argparse.Namespace) -> None:
     from .api import describe_groups
 
     print(describe_groups(args.model, args.dataset, space=args.space, importance=args.importance,
-                          data_dir=args.data_dir, download=args.download))
+                          data_dir=args.data_dir, download=args.download, task=args.task))
 
 
 def _pareto(args: argparse.Namespace) -> None:
@@ -325,7 +333,7 @@ def _pareto(args: argparse.Namespace) -> None:
     base = run.base_cost()
     print(f"{run.name}: {len(front)} of {len(run.complete())} finished trials on the front "
           f"(budget {run.config.get('budget')}; base {base})")
-    print(to_text(front))
+    print(to_text(front, run.score))
     if args.csv:
         write_text(args.csv, front.to_csv(index=False))
     if args.json:
@@ -352,22 +360,26 @@ def _export(args: argparse.Namespace) -> None:
                      final_epochs=args.final_epochs, formats=args.format, quantize=args.quantize,
                      latency_batches=(1, args.latency_batch), repeats=args.repeats,
                      threads=args.latency_threads, data_dir=args.data_dir,
-                     download=args.download, device=args.device, quiet=args.quiet)
+                     download=args.download, device=args.device, quiet=args.quiet, task=args.task)
+    from .task import Score
+
+    score = Score.of(s)
     print(f"trial {s['trial']}: FLOPs {human(s['flops'])} ({s['flops_share']:.1%} of base, thop MACs), "
-          f"params {human(s['params'])} ({s['params_share']:.1%}); test accuracy {s['test_accuracy']:.2%} "
-          f"(base {s['base_test_accuracy']:.2%})")
+          f"params {human(s['params'])} ({s['params_share']:.1%}); test {score.name} {score.show(s['test_accuracy'])} "
+          f"(base {score.show(s['base_test_accuracy'])})")
     for name, times in s["latency_ms"].items():
         print(f"CPU latency {name}: " + ", ".join(f"batch {b} {ms:.2f} ms" for b, ms in times.items())
               + f" (median of {s['latency_repeats']}, {s['latency_threads']} thread(s))")
     for name in ("onnx", "torchscript"):
-        if name in s:
+        if name in s and "error" not in s[name]:
             print(f"{s[name]['file']}: matches PyTorch (largest difference {s[name]['max_abs_diff']:.2g})")
     if "quantized" in s:
         q = s["quantized"]
         print(f"int8: {q['state_dict_bytes'] / 1e6:.3f} MB on disk (float {q['float_state_dict_bytes'] / 1e6:.3f} MB), "
-              f"test accuracy {q['test_accuracy']:.2%}, {q['quantized_layers']} int8 layer(s) (Linear/RNN only)")
+              f"test {score.name} {score.show(q['test_accuracy'])}, {q['quantized_layers']} int8 layer(s) "
+              "(Linear/RNN only)")
     print(f"wrote {s['out']}/: model.pt weights.pt plan.json summary.json"
-          + "".join(f" {s[k]['file']}" for k in ("onnx", "torchscript", "quantized") if k in s))
+          + "".join(f" {s[k]['file']}" for k in ("onnx", "torchscript", "quantized") if "file" in s.get(k, {})))
 
 
 def _dashboard(args: argparse.Namespace) -> None:
@@ -402,7 +414,7 @@ def _bench(args: argparse.Namespace) -> None:
     config = quick(BenchConfig()) if args.quick else BenchConfig()
     budget = args.time_budget
     given = {"models": args.models, "budgets": args.budgets, "methods": args.methods, "trials": args.trials,
-             "pruner": args.pruner, "dataset": args.dataset, "train_images": args.train_images,
+             "pruner": args.pruner, "dataset": args.dataset, "task": args.task, "train_images": args.train_images,
              "time_budget": None if budget is None else 0.0 if budget.strip() == "0" else parse_duration(budget),
              "converged_epochs": args.converged_epochs, "base_lr": args.base_lr,
              "train_epochs": args.train_epochs, "finetune_epochs": args.finetune_epochs,

@@ -9,16 +9,18 @@ from __future__ import annotations
 import gzip
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, random_split
 
 from .errors import AutopruneError
-from .models import load_factory
+from .models import call_user, load_factory
+from .task import CLASSIFICATION, Task, head, sample_shape, to_device
 
 TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 NAMES = ("digits", *TORCHVISION)
@@ -33,17 +35,30 @@ IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}  # labels (N,), images (N, rows, cols
 
 @dataclass
 class Data:
-    """Train, validation and test splits with what a model needs to know about them."""
+    """Train, validation and test splits, the task they are judged by, and what a model needs to know.
+
+    ``loaders`` holds the user's own DataLoaders, where they gave them: their batch
+    size, ``collate_fn`` and sampler are kept as built. ``num_classes`` is None where the
+    task has no classes to count (a regression) or the model factory needs none.
+    """
 
     name: str
     train: Dataset
     val: Dataset
     test: Dataset
-    num_classes: int
+    num_classes: int | None
     input_shape: tuple[int, ...]
+    task: Task = CLASSIFICATION
+    loaders: dict[str, DataLoader] = field(default_factory=dict)
 
-    def example_input(self, batch: int = 1) -> torch.Tensor:
-        return torch.zeros(batch, *self.input_shape)
+    def example_input(self, batch: int = 1) -> Any:
+        """What the model is called with, for ``batch`` samples of the validation data (``task.inputs``):
+        the dependency graph, thop and the export count at the data's own shape."""
+        return head(self._example, batch)
+
+    @cached_property
+    def _example(self) -> Any:
+        return to_device(self.task.inputs(next(iter(self.loader("val", 8)))), torch.device("cpu"))
 
     @cached_property
     def score(self) -> Dataset:
@@ -60,11 +75,24 @@ class Data:
         return Subset(self.val, sorted(order[:SCORE_IMAGES].tolist()))
 
     def loader(self, split: str, batch_size: int = 64, shuffle: bool = False, seed: int = 0) -> DataLoader:
-        """Batches of ``train``, ``val``, ``test`` or ``score`` (see :attr:`score`)."""
+        """Batches of ``train``, ``val``, ``test`` or ``score`` (see :attr:`score`).
+
+        A split the user gave as a DataLoader is that loader; ``score`` then keeps the
+        validation loader's batch size and ``collate_fn``.
+        """
+        if split in self.loaders:
+            return self.loaders[split]
         dataset = getattr(self, split)
+        collate = self.task.collate_fn
+        if split == "score" and "val" in self.loaders:
+            batch_size, collate = self.loaders["val"].batch_size or batch_size, self.loaders["val"].collate_fn
         generator = torch.Generator().manual_seed(seed)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          drop_last=shuffle and len(dataset) > batch_size)
+                          drop_last=shuffle and len(dataset) > batch_size, collate_fn=collate)
+
+    def with_task(self, task: Task) -> Data:
+        """These splits judged by ``task`` (the example input is taken afresh)."""
+        return replace(self, task=task)
 
 
 def _split(dataset: Dataset, share: float, seed: int) -> tuple[Subset, Subset]:
@@ -241,32 +269,61 @@ def _image_folder(root: Path, image_size: int, seed: int) -> Data:
     return Data(root.name, train, val, test, len(classes), (3, image_size, image_size))
 
 
-def _factory(spec: str, seed: int) -> Data:
-    made = load_factory(spec, "data")()
+def _factory(spec: str, task: Task) -> Data:
+    made = call_user(load_factory(spec, "data"), spec, "data")
     if not (isinstance(made, (tuple, list)) and len(made) == 3):
-        raise AutopruneError(f"data factory {spec} must return (train, val, test) datasets")
-    return from_splits(spec, *made, where=f"data factory {spec}")
+        raise AutopruneError(f"data factory {spec} must return (train, val, test) datasets or DataLoaders, "
+                             f"not {type(made).__name__}")
+    return from_splits(spec, *made, where=f"data factory {spec}", task=task)
 
 
-def from_splits(name: str, train: Dataset, val: Dataset, test: Dataset, where: str = "data") -> Data:
-    """A :class:`Data` from three datasets of (image tensor, class index) pairs.
+SPLITS = ("train", "val", "test")
 
-    The class count is the train set's ``num_classes`` attribute, or the largest
-    label seen plus one (read from sets of up to 20,000 images).
+
+def from_splits(name: str, train: Dataset | DataLoader, val: Dataset | DataLoader, test: Dataset | DataLoader,
+                where: str = "data", task: Task = CLASSIFICATION) -> Data:
+    """A :class:`Data` from three datasets or DataLoaders (a loader is kept as built).
+
+    For classification the samples must be (image tensor, class index) pairs and the
+    class count is the train set's ``num_classes`` attribute, or the largest label
+    seen plus one (read from sets of up to 20,000 images). For another task the
+    samples are whatever its ``loss``, ``score`` and ``inputs`` take, and
+    ``num_classes`` is the train set's attribute if it has one (for the model factory).
 
     Example:
         >>> ds = TensorDataset(torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 2, 1]))
         >>> from_splits("toy", ds, ds, ds).num_classes
         3
     """
-    for split, dataset in zip(("train", "val", "test"), (train, val, test)):
-        _check_sample(where, split, dataset)
-    sample, _ = train[0]
-    labels = {int(train[i][1]) for i in range(len(train))} if len(train) <= 20000 else set()
-    num_classes = getattr(train, "num_classes", None) or (max(labels) + 1 if labels else None)
-    if num_classes is None:
-        raise AutopruneError(f"{where}: give the train set a num_classes attribute")
-    return Data(name, train, val, test, int(num_classes), tuple(sample.shape))
+    given = dict(zip(SPLITS, (train, val, test)))
+    loaders = {split: d for split, d in given.items() if isinstance(d, DataLoader)}
+    sets = {split: d.dataset if isinstance(d, DataLoader) else d for split, d in given.items()}
+    for split, dataset in sets.items():
+        if len(dataset) == 0:
+            raise AutopruneError(f"{where}: its {split} set is empty; give every split at least one sample")
+    num_classes = getattr(sets["train"], "num_classes", None)
+    if task.is_classification:
+        for split, dataset in sets.items():
+            _check_sample(where, split, dataset)
+        labels = {int(sets["train"][i][1]) for i in range(len(sets["train"]))} if len(sets["train"]) <= 20000 else set()
+        num_classes = num_classes or (max(labels) + 1 if labels else None)
+        if num_classes is None:
+            raise AutopruneError(f"{where}: give the train set a num_classes attribute")
+    data = Data(name, sets["train"], sets["val"], sets["test"], num_classes and int(num_classes), (), task, loaders)
+    data.input_shape = sample_shape(example_of(data, where))
+    return data
+
+
+def example_of(data: Data, where: str = "the data") -> Any:
+    """The data's example input, or one line saying why ``task.inputs`` cannot make one from its batches."""
+    try:
+        return data.example_input()
+    except AutopruneError:
+        raise
+    except Exception as err:
+        raise AutopruneError(f"task {data.task.label} does not fit {where}: taking a validation batch and its "
+                             f"inputs(batch) raised {type(err).__name__}: {' '.join(str(err).split())[:200]}; "
+                             "give a data set and task that fit each other") from None
 
 
 def _check_sample(spec: str, name: str, split: Dataset) -> None:
@@ -292,7 +349,7 @@ def _check_sample(spec: str, name: str, split: Dataset) -> None:
 
 
 def load_data(spec: str, data_dir: str | Path = "data", download: bool = False,
-              seed: int = 0, image_size: int = 64) -> Data:
+              seed: int = 0, image_size: int = 64, task: Task = CLASSIFICATION) -> Data:
     """Resolve ``--dataset``: a known name, an image-folder path, or ``file.py:factory``.
 
     ``mnist`` and ``fashion-mnist`` are read offline from their idx files in ``data_dir``
@@ -304,18 +361,20 @@ def load_data(spec: str, data_dir: str | Path = "data", download: bool = False,
         (10, (3, 32, 32))
     """
     key = spec.lower()
-    if key == "digits":
-        return digits(seed)
-    if key in ("mnist", "fashion-mnist"):
-        return _idx(key, Path(data_dir), download, seed)
-    if key in TORCHVISION:
-        return _torchvision(key, Path(data_dir), download, seed)
     if ":" in spec and not Path(spec).is_dir():
-        return _factory(spec, seed)
-    if Path(spec).is_dir():
-        return _image_folder(Path(spec), image_size, seed)
-    raise AutopruneError(f"unknown data set {spec!r}; use one of {', '.join(NAMES)}, an image folder, "
+        return _factory(spec, task)
+    if key == "digits":
+        data = digits(seed)
+    elif key in ("mnist", "fashion-mnist"):
+        data = _idx(key, Path(data_dir), download, seed)
+    elif key in TORCHVISION:
+        data = _torchvision(key, Path(data_dir), download, seed)
+    elif Path(spec).is_dir():
+        data = _image_folder(Path(spec), image_size, seed)
+    else:
+        raise AutopruneError(f"unknown data set {spec!r}; use one of {', '.join(NAMES)}, an image folder, "
                          "or path/to/file.py:factory returning (train, val, test)")
+    return data if task.is_classification else data.with_task(task)
 
 
 def batches_per_epoch(dataset: Dataset, batch_size: int) -> int:

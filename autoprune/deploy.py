@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .errors import AutopruneError
 from .files import atomic_path, save_torch
@@ -27,12 +28,18 @@ FORMATS = ("onnx", "torchscript")
 RELATIVE_TOLERANCE = 1e-3
 
 
-def _check(name: str, got: np.ndarray, want: torch.Tensor) -> float:
-    want_np = want.detach().cpu().numpy()
-    diff = float(np.abs(got - want_np).max())
-    if got.shape != want_np.shape or diff > RELATIVE_TOLERANCE * max(1.0, float(np.abs(want_np).max())):
-        raise AutopruneError(f"the {name} copy does not reproduce the PyTorch model (shape {got.shape} vs "
-                             f"{want_np.shape}, largest difference {diff:.3g}); does the model branch on its input data?")
+def _check(name: str, got: Sequence[np.ndarray], want: Any) -> float:
+    """The largest difference between a copy's outputs and the model's (a dict or list of tensors flattened)."""
+    wanted = [t.detach().cpu().numpy() for t in tree_leaves(want) if isinstance(t, torch.Tensor)]
+    if len(got) != len(wanted) or any(g.shape != w.shape for g, w in zip(got, wanted)):
+        raise AutopruneError(f"the {name} copy does not reproduce the PyTorch model (outputs "
+                             f"{[g.shape for g in got]} vs {[w.shape for w in wanted]}); does the model branch "
+                             "on its input data?")
+    diff = max(float(np.abs(g - w).max()) if w.size else 0.0 for g, w in zip(got, wanted))
+    scale = max(1.0, *(float(np.abs(w).max()) for w in wanted if w.size))
+    if diff > RELATIVE_TOLERANCE * scale:
+        raise AutopruneError(f"the {name} copy does not reproduce the PyTorch model (largest difference "
+                             f"{diff:.3g}); does the model branch on its input data?")
     return diff
 
 
@@ -42,21 +49,25 @@ def to_onnx(model: nn.Module, inputs: torch.Tensor, path: Path) -> dict[str, Any
         import onnxruntime
     except ImportError:
         raise AutopruneError("--format onnx needs onnx and onnxruntime: pip install onnx onnxruntime") from None
+    if not isinstance(inputs, torch.Tensor):
+        raise AutopruneError("torch.onnx exports a model called with one batched tensor; this one takes "
+                             f"{type(inputs).__name__} (a detector's list of images?): use model.pt")
     model = model.cpu().eval()
     batch = torch.export.Dim("batch")
+    with torch.inference_mode():
+        want = model(inputs)
+    names = {"output_names": ["logits"]} if isinstance(want, torch.Tensor) else {}
     try:
         with atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (inputs[:2],), str(tmp), input_names=["input"], output_names=["logits"],
+            torch.onnx.export(model, (inputs[:2],), str(tmp), input_names=["input"], **names,
                               dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
                               external_data=False)  # one self-contained file (ONNX caps that at 2 GB)
     except Exception as err:  # the exporter cannot capture this model: say so on one line
         raise AutopruneError(f"torch.onnx could not export the model ({type(err).__name__}; "
                              "data-dependent control flow?); try --format torchscript") from None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"input": inputs.numpy()})[0]
-    with torch.inference_mode():
-        want = model(inputs)
+    got = session.run(None, {"input": inputs.numpy()})
     return {"file": path.name, "bytes": path.stat().st_size, "max_abs_diff": _check("ONNX", got, want),
             "checked_batch": len(inputs)}
 
@@ -67,13 +78,13 @@ def to_torchscript(model: nn.Module, inputs: torch.Tensor, path: Path) -> dict[s
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # torch.jit is deprecated upstream but still the portable C++ format
         try:
-            traced = torch.jit.trace(model, inputs[:2])
+            traced = torch.jit.trace(model, inputs[:2], strict=False)
         except Exception as err:  # tracing cannot follow this model: say so on one line
             raise AutopruneError(f"torch.jit.trace could not trace the model ({type(err).__name__}); "
                                  "try --format onnx") from None
         with atomic_path(path) as tmp:
             torch.jit.save(traced, str(tmp))
-        got = torch.jit.load(str(path))(inputs).numpy()
+        got = [t.numpy() for t in tree_leaves(torch.jit.load(str(path))(inputs)) if isinstance(t, torch.Tensor)]
         want = model(inputs)
     return {"file": path.name, "bytes": path.stat().st_size, "max_abs_diff": _check("TorchScript", got, want),
             "checked_batch": len(inputs)}
@@ -104,16 +115,19 @@ def state_dict_bytes(model: nn.Module, path: Path) -> int:
 
 
 @torch.inference_mode()
-def latency_ms(models: dict[str, nn.Module], example: torch.Tensor, batches: Sequence[int] = (1, 32),
-               repeats: int = 30, warmup: int = 3, threads: int = 1) -> dict[str, dict[str, float]]:
-    """Median CPU wall time of one forward pass, in milliseconds, per model and batch size.
+def latency_ms(models: dict[str, nn.Module], shape: Sequence[int], batches: Sequence[int] = (1, 32),
+               repeats: int = 30, warmup: int = 3, threads: int = 1,
+               listed: bool = False) -> dict[str, dict[str, float]]:
+    """Median CPU wall time of one forward pass on random inputs of one sample's ``shape``, in
+    milliseconds, per model and batch size.
 
-    The models take turns within each repeat (:func:`interleaved`). ``threads``
+    The models take turns within each repeat (:func:`interleaved`); ``listed`` models take a list
+    of images (a detector). ``threads``
     intra-op threads (default 1): with more, a core taken by another process
     stalls every parallel region, and times on a shared machine jump a hundredfold.
 
     Example:
-        >>> latency_ms({"a": nn.Linear(4, 2)}, torch.zeros(1, 4), batches=(1, 8), repeats=5)["a"].keys()
+        >>> latency_ms({"a": nn.Linear(4, 2)}, (4,), batches=(1, 8), repeats=5)["a"].keys()
         dict_keys(['1', '8'])
     """
     models = {name: model.cpu().eval() for name, model in models.items()}
@@ -122,17 +136,18 @@ def latency_ms(models: dict[str, nn.Module], example: torch.Tensor, batches: Seq
     torch.set_num_threads(threads)
     try:
         for batch in batches:
-            _time_batch(models, example, batch, repeats, warmup, found)
+            _time_batch(models, shape, batch, repeats, warmup, found, listed)
     finally:
         torch.set_num_threads(before)
     return found
 
 
 @torch.inference_mode()
-def _time_batch(models: dict[str, nn.Module], example: torch.Tensor, batch: int, repeats: int, warmup: int,
-                found: dict[str, dict[str, float]]) -> None:
+def _time_batch(models: dict[str, nn.Module], shape: Sequence[int], batch: int, repeats: int, warmup: int,
+                found: dict[str, dict[str, float]], listed: bool = False) -> None:
     """Time every model at one batch size (random inputs, fixed seed) into ``found``."""
-    inputs = torch.randn(batch, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+    inputs = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+    inputs = list(inputs) if listed else inputs
     times = interleaved({name: (lambda m=model: m(inputs)) for name, model in models.items()}, repeats, warmup)
     for name in models:
         found[name][str(batch)] = round(statistics.median(times[name]), 3)

@@ -37,21 +37,22 @@ def finetune(problem: Problem, plan: Plan, settings: Settings, start: Path | Non
     torch.manual_seed(s.seed)
     if s.extra.get("soft_epochs"):
         trained, plan = soft_prune(p.model, p.groups, plan, train_loader, s.extra["soft_epochs"], device,
-                                   s.lr, quiet, from_settings(p.model, s.extra))
+                                   s.lr, quiet, from_settings(p.model, s.extra), task=p.data.task)
         model = apply_plan(trained, plan, p.groups.example_input).to(device)
     else:
         model = p.groups.apply(plan)
         if start is not None:
             model.load_state_dict(read_state_dict(start))
         model.to(device)
-    recalibrate_bn(model, train_loader, device, s.bn_batches)
+    recalibrate_bn(model, train_loader, device, s.bn_batches, task=p.data.task)
     steps = [0]
 
     def counted(_: nn.Module) -> None:
         steps[0] += 1
 
     train(model, train_loader, s.final_epochs, device, lr=s.lr, desc="final fine-tune", quiet=quiet,
-          distill=from_settings(p.model, s.extra), after_step=counted, seconds=s.final_seconds or None)
+          distill=from_settings(p.model, s.extra), after_step=counted, seconds=s.final_seconds or None,
+          task=p.data.task)
     return model, plan, steps[0] / len(train_loader)
 
 
@@ -66,11 +67,11 @@ def export(problem: Problem, plan: Plan, out: Path, settings: Settings, quiet: b
     """
     p, data, device = problem, problem.data, problem.device
     model, plan, epochs = finetune(p, plan, settings, start, quiet)
-    val_accuracy = evaluate(model, data.loader("val", 256), device)
+    val_accuracy = evaluate(model, data.loader("val", 256), device, data.task)
     # The test split is read here and nowhere else: once for the base, once for the winner.
     test_loader = data.loader("test", 256)
-    base_test = evaluate(p.model, test_loader, device)
-    test_accuracy = evaluate(model, test_loader, device)
+    base_test = evaluate(p.model, test_loader, device, data.task)
+    test_accuracy = evaluate(model, test_loader, device, data.task)
     cost = count(model, p.groups.example_input)
     base = p.costs.base
     model = model.cpu().eval()
@@ -85,6 +86,7 @@ def export(problem: Problem, plan: Plan, out: Path, settings: Settings, quiet: b
         "flops_unit": "thop MACs",
         "base_val_accuracy": p.base_val_accuracy, "val_accuracy": val_accuracy,
         "base_test_accuracy": base_test, "test_accuracy": test_accuracy,
+        "score": data.task.name, "score_format": data.task.format,  # what the *_accuracy values are
         **summary,
         "final_epochs": round(epochs, 3),  # as trained: a time budget's fine-tune ends by the clock
     }

@@ -150,12 +150,12 @@ def measure_speed(problem: Problem, settings: Settings, steps: int = 6) -> Speed
                            problem.high, problem.round_to)
     cut = time.perf_counter() - started
     loader = problem.data.loader("train", settings.batch_size, shuffle=True, seed=settings.seed)
-    train(model, loader, 2 / len(loader), problem.device, quiet=True)  # warm-up: allocation, first calls
+    train(model, loader, 2 / len(loader), problem.device, quiet=True, task=problem.data.task)  # warm-up: allocation, first calls
     started = time.perf_counter()
-    train(model, loader, steps / len(loader), problem.device, quiet=True)
+    train(model, loader, steps / len(loader), problem.device, quiet=True, task=problem.data.task)
     epoch = (time.perf_counter() - started) / steps * len(loader)
     started = time.perf_counter()
-    evaluate(model, problem.data.loader("score", 256), problem.device)
+    evaluate(model, problem.data.loader("score", 256), problem.device, problem.data.task)
     return Speed(epoch, time.perf_counter() - started, cut)
 
 
@@ -244,6 +244,11 @@ def successive_halving(problem: Problem, study: optuna.Study, settings: Settings
     if seed_first:
         enqueue_starts(study, problem, bracket.candidates, settings.seed)
     objective = Objective(problem, settings, quiet)
+    task = problem.data.task
+
+    def show(value: float) -> str:
+        return f"{task.name} {task.show(value)}"
+
     alive: list[tuple[optuna.Trial, torch.nn.Module, float]] = []
     bar = tqdm(total=bracket.candidates, desc="search: cut", unit="candidate", disable=quiet)
     for _ in range(bracket.candidates):
@@ -269,15 +274,15 @@ def successive_halving(problem: Problem, study: optuna.Study, settings: Settings
         alive.sort(key=lambda item: scores[item[0].number], reverse=True)
         keep = bracket.survivors(rung + 1) if rung + 1 < bracket.rungs else 1
         for trial, _, _ in alive[keep:]:
-            _drop(study, trial, quiet, f"dropped after rung {rung + 1}: val {scores[trial.number]:.2%}")
+            _drop(study, trial, quiet, f"dropped after rung {rung + 1}: val {show(scores[trial.number])}")
         alive = alive[:keep]
     for trial, _, _ in alive[1:]:  # out of time before the last rung
-        _drop(study, trial, quiet, f"out of time: val {scores[trial.number]:.2%}")
+        _drop(study, trial, quiet, f"out of time: val {show(scores[trial.number])}")
     trial, model, started = alive[0]
     objective.finish(trial, model, started)
     frozen = study.tell(trial, scores[trial.number])
     if not quiet:
-        tqdm.write(f"trial {trial.number} wins: val {frozen.value:.2%} after "
+        tqdm.write(f"trial {trial.number} wins: val {show(frozen.value)} after "
                    f"{frozen.user_attrs['epochs']:.2f} epochs | FLOPs {frozen.user_attrs['flops_share']:.1%} "
                    f"of base (thop MACs){describe_latency(frozen.user_attrs)}")
     keep_best_checkpoints(study, problem.checkpoints)

@@ -21,6 +21,7 @@ from .files import write_text
 from .plan import Plan
 from .report import curve
 from .runs import Run
+from .task import Score
 
 FIGURES = ("front", "sensitivity", "channels")  # the page's div ids, in order
 
@@ -41,7 +42,7 @@ def _hover(run: Run, frame: pd.DataFrame) -> list[str]:
     for row in frame.itertuples(index=False):
         plan, latency = plans[row.trial], _latency(run, row.trial)
         lines = [f"<b>trial {row.trial}</b>" + (f" (target {row.target})" if "target" in frame else ""),
-                 f"val accuracy {row.val_accuracy:.2%}",
+                 f"val {run.score.name} {run.score.show(row.val_accuracy)}",
                  f"FLOPs (thop MACs) {human(row.flops)} ({row.flops_share:.1%} of base)",
                  f"params {human(row.params)} ({row.params_share:.1%} of base)"]
         if "latency_ms" in frame and row.latency_ms == row.latency_ms:  # timed by the trial itself
@@ -75,14 +76,19 @@ def front_figure(run: Run, frame: pd.DataFrame) -> go.Figure:
     if base_acc is not None:
         figure.add_trace(go.Scatter(x=[run.base_cost().flops], y=[base_acc], mode="markers", name="base model",
                                     marker=dict(symbol="star", size=14, color="#d62728")))
-    figure.update_layout(title=f"{run.name}: accuracy against FLOPs (budget {run.config.get('budget')})",
+    figure.update_layout(title=f"{run.name}: {run.score.name} against FLOPs (budget {run.config.get('budget')})",
                          xaxis=dict(title="FLOPs (thop MACs)", type="log"),
-                         yaxis=dict(title="validation accuracy", tickformat=".0%"), hovermode="closest")
+                         yaxis=_score_axis(run.score), hovermode="closest")
     return figure
 
 
-def sensitivity_figure(table: pd.DataFrame, base_accuracy: float | None) -> go.Figure:
-    """Validation accuracy per group as it alone is pruned further."""
+def _score_axis(score: Score) -> dict:
+    """A y axis titled by the score, in percent where the score prints as one."""
+    return dict(title=f"validation {score.name}", **({"tickformat": ".0%"} if "%" in score.format else {}))
+
+
+def sensitivity_figure(table: pd.DataFrame, base_accuracy: float | None, score: Score = Score()) -> go.Figure:
+    """Validation ``score`` per group as it alone is pruned further."""
     figure = go.Figure()
     for gid, rows in table.groupby("group", sort=False):
         points = sorted(([(0.0, base_accuracy)] if base_accuracy is not None else [])
@@ -91,7 +97,7 @@ def sensitivity_figure(table: pd.DataFrame, base_accuracy: float | None) -> go.F
                                     name=gid))
     figure.update_layout(title="Sensitivity: each group pruned alone (BatchNorm recalibrated)",
                          xaxis=dict(title="share of the group's channels removed"),
-                         yaxis=dict(title="validation accuracy", tickformat=".0%"))
+                         yaxis=_score_axis(score))
     return figure
 
 
@@ -119,7 +125,7 @@ def write_html(run: Run, frame: pd.DataFrame, chosen: int, path: Path) -> Path:
     table = run.sensitivity() if (run.folder / "sensitivity.csv").is_file() else pd.DataFrame()
     figures = {"front": front_figure(run, frame), "channels": channels_figure(plan, chosen)}
     if len(table):
-        figures["sensitivity"] = sensitivity_figure(table, run.base_val_accuracy())
+        figures["sensitivity"] = sensitivity_figure(table, run.base_val_accuracy(), run.score)
     body = "\n".join(figures[name].to_html(full_html=False, include_plotlyjs=False, div_id=name)
                      for name in FIGURES if name in figures)
     title = html.escape(f"autoprune study {run.name}")

@@ -51,6 +51,7 @@ from .counting import Cost
 from .errors import AutopruneError
 from .files import write_json
 from .groups import ChannelGroups
+from .task import to_device
 
 BACKENDS = ("torch", "onnxruntime")
 CACHE_ENV = "AUTOPRUNE_LATENCY_CACHE"  # folder of the latency tables (default ~/.cache/autoprune/latency)
@@ -80,6 +81,7 @@ class LatencySettings:
     threads: int = 1
     device: str = "cpu"
     input_shape: tuple[int, ...] = (3, 32, 32)
+    listed: bool = False  # the model takes a list of images (a detector), not a batched tensor
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -89,21 +91,27 @@ class LatencySettings:
                 raise AutopruneError(f"{flag} must be a whole number of at least 1, not {value}")
         if self.backend == "onnxruntime":  # the CPU execution provider, whatever device trains
             object.__setattr__(self, "device", "cpu")
+            if self.listed:
+                raise AutopruneError("--latency-backend onnxruntime times a model called with one batched tensor; "
+                                     "this one takes a list of images: use --latency-backend torch")
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
 
     def config(self) -> dict[str, Any]:
         """The settings as a study records them (a resume with other ones is refused)."""
         return {"latency_backend": self.backend, "latency_batch": self.batch, "latency_threads": self.threads,
-                "latency_device": self.device, "latency_input_shape": list(self.input_shape)}
+                "latency_device": self.device, "latency_input_shape": list(self.input_shape),
+                **({"latency_input_list": True} if self.listed else {})}  # absent: older studies resume
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> LatencySettings:
         return cls(config["latency_backend"], int(config["latency_batch"]), int(config["latency_threads"]),
-                   config["latency_device"], tuple(config["latency_input_shape"]))
+                   config["latency_device"], tuple(config["latency_input_shape"]),
+                   bool(config.get("latency_input_list")))
 
-    def inputs(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """A fixed random batch of ``shape`` (default: the model's input) at this batch size."""
-        return torch.randn(self.batch, *(shape or self.input_shape), generator=torch.Generator().manual_seed(0))
+    def inputs(self, shape: tuple[int, ...] | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """A fixed random batch of ``shape`` (default: the model's input, as a list where it takes one)."""
+        batch = torch.randn(self.batch, *(shape or self.input_shape), generator=torch.Generator().manual_seed(0))
+        return list(batch) if self.listed and shape is None else batch
 
     def cache_key(self) -> str:
         """What a latency table depends on: the machine, device, backend, threads, batch, versions."""
@@ -141,7 +149,7 @@ def _runner(module: nn.Module, inputs: torch.Tensor, settings: LatencySettings) 
         from .deploy import onnx_runner
         return onnx_runner(module, inputs, settings.threads)
     device = torch.device(settings.device)
-    model, x = copy.deepcopy(module).to(device).eval(), inputs.to(device)
+    model, x = copy.deepcopy(module).to(device).eval(), to_device(inputs, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     @torch.inference_mode()
@@ -267,7 +275,7 @@ def _grid(full: int, step: int, varies: bool) -> list[int]:
     return sorted({max(step, int(round(share * full / step)) * step) for share in GRID} | {full})
 
 
-def _input_shapes(model: nn.Module, example: torch.Tensor, names: list[str]) -> dict[str, tuple[int, ...]]:
+def _input_shapes(model: nn.Module, example: object, names: list[str]) -> dict[str, tuple[int, ...]]:
     """Each named layer's input shape without the batch dimension, as the example reaches it."""
     shapes: dict[str, tuple[int, ...]] = {}
     modules = dict(model.named_modules())
@@ -280,7 +288,7 @@ def _input_shapes(model: nn.Module, example: torch.Tensor, names: list[str]) -> 
     hooks = [modules[n].register_forward_pre_hook(record(n)) for n in names]
     try:
         with torch.inference_mode():
-            model.eval()(example.to(next(model.parameters()).device))
+            model.eval()(to_device(example, next(model.parameters()).device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -507,6 +515,8 @@ def check(base: nn.Module, pruned: nn.Module, settings: LatencySettings, limit: 
     return result
 
 
-def with_device(settings: LatencySettings, device: torch.device, input_shape: tuple[int, ...]) -> LatencySettings:
-    """The settings on the search's device (torch backend) and its model's input shape."""
-    return replace(settings, device=str(device), input_shape=tuple(input_shape))
+def with_device(settings: LatencySettings, device: torch.device, input_shape: tuple[int, ...],
+                listed: bool = False) -> LatencySettings:
+    """The settings on the search's device (torch backend) and its model's input: its shape, and whether it
+    is a list of images."""
+    return replace(settings, device=str(device), input_shape=tuple(input_shape), listed=listed)

@@ -31,6 +31,15 @@ def torchvision_names() -> list[str]:
 
 def load_factory(spec: str, what: str = "model") -> Callable[..., Any]:
     """``package.module:factory`` or ``path/to/file.py:factory`` -> the callable."""
+    factory = load_attribute(spec, what)
+    if not callable(factory):
+        source, _, name = spec.rpartition(":")
+        raise AutopruneError(f"{source} has no callable {name!r}; name a function that builds the {what}")
+    return factory
+
+
+def load_attribute(spec: str, what: str = "model") -> Any:
+    """``package.module:name`` or ``path/to/file.py:name`` -> that name's value in the module."""
     source, _, name = spec.rpartition(":")
     if not source or not name:
         raise AutopruneError(f"{what} factory {spec!r} must look like package.module:factory "
@@ -53,10 +62,9 @@ def load_factory(spec: str, what: str = "model") -> Callable[..., Any]:
             module = importlib.import_module(source)
         except Exception as err:
             raise AutopruneError(f"cannot import {source!r} for {what} {spec!r}: {_why(err)}") from None
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise AutopruneError(f"{source} has no callable {name!r}; name a function that builds the {what}")
-    return factory
+    if not hasattr(module, name):
+        raise AutopruneError(f"{source} has no {name!r}; name a function that builds the {what}")
+    return getattr(module, name)
 
 
 def _why(err: Exception) -> str:
@@ -64,12 +72,23 @@ def _why(err: Exception) -> str:
     return f"{type(err).__name__}: {one_line(err)}"
 
 
-def _call_factory(factory: Callable[..., nn.Module], num_classes: int) -> nn.Module:
+def call_user(factory: Callable[..., Any], spec: str, what: str, *args: Any, **kwargs: Any) -> Any:
+    """``factory(*args, **kwargs)``: the user's code, whose error becomes one line naming ``spec``."""
+    try:
+        return factory(*args, **kwargs)
+    except AutopruneError:
+        raise
+    except Exception as err:
+        raise AutopruneError(f"{what} factory {spec} raised {_why(err)}; fix it and run again") from None
+
+
+def _call_factory(factory: Callable[..., nn.Module], spec: str, num_classes: int | None) -> nn.Module:
     try:
         accepts = "num_classes" in inspect.signature(factory).parameters
     except (TypeError, ValueError):
         accepts = False
-    return factory(num_classes=num_classes) if accepts else factory()
+    given = {"num_classes": num_classes} if accepts and num_classes is not None else {}
+    return call_user(factory, spec, "model", **given)
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> None:
@@ -107,7 +126,7 @@ def mlp(num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28),
 BUILTIN = {"mlp": mlp}
 
 
-def build_model(spec: str, num_classes: int, pretrained: bool = False,
+def build_model(spec: str, num_classes: int | None, pretrained: bool = False,
                 input_shape: tuple[int, ...] | None = None) -> nn.Module:
     """Build the base model for ``num_classes`` classes (weights random unless ``pretrained``).
 
@@ -120,9 +139,9 @@ def build_model(spec: str, num_classes: int, pretrained: bool = False,
     if spec in BUILTIN:
         if pretrained:
             raise AutopruneError(f"built-in model {spec!r} has no pretrained weights; leave out --weights DEFAULT")
-        return BUILTIN[spec](num_classes, tuple(input_shape or (1, 28, 28)))
+        return BUILTIN[spec](num_classes or 10, tuple(input_shape or (1, 28, 28)))
     if ":" in spec:
-        model = _call_factory(load_factory(spec, "model"), num_classes)
+        model = _call_factory(load_factory(spec, "model"), spec, num_classes)
         if not isinstance(model, nn.Module):
             raise AutopruneError(f"model factory {spec} returned {type(model).__name__}, not an nn.Module")
         return model
@@ -139,7 +158,8 @@ def build_model(spec: str, num_classes: int, pretrained: bool = False,
         if num_classes != 1000:
             _replace_head(model, num_classes)
         return model
-    return torchvision.models.get_model(spec, num_classes=num_classes, **extra)
+    sized = {"num_classes": num_classes} if num_classes else {}  # a task without classes: the model's own head
+    return torchvision.models.get_model(spec, **sized, **extra)
 
 
 def _pretrained(spec: str) -> nn.Module:

@@ -25,6 +25,7 @@ from .errors import AutopruneError
 if TYPE_CHECKING:
     from .latency import Timer
     from .space import SearchSpace
+    from .task import Task
 
 FINETUNE_LR = 0.01  # SGD learning rate of every fine-tune of a pruned model (trials, final, bench)
 BASE_LR = 0.05  # SGD learning rate for training a base model from scratch
@@ -46,6 +47,9 @@ class SearchOptions:
     # The data set's folder for torchvision data sets, and whether to download it there.
     data_dir: str | Path = "data"
     download: bool = False
+    # What the model is trained and judged on: an autoprune.Task, or package.module:name /
+    # file.py:name of a factory returning one (default: classification, scored by accuracy).
+    task: Task | str | None = None
     # The study: its name (default MODEL-DATASET-BUDGET), Optuna storage URL (default: SQLite in the
     # run folder, a journal file with several workers), run folder (default results/STUDY), a fresh start.
     study: str | None = None

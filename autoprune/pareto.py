@@ -22,6 +22,7 @@ from .budget import Budget, BudgetRange
 from .counting import human
 from .errors import AutopruneError
 from .runs import Run, quiet_storage
+from .task import Score
 
 COLUMNS = ["trial", "val_accuracy", "val_accuracy_before_finetune", "flops", "flops_share", "params",
            "params_share", "latency_ms", "latency_predicted_ms", "seconds", "feasible", "on_front"]
@@ -113,12 +114,12 @@ def best_under(run: Run, at: str) -> int:
     return int(under.sort_values(["val_accuracy", "flops"], ascending=[False, True])["trial"].iloc[0])
 
 
-def to_text(front: pd.DataFrame) -> str:
-    """The front as an aligned table, costs absolute and as a share of the base."""
+def to_text(front: pd.DataFrame, score: Score = Score()) -> str:
+    """The front as an aligned table, the study's ``score`` named, costs absolute and as a share of the base."""
     shown = pd.DataFrame({
         "trial": front["trial"],
-        "val acc": front["val_accuracy"].map("{:.2%}".format),
-        "before fine-tune": front["val_accuracy_before_finetune"].map("{:.2%}".format),
+        f"val {score.name}": front["val_accuracy"].map(score.show),
+        "before fine-tune": front["val_accuracy_before_finetune"].map(score.show),
         "FLOPs (thop MACs)": front["flops"].map(human),
         "FLOPs share": front["flops_share"].map("{:.1%}".format),
         "params": front["params"].map(human),

@@ -37,6 +37,7 @@ from .plan import Plan
 from .sensitivity import bounds, equal_drop
 from .space import SearchSpace
 from .study import Problem, Stratum
+from .task import Task, load_task, validate
 from .training import evaluate, resolve_device, train
 
 
@@ -53,15 +54,18 @@ class Result:
     out: Path
 
 
-def as_data(data: Data | str | Sequence[Dataset | DataLoader], **options: Any) -> Data:
-    """``data`` as a :class:`Data`: a data set name or path (``options`` go to :func:`load_data`),
-    a Data, or (train, val, test) datasets or loaders."""
+def as_data(data: Data | str | Sequence[Dataset | DataLoader], task: Task | str | None = None,
+            **options: Any) -> Data:
+    """``data`` as a :class:`Data` judged by ``task`` (:func:`~autoprune.task.load_task`; None: a
+    Data's own task, else classification): a data set name or path (``options`` go to
+    :func:`load_data`), a Data, or (train, val, test) datasets or loaders."""
     if isinstance(data, Data):
-        return data
+        return data if task is None else data.with_task(load_task(task))
+    task = load_task(task)
     if isinstance(data, (str, Path)):
-        return load_data(str(data), **options)
+        return load_data(str(data), task=task, **options)
     if isinstance(data, (tuple, list)) and len(data) == 3:
-        return from_splits("user", *(d.dataset if isinstance(d, DataLoader) else d for d in data))
+        return from_splits("user", *data, task=task)
     raise AutopruneError("data must be a data set name, a Data, or (train, val, test) datasets or loaders")
 
 
@@ -115,9 +119,9 @@ def train_base(base: nn.Module, data: Data, epochs: float, device: torch.device,
     """
     torch.manual_seed(seed)
     train(base, data.loader("train", batch_size, shuffle=True, seed=seed), epochs, device, lr=lr,
-          desc="train base", quiet=quiet)
-    accuracy = evaluate(base, data.loader("val", 256), device)
-    if accuracy < 2.0 / data.num_classes:
+          desc="train base", quiet=quiet, task=data.task)
+    accuracy = evaluate(base, data.loader("val", 256), device, data.task)
+    if data.task.is_classification and accuracy < 2.0 / data.num_classes:
         raise AutopruneError(f"the base model trained to {accuracy:.1%} validation accuracy, near chance "
                              f"({1 / data.num_classes:.0%}); train it with a smaller --base-lr (was {lr:g}) "
                              "or more --train-epochs, or pass trained --weights")
@@ -148,7 +152,10 @@ def prepare(model: nn.Module | str, data: Data | str | Sequence, budget: Any, op
     mistake costs no training.
     """
     o = options
-    data = as_data(data, data_dir=o.data_dir, download=o.download, seed=o.seed)
+    data = as_data(data, o.task, data_dir=o.data_dir, download=o.download, seed=o.seed)
+    if o.distill and not data.task.is_classification:
+        raise AutopruneError(f"--distill softens a classifier's logits; task {data.task.label} is not "
+                             "classification: leave out --distill")
     name, study, out = run_folder(model, data, budget, o.study, o.out, kind=kind)
     storage = o.storage or default_storage(out, o.workers)
     if o.workers > 1 and storage.startswith("sqlite"):
@@ -157,6 +164,7 @@ def prepare(model: nn.Module | str, data: Data | str | Sequence, budget: Any, op
     check_run(out, study, storage)
     device = resolve_device(o.device)
     base, epochs = base_model(model, o.weights, data, out, o.train_epochs)
+    validate(data.task, base, next(iter(data.loader("val", 8))), device)  # before anything is written
     if epochs > 0:
         if before_training:
             before_training(base, data)
@@ -167,7 +175,7 @@ def prepare(model: nn.Module | str, data: Data | str | Sequence, budget: Any, op
                fingerprint(base.state_dict()))
 
 
-def find_groups(model: nn.Module, example: torch.Tensor, space: SearchSpace, data: Data, batch_size: int,
+def find_groups(model: nn.Module, example: Any, space: SearchSpace, data: Data, batch_size: int,
                 seed: int, base_model: str = "", importance: str | None = None,
                 device: torch.device | None = None) -> ChannelGroups:
     """The model's groups under ``space`` (its layer patterns checked against the model)."""
@@ -177,12 +185,13 @@ def find_groups(model: nn.Module, example: torch.Tensor, space: SearchSpace, dat
     if criterion(importance).needs_gradients:  # a few training batches give the gradients
         batches = itertools.islice(data.loader("train", batch_size, shuffle=True, seed=seed), 4)
     thinet = importance == "thinet"  # ranks from activations, after the groups are found
-    groups = ChannelGroups(model, example, importance="l1" if thinet else importance, ignore=space.ignore,
-                           base_model=base_model, batches=batches)
+    groups = ChannelGroups(model, example, importance="l1" if thinet else importance,
+                           ignore=(*space.ignore, *data.task.keep), base_model=base_model, batches=batches,
+                           loss=data.task.batch_loss)
     if thinet:
         from .thinet import rerank
         rerank(groups, model, data.loader("train", batch_size, shuffle=True, seed=seed),
-               device or torch.device("cpu"), seed=seed)
+               device or torch.device("cpu"), seed=seed, task=data.task)
     return groups
 
 

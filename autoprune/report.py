@@ -25,6 +25,7 @@ from .budget import BudgetRange
 from .pareto import non_dominated, trials_frame
 from .runs import Run
 from .study import best_trial, trial_plan
+from .task import Score
 
 PLOTS = {"front": "front.png", "sensitivity": "sensitivity.png", "channels": "channels.png",
          "history": "history.png"}
@@ -59,7 +60,7 @@ def plot_front(frame: pd.DataFrame, run: Run, path: Path) -> None:
         rest, front = frame[~frame["on_front"]], frame[frame["on_front"]].sort_values(key)
         ax.scatter(rest[key], rest["val_accuracy"], c="tab:gray", alpha=0.6, label="trials")
         # The front is over accuracy, FLOPs and params at once, so its projection is not a curve: dots.
-        ax.scatter(front[key], front["val_accuracy"], c="tab:blue", label="Pareto front (acc, FLOPs, params)")
+        ax.scatter(front[key], front["val_accuracy"], c="tab:blue", label=f"Pareto front ({run.score.name}, FLOPs, params)")
         for _, point in front.iterrows():
             ax.annotate(str(int(point["trial"])), (point[key], point["val_accuracy"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
@@ -84,10 +85,10 @@ def plot_front(frame: pd.DataFrame, run: Run, path: Path) -> None:
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.set_xticks(_ticks(frame[key], full))
         ax.set_xlabel(label)
-        ax.set_ylabel("validation accuracy")
+        ax.set_ylabel(f"validation {run.score.name}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    figure.suptitle(f"{run.name}: accuracy against cost")
+    figure.suptitle(f"{run.name}: {run.score.name} against cost")
     _save(figure, path)
 
 
@@ -99,8 +100,9 @@ def _ticks(values: pd.Series, full: float) -> list[float]:
     return [float(f"{v:.2g}") for v in np.geomspace(low, high, 5)] if 0 < low < high else [low]
 
 
-def plot_sensitivity(table: pd.DataFrame, path: Path, base_accuracy: float | None = None) -> None:
-    """Validation accuracy per group as it alone is pruned further (from the unpruned model at 0)."""
+def plot_sensitivity(table: pd.DataFrame, path: Path, base_accuracy: float | None = None,
+                     score: str = "accuracy") -> None:
+    """Validation ``score`` per group as it alone is pruned further (from the unpruned model at 0)."""
     figure = Figure(figsize=(8, 5))
     ax = figure.subplots()
     start = [] if base_accuracy is None else [(0.0, base_accuracy)]
@@ -110,7 +112,7 @@ def plot_sensitivity(table: pd.DataFrame, path: Path, base_accuracy: float | Non
         # Ten colours repeat: the line style tells the second ten apart.
         ax.plot(ratios, accuracies, "o" + ("-", "--", ":")[i // 10 % 3], ms=3, label=gid)
     ax.set_xlabel("share of the group's channels removed")
-    ax.set_ylabel("validation accuracy (group pruned alone)")
+    ax.set_ylabel(f"validation {score} (group pruned alone)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     _save(figure, path)
@@ -130,8 +132,8 @@ def plot_channels(plan_keep: dict[str, int], channels: dict[str, int], trial: in
     _save(figure, path)
 
 
-def plot_history(frame: pd.DataFrame, path: Path) -> None:
-    """Each trial's validation accuracy in the order run, with the best so far."""
+def plot_history(frame: pd.DataFrame, path: Path, score: str = "accuracy") -> None:
+    """Each trial's validation ``score`` in the order run, with the best so far."""
     ordered = frame.sort_values("trial")
     figure = Figure(figsize=(8, 4))
     ax = figure.subplots()
@@ -140,7 +142,7 @@ def plot_history(frame: pd.DataFrame, path: Path) -> None:
                label="before fine-tune")
     ax.step(ordered["trial"], ordered["val_accuracy"].cummax(), where="post", c="tab:green", label="best so far")
     ax.set_xlabel("trial")
-    ax.set_ylabel("validation accuracy")
+    ax.set_ylabel(f"validation {score}")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", framealpha=0.6)
     _save(figure, path)
@@ -166,11 +168,11 @@ def write_report(run: Run, out: str | Path | None = None, trial: int | None = No
     plan = trial_plan(chosen)
     plot_front(frame, run, out / PLOTS["front"])
     plot_channels(plan.keep, plan.channels, chosen.number, out / PLOTS["channels"])
-    plot_history(frame, out / PLOTS["history"])
+    plot_history(frame, out / PLOTS["history"], run.score.name)
     plots = ["front", "channels", "history"]
     table = run.sensitivity() if (run.folder / "sensitivity.csv").is_file() else pd.DataFrame()
     if len(table):
-        plot_sensitivity(table, out / PLOTS["sensitivity"], run.base_val_accuracy())
+        plot_sensitivity(table, out / PLOTS["sensitivity"], run.base_val_accuracy(), run.score.name)
         plots.insert(1, "sensitivity")
     from .html_report import write_html  # plotly is imported only here
 
@@ -182,22 +184,22 @@ def write_report(run: Run, out: str | Path | None = None, trial: int | None = No
 def _report_text(run: Run, frame: pd.DataFrame, trial: int, plots: list[str]) -> str:
     config, base, limits = run.config, run.base_cost(), run.limits()
     row = frame[frame["trial"] == trial].iloc[0]
-    base_acc = run.base_val_accuracy()
+    base_acc, score = run.base_val_accuracy(), run.score
     caps = ", ".join(f"≤ {human(cap)} {what}" for cap, what in ((limits.flops, "FLOPs (thop MACs)"),
                                                                  (limits.params, "params"))
                      if math.isfinite(cap))
     lines = [f"# Study `{run.name}`", "",
              f"- model `{config.get('model')}` on `{config.get('dataset')}`, budget `{config.get('budget')}` ({caps})",
              f"- base: {human(base.flops)} FLOPs (thop MACs), {human(base.params)} params"
-             + (f", validation accuracy {base_acc:.2%}" if base_acc is not None else ""),
+             + (f", validation {score.name} {score.show(base_acc)}" if base_acc is not None else ""),
              f"- trials: {len(frame)} finished, {int(frame['feasible'].sum())} within budget, "
              f"{int(frame['on_front'].sum())} on the Pareto front",
-             f"- chosen trial {trial}: validation accuracy {row['val_accuracy']:.2%}, "
+             f"- chosen trial {trial}: validation {score.name} {score.show(row['val_accuracy'])}, "
              f"FLOPs (thop MACs) {human(row['flops'])} ({row['flops_share']:.1%} of base), "
              f"params {human(row['params'])} ({row['params_share']:.1%} of base)"]
     lines += _export_lines([run.folder / f"trial-{trial}" / "summary.json", run.folder / "summary.json"], trial)
     front = frame[frame["on_front"]]
-    shown = pd.DataFrame({"trial": front["trial"], "val accuracy": front["val_accuracy"].map("{:.2%}".format),
+    shown = pd.DataFrame({"trial": front["trial"], f"val {score.name}": front["val_accuracy"].map(score.show),
                           "FLOPs (thop MACs)": front["flops"].map(human),
                           "FLOPs share": front["flops_share"].map("{:.1%}".format),
                           "params": front["params"].map(human),
@@ -206,10 +208,10 @@ def _report_text(run: Run, frame: pd.DataFrame, trial: int, plots: list[str]) ->
         shown["latency (ms)"] = front["latency_ms"].map("{:.3g}".format)
     lines += ["", "Interactive: [report.html](report.html) (opens from the file system; hover a point for "
               "its plan).", "", "## Pareto front", "", _markdown(shown), ""]
-    captions = {"front": "Accuracy against cost: every trial, the front, the budget line and the base model",
+    captions = {"front": f"{score.name} against cost: every trial, the front, the budget line and the base model",
                 "sensitivity": "Sensitivity: each group pruned alone (after BatchNorm recalibration)",
                 "channels": f"Channels kept per group by trial {trial}",
-                "history": "Search history: accuracy per trial and the best so far"}
+                "history": f"Search history: {score.name} per trial and the best so far"}
     for name in plots:
         lines += [f"## {captions[name].split(':')[0]}", "", f"![{captions[name]}]({PLOTS[name]})", ""]
     return "\n".join(lines)
@@ -223,8 +225,9 @@ def _export_lines(paths: list[Path], trial: int) -> list[str]:
             break
     else:
         return []
-    lines = [f"- exported after {summary.get('final_epochs')} fine-tune epochs: test accuracy "
-             f"{summary['test_accuracy']:.2%} (base {summary['base_test_accuracy']:.2%}), `{path}`"]
+    score = Score.of(summary)
+    lines = [f"- exported after {summary.get('final_epochs')} fine-tune epochs: test {score.name} "
+             f"{score.show(summary['test_accuracy'])} (base {score.show(summary['base_test_accuracy'])}), `{path}`"]
     for name, times in summary.get("latency_ms", {}).items():
         lines.append(f"- CPU latency {name}: " + ", ".join(f"batch {b}: {ms:.2f} ms" for b, ms in times.items())
                      + f" (median of {summary.get('latency_repeats')}, {summary.get('latency_threads')} thread(s))")

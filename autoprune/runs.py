@@ -29,6 +29,7 @@ from .models import build_model, load_weights
 from .pipeline import default_storage
 from .storage import storage_for
 from .study import Problem, finished
+from .task import Score, Task, load_task
 from .training import evaluate, resolve_device
 
 RESULTS = Path("results")
@@ -81,6 +82,11 @@ class Run:
         mine = ((table["base_model"].astype(str) == str(self.config.get("base_model")))
                 & (table["importance"] == self.config.get("importance", "l1")))
         return table[mine].reset_index(drop=True)
+
+    @property
+    def score(self) -> Score:
+        """What the trials' values are (their name and print format): accuracy for older studies."""
+        return Score.of(self.study.user_attrs)
 
     def base_val_accuracy(self) -> float | None:
         """The unpruned model's validation accuracy, as the sensitivity scan measured it."""
@@ -136,15 +142,17 @@ def open_run(study: str, storage: str | None = None, run_dir: str | Path | None 
 
 
 def rebuild_problem(run: Run, data_dir: str | Path = "data", download: bool = False,
-                    device: str = "auto") -> Problem:
+                    device: str = "auto", task: Task | str | None = None) -> Problem:
     """The search's :class:`Problem` again: base model from ``base.pt``, data, groups, costs.
 
-    The model and data set are those the study's configuration records; the
-    weights must be the ones it was searched on (their fingerprint is checked).
-    Sampling bounds are not needed to rebuild a trial and are left wide open.
+    The model, data set and task are those the study's configuration records (``task``
+    gives the task where the search was given it as an object); the weights must be
+    the ones it was searched on (their fingerprint is checked). Sampling bounds are
+    not needed to rebuild a trial and are left wide open.
     """
     config = run.config
-    data = load_data(config["dataset"], data_dir, download, seed=int(config.get("seed", 0)))
+    task = _task(config.get("task"), task)
+    data = load_data(config["dataset"], data_dir, download, seed=int(config.get("seed", 0)), task=task)
     base_file = run.folder / "base.pt"
     if not base_file.is_file():
         raise AutopruneError(f"{base_file} does not exist; pass --run-dir, the folder the search wrote")
@@ -154,17 +162,28 @@ def rebuild_problem(run: Run, data_dir: str | Path = "data", download: bool = Fa
     torch_device = resolve_device(device)
     base = base.to(torch_device).eval()
     groups = ChannelGroups(base, data.example_input(), importance=config.get("importance", "l1"),
-                           base_model=config["base_model"])
+                           ignore=task.keep,
+                           base_model=config["base_model"], loss=task.batch_loss)
     costs = CostModel(groups)
     limits = parse_budget(config["budget"]).limits(costs.base)
     n = len(groups)
     return Problem(base, data, groups, costs, limits, np.zeros(n), np.full(n, config.get("max_ratio", 0.9)),
-                   np.zeros(n), evaluate(base, data.loader("val", 256), torch_device), torch_device)
+                   np.zeros(n), evaluate(base, data.loader("val", 256), torch_device, task), torch_device)
+
+
+def _task(stored: str | None, given: Task | str | None) -> Task:
+    """The study's task: the one given, else the one its configuration names (none: classification)."""
+    if given is not None or stored is None:
+        return load_task(given)
+    if ":" not in stored:
+        raise AutopruneError(f"the study was searched with task {stored!r} given as an object; pass it again "
+                             "(export_trial(..., task=...)), or search with a --task file.py:name")
+    return load_task(stored)
 
 
 def _model(spec: str, data: Data) -> torch.nn.Module:
     try:
-        return build_model(spec, data.num_classes)
+        return build_model(spec, data.num_classes, input_shape=data.input_shape)
     except AutopruneError as err:
         raise AutopruneError(f"cannot rebuild the study's model {spec!r} ({err}); a model passed to "
                              "search() as an object cannot be rebuilt from its name") from None

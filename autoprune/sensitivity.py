@@ -127,8 +127,8 @@ def scan(
         keep = {group.id: kept}
         pruned = groups.apply(groups.plan(keep)).to(device)
         torch.manual_seed(0)
-        recalibrate_bn(pruned, train_loader, device, bn_batches)
-        accuracy = evaluate(pruned, val_loader, device)
+        recalibrate_bn(pruned, train_loader, device, bn_batches, task=data.task)
+        accuracy = evaluate(pruned, val_loader, device, data.task)
         row = {"base_model": groups.base_model, "importance": groups.importance, "group": group.id,
                "ratio": float(ratio), "channels": int(group.channels), "kept": int(kept),
                "flops_share": float(costs.predict(keep).flops / costs.base.flops),

@@ -21,6 +21,7 @@ from .distill import Distill
 from .groups import ChannelGroups, Group
 from .plan import Plan
 from .options import FINETUNE_LR
+from .task import CLASSIFICATION, Task
 from .training import train
 
 
@@ -74,7 +75,7 @@ class _EveryEpoch:
 
 def soft_prune(base: nn.Module, groups: ChannelGroups, plan: Plan, loader: DataLoader, epochs: float,
                device: torch.device, lr: float = FINETUNE_LR, quiet: bool = False,
-               distill: Distill | None = None) -> tuple[nn.Module, Plan]:
+               distill: Distill | None = None, task: Task = CLASSIFICATION) -> tuple[nn.Module, Plan]:
     """Soft-prune a copy of ``base`` for ``epochs`` with ``plan``'s channel counts.
 
     Returns the trained full-size copy and the final plan (the strongest channels
@@ -88,7 +89,7 @@ def soft_prune(base: nn.Module, groups: ChannelGroups, plan: Plan, loader: DataL
     model = copy.deepcopy(base).to(device)
     zero_weakest(model, groups, keep)
     train(model, loader, epochs, device, lr=lr, desc="soft pruning", quiet=quiet, distill=distill,
-          after_step=_EveryEpoch(groups, keep, len(loader)))
+          after_step=_EveryEpoch(groups, keep, len(loader)), task=task)
     kept = {gid: tuple(sorted(torch.argsort(channel_norms(model, groups[gid]), stable=True)
                               [groups[gid].channels - count:].tolist()))
             for gid, count in keep.items()}

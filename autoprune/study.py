@@ -41,6 +41,7 @@ from .files import save_torch
 from .groups import ChannelGroups
 from .latency import describe as describe_latency, trial_latency
 from .plan import Plan
+from .task import Score
 from .training import evaluate, recalibrate_bn, train
 from .workers import (COMPLETE, ENDED, FAIL, POLL_S, PRUNED, RUNNING,  # noqa: F401 (states, as modules import them)
                       heartbeat, hold_for_test, recover, retry, surplus)
@@ -261,9 +262,9 @@ class Objective:
         trial.set_constraint("budget", usage(cost, limits) - 1.0)
         torch.manual_seed(s.seed + trial.number)
         model.to(p.device)
-        recalibrate_bn(model, self._train_loader(trial, 0), p.device, s.trial_bn_batches)
+        recalibrate_bn(model, self._train_loader(trial, 0), p.device, s.trial_bn_batches, task=p.data.task)
         clock = time.perf_counter()
-        cheap = evaluate(model, p.data.loader("score", 256), p.device)
+        cheap = evaluate(model, p.data.loader("score", 256), p.device, p.data.task)
         trial.set_user_attr("score_seconds", round(time.perf_counter() - clock, 3))
         trial.set_user_attr("val_accuracy_before_finetune", cheap)
         self._report(trial, 0, cheap, started)  # screening: a hopeless cut is never fine-tuned
@@ -277,10 +278,10 @@ class Objective:
         clock = time.perf_counter()
         train(model, self._train_loader(trial, step), epochs, p.device, lr=s.lr, desc=f"trial {trial.number}",
               quiet=self.quiet, distill=from_settings(p.model, s.extra), checks=checks,
-              check=lambda tuned, k: self._report(trial, step - 1 + k, evaluate(tuned, score, p.device),
-                                                  started))
+              check=lambda tuned, k: self._report(trial, step - 1 + k, evaluate(tuned, score, p.device, p.data.task),
+                                                  started), task=p.data.task)
         trained, clock = time.perf_counter() - clock, time.perf_counter()
-        accuracy = evaluate(model, score, p.device)
+        accuracy = evaluate(model, score, p.device, p.data.task)
         scored = time.perf_counter() - clock
         trial.set_user_attr("val_accuracy", accuracy)
         attrs = trial.user_attrs
@@ -300,12 +301,12 @@ class Objective:
         return self.problem.data.loader("train", s.batch_size, shuffle=True,
                                         seed=s.seed + trial.number + 100003 * max(0, step - 1))
 
-    @staticmethod
-    def _report(trial: optuna.Trial, step: int, accuracy: float, started: float) -> None:
+    def _report(self, trial: optuna.Trial, step: int, accuracy: float, started: float) -> None:
         trial.report(accuracy, step)
         if trial.should_prune():
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
-            raise optuna.TrialPruned(f"val {accuracy:.2%} at step {step} is below the median")
+            task = self.problem.data.task
+            raise optuna.TrialPruned(f"val {task.name} {task.show(accuracy)} at step {step} is below the median")
 
 
 def choose_stratum(study: optuna.Study, strata: int, number: int | None = None) -> int:
@@ -331,24 +332,24 @@ def choose_stratum(study: optuna.Study, strata: int, number: int | None = None) 
 
 
 def _describe(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> str:
-    attrs = trial.user_attrs
+    attrs, score = trial.user_attrs, Score.of(study.user_attrs)
     best = study.best_trial
     target = f" | target {attrs['target']}" + (" (uniform)" if attrs.get("reference") else "") \
         if "target" in attrs else ""
-    return (f"trial {trial.number}{target}: val {attrs['val_accuracy']:.2%} "
-            f"(before fine-tune {attrs['val_accuracy_before_finetune']:.2%}) | "
+    return (f"trial {trial.number}{target}: val {score.name} {score.show(attrs['val_accuracy'])} "
+            f"(before fine-tune {score.show(attrs['val_accuracy_before_finetune'])}) | "
             f"FLOPs {human(attrs['flops'])} ({attrs['flops_share']:.1%} of base, thop MACs) | "
             f"params {human(attrs['params'])} ({attrs['params_share']:.1%}){describe_latency(attrs)} | "
             f"{attrs['seconds']:.1f}s | "
-            f"best {best.value:.2%} (trial {best.number})")
+            f"best {score.show(best.value)} (trial {best.number})")
 
 
-def _describe_pruned(trial: optuna.trial.FrozenTrial) -> str:
+def _describe_pruned(trial: optuna.trial.FrozenTrial, score: Score) -> str:
     if "no_fit" in trial.user_attrs:
         return f"trial {trial.number}: dropped: {trial.user_attrs['no_fit']}"
     step = trial.last_step
     when = "before fine-tuning (cheap score)" if step == 0 else f"at check {step} of the fine-tune"
-    return (f"trial {trial.number}: pruned {when}: val {trial.intermediate_values[step]:.2%} "
+    return (f"trial {trial.number}: pruned {when}: val {score.name} {score.show(trial.intermediate_values[step])} "
             f"below the median | {trial.user_attrs.get('seconds', 0):.1f}s")
 
 
@@ -438,7 +439,7 @@ def _run_one(study: optuna.Study, objective: Objective, wanted: int, quiet: bool
     except optuna.TrialPruned:
         frozen = study.tell(trial, state=PRUNED)
         if not quiet:
-            tqdm.write(_describe_pruned(frozen))
+            tqdm.write(_describe_pruned(frozen, Score.of(study.user_attrs)))
         keep_best_checkpoints(study, objective.problem.checkpoints)
         return
     except BaseException:

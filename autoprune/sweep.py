@@ -68,11 +68,11 @@ def mlp_sweep(data: Data | str = "digits", levels: Sequence[float] = LEVELS, tra
     torch.manual_seed(seed)
     base = build_model("mlp", data.num_classes, input_shape=data.input_shape)
     train(base, data.loader("train", batch_size, shuffle=True, seed=seed), train_epochs, dev, lr=BASE_LR,
-          desc="train mlp", quiet=quiet)
+          desc="train mlp", quiet=quiet, task=data.task)
     costs = WeightCosts.of(base)
-    val_acc = evaluate(base, data.loader("val", 256), dev)
+    val_acc = evaluate(base, data.loader("val", 256), dev, data.task)
     test_loader = data.loader("test", 256)
-    base_test = evaluate(base, test_loader, dev)
+    base_test = evaluate(base, test_loader, dev, data.task)
     settings = Settings(trials, finetune_epochs, finetune_epochs, lr, batch_size, 8, seed)
     table = scan(base, costs, data, val_acc, dev, None, quiet=quiet)
     rows = []
@@ -82,14 +82,14 @@ def mlp_sweep(data: Data | str = "digits", levels: Sequence[float] = LEVELS, tra
         high = max(0.95, 1 - (1 - level) / 2)  # a layer may go twice as sparse as the uniform level
         problem = WeightProblem(base, data, costs, limit, high, equal_drop(table, costs, limit, high), val_acc, dev)
         pruned_model, _, _ = finetune(problem, uniform, settings, 0, seed, True, "")
-        pruned = evaluate(pruned_model, test_loader, dev)
+        pruned = evaluate(pruned_model, test_loader, dev, data.task)
         tuned, _, _ = finetune(problem, uniform, settings, finetune_epochs, seed, quiet, f"uniform {level:.0%}")
         study = optuna.create_study(direction="maximize")
         run_trials(problem, study, settings, quiet=True)
         chosen = np.array([study.best_trial.user_attrs["sparsities"][n] for n in costs.names])
         searched, _, _ = finetune(problem, chosen, settings, finetune_epochs, seed, quiet, f"search {level:.0%}")
         rows.append(SweepRow(level, count_nonzero(tuned) / costs.base, base_test, pruned,
-                             evaluate(tuned, test_loader, dev), evaluate(searched, test_loader, dev),
+                             evaluate(tuned, test_loader, dev, data.task), evaluate(searched, test_loader, dev, data.task),
                              count_nonzero(searched) / costs.base))
         if report is not None:
             report(rows[-1])

@@ -18,8 +18,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -187,3 +188,92 @@ def shape_signature(output: Any) -> Any:
     if isinstance(output, (list, tuple)):
         return type(output)(shape_signature(v) for v in output)
     return type(output).__name__
+
+
+def load_task(spec: Task | str | None) -> Task:
+    """``--task``: a :class:`Task`, ``package.module:name`` or ``file.py:name`` of a factory returning
+    one (or of a Task itself), or None for classification."""
+    if spec is None or spec == "classification":
+        return CLASSIFICATION
+    if isinstance(spec, Task):
+        return spec
+    from .models import call_user, load_attribute
+
+    found = load_attribute(spec, "task")
+    if not (isinstance(found, Task) or callable(found)):
+        raise AutopruneError(f"task {spec} is a {type(found).__name__}; name a Task or a function returning one")
+    made = found if isinstance(found, Task) else call_user(found, spec, "task")
+    if not isinstance(made, Task):
+        raise AutopruneError(f"task factory {spec} returned {type(made).__name__}, not an autoprune.Task; "
+                             "return Task(loss=..., score=..., name=...)")
+    return made if made.spec else replace(made, spec=spec)
+
+
+def validate(task: Task, model: nn.Module, batch: Any, device: torch.device) -> None:
+    """Run ``task`` once on a copy of ``model`` and one batch, so a task that does not fit the model
+    or the data is refused in one line before anything is trained or written."""
+    probe = copy.deepcopy(model).to(device).eval()
+    batch = task.to_device(batch, device)
+    steps = (("inputs(batch)", lambda: task.inputs(batch)),
+             ("the model called with inputs(batch)", lambda: _no_grad(task.call, probe, batch)),
+             ("loss(model, batch)", lambda: task.batch_loss(probe.train(), batch)),
+             ("score(model, loader)", lambda: task.evaluate(probe, [batch], device)))
+    for what, step in steps:
+        try:
+            step()
+        except AutopruneError:
+            raise
+        except Exception as err:
+            raise AutopruneError(f"task {task.label}: {what} failed on the data's first validation batch "
+                                 f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); give a model, "
+                                 "data and task that fit each other") from None
+
+
+def _no_grad(function: Callable, *args: Any) -> Any:
+    with torch.no_grad():
+        return function(*args)
+
+
+SCORE = "score"  # study attribute: the name and print format of the trials' values
+
+
+def score_record(task: Task) -> dict[str, str]:
+    """What a study stores of its task's score, so pareto and report name and print it."""
+    return {"name": task.name, "format": task.format}
+
+
+@dataclass(frozen=True)
+class Score:
+    """How a stored study's values are named and printed (accuracy, as a percentage, for older studies).
+
+    Example:
+        >>> Score.of({"score": {"name": "mIoU", "format": "{:.4f}"}}).show(0.61234)
+        '0.6123'
+    """
+
+    name: str = "accuracy"
+    format: str = "{:.2%}"
+
+    @classmethod
+    def of(cls, attrs: dict[str, Any]) -> Score:
+        """A study's score (its user attributes), or an export's (its summary)."""
+        found = attrs.get(SCORE)
+        if isinstance(found, dict):
+            return cls(**found)
+        return cls(found, attrs.get("score_format", "{:.4f}")) if found else cls()
+
+    def show(self, value: float) -> str:
+        return self.format.format(value)
+
+
+def input_kind(example: Any) -> dict[str, str]:
+    """What a plan records of its model's input, so it can be rebuilt with a zero input of that kind."""
+    return {"input_kind": "list"} if isinstance(example, (list, tuple)) else {}
+
+
+def zeros_like_input(meta: dict[str, Any]) -> Any:
+    """A zero input of the shape and kind a plan's ``meta`` records: a batched tensor or a list of images."""
+    shape = meta.get("input_shape")
+    if not shape:
+        raise AutopruneError("the plan does not record its input shape; it was not written by autoprune")
+    return [torch.zeros(*shape)] if meta.get("input_kind") == "list" else torch.zeros(1, *shape)

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from .groups import ChannelGroups, Group
+from .task import CLASSIFICATION, Task
 
 
 def greedy_order(gram: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,8 @@ def contributions(module: nn.Module, inputs: torch.Tensor, channels: int, sample
 
 @torch.no_grad()
 def group_rankings(groups: ChannelGroups, model: nn.Module, loader: DataLoader, device: torch.device,
-                   batches: int = 4, samples: int = 4096, seed: int = 0) -> dict[str, torch.Tensor]:
+                   batches: int = 4, samples: int = 4096, seed: int = 0,
+                   task: Task = CLASSIFICATION) -> dict[str, torch.Tensor]:
     """ThiNet ranking (least important first) of every group whose consumers it can read.
 
     Groups with no readable consumer keep the ranking they had.
@@ -86,8 +88,8 @@ def group_rankings(groups: ChannelGroups, model: nn.Module, loader: DataLoader, 
         for name in consumers if name in modules]
     model.to(device).eval()
     try:
-        for inputs, _ in islice(iter(loader), batches):
-            model(inputs.to(device))
+        for batch in islice(iter(loader), batches):
+            task.call(model, task.to_device(batch, device))
     finally:
         for handle in handles:
             handle.remove()
@@ -118,13 +120,13 @@ def _gram(group: Group, modules: dict[str, nn.Module], recorded: dict[str, list[
 
 
 def rerank(groups: ChannelGroups, model: nn.Module, loader: DataLoader, device: torch.device,
-           batches: int = 4, seed: int = 0) -> ChannelGroups:
+           batches: int = 4, seed: int = 0, task: Task = CLASSIFICATION) -> ChannelGroups:
     """Make ``groups`` choose channels the ThiNet way (in place); plans then record ``thinet``.
 
     Example:
         >>> groups = rerank(ChannelGroups(model, example), model, train_loader, torch.device("cpu"))
         >>> plan = groups.plan({gid: n // 2 for gid, n in groups.full().items()})
     """
-    groups.rankings.update(group_rankings(groups, model, loader, device, batches, seed=seed))
+    groups.rankings.update(group_rankings(groups, model, loader, device, batches, seed=seed, task=task))
     groups.importance = "thinet"
     return groups

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .options import FINETUNE_LR
 from .errors import AutopruneError
+from .task import Task
 
 if TYPE_CHECKING:
     from .distill import Distill
@@ -51,11 +52,14 @@ def train(
     check: Callable[[nn.Module, int], None] | None = None,
     checks: int = 0,
     seconds: float | None = None,
+    *,
+    task: Task,
 ) -> nn.Module:
-    """Train ``model`` for ``epochs`` passes over ``loader`` (fractions allowed).
+    """Train ``model`` on ``task``'s loss for ``epochs`` passes over ``loader`` (fractions allowed).
 
-    SGD with Nesterov momentum and a cosine schedule: the recipe every method
-    autoprune compares gets, so differences come from the pruning, not the training.
+    SGD with Nesterov momentum and a cosine schedule (or the task's own optimizer and
+    schedule): the recipe every method autoprune compares gets, so differences come
+    from the pruning, not the training.
     ``distill`` adds a teacher's softened predictions to the loss; ``after_step``
     runs after every optimiser step (weight-level pruning re-applies its masks there).
     ``check(model, k)`` runs ``checks`` times, evenly spaced before the end
@@ -71,11 +75,17 @@ def train(
     model.to(device).train()
     if steps == 0:
         return model.eval()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
-                                weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if steps else None
+    if task.optimizer is not None:
+        optimizer = task.optimizer(model.parameters(), lr)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                                    weight_decay=weight_decay)
+    initial = [group["lr"] for group in optimizer.param_groups]
+    schedule = None
+    if steps:
+        make = task.schedule or torch.optim.lr_scheduler.CosineAnnealingLR
+        schedule = make(optimizer, steps)
     end = time.perf_counter() + seconds if seconds else None
-    loss_fn = nn.CrossEntropyLoss()
     if distill is not None:
         from .distill import kd_loss
 
@@ -83,21 +93,21 @@ def train(
     bar = tqdm(islice(_endless(loader), steps), total=steps, desc=desc, disable=quiet, leave=False,
                unit="step")
     at = {math.ceil(k * steps / (checks + 1)): k for k in range(1, checks + 1)} if check and steps else {}
-    for step, (inputs, targets) in enumerate(bar, 1):
+    for step, batch in enumerate(bar, 1):
         if end is not None:  # time-based cosine: the share of the time spent sets the learning rate
             spent = 1.0 - (end - time.perf_counter()) / seconds
             if spent >= 1.0:
                 break
-            for group in optimizer.param_groups:
-                group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * spent))
-        inputs, targets = inputs.to(device), targets.to(device)
-        logits = model(inputs)
+            for group, start in zip(optimizer.param_groups, initial):
+                group["lr"] = 0.5 * start * (1.0 + math.cos(math.pi * spent))
+        batch = task.to_device(batch, device)
         if distill is None:
-            loss = loss_fn(logits, targets)
-        else:
+            loss = task.batch_loss(model, batch)
+        else:  # classification only (refused for other tasks before any work)
+            inputs, targets = batch
             with torch.no_grad():
                 teacher_logits = distill.teacher(inputs)
-            loss = kd_loss(logits, teacher_logits, targets, distill.weight, distill.temperature)
+            loss = kd_loss(model(inputs), teacher_logits, targets, distill.weight, distill.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -112,35 +122,32 @@ def train(
     return model.eval()
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
-    """Top-1 accuracy of ``model`` on ``loader``."""
-    model.to(device).eval()
-    correct = total = 0
-    for inputs, targets in loader:
-        predictions = model(inputs.to(device)).argmax(dim=1)
-        correct += (predictions == targets.to(device)).sum().item()
-        total += targets.numel()
-    return correct / max(total, 1)
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, task: Task) -> float:
+    """``task``'s score of ``model`` on ``loader`` (top-1 accuracy for classification)."""
+    return task.evaluate(model, loader, device)
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, batches: int = 8) -> nn.Module:
+def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, batches: int = 8, *,
+                   task: Task) -> nn.Module:
     """Re-estimate BatchNorm statistics on a few training batches.
 
     Removing channels shifts the statistics every later BatchNorm sees; a cheap
-    pass over ``batches`` batches, with nothing trained, puts them right.
+    pass over ``batches`` batches, with nothing trained, puts them right. Only the
+    BatchNorm layers are put in training mode: the model runs its inference path
+    (a detector needs no targets there) and dropout stays off.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or batches <= 0:
         return model.eval()
     momenta = [m.momentum for m in norms]
+    model.to(device).eval()
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # a plain average over the batches seen
-    model.to(device).train()
-    for inputs, _ in islice(_endless(loader), batches):
-        model(inputs.to(device))
+        norm.train()
+    for batch in islice(_endless(loader), batches):
+        task.call(model, task.to_device(batch, device))
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     return model.eval()

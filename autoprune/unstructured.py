@@ -222,8 +222,8 @@ def scan(model: nn.Module, costs: WeightCosts, data: Data, base_accuracy: float,
     for name, sparsity in tqdm(cells, desc="sensitivity", disable=quiet or not cells, unit="cell"):
         pruned, _ = prune_weights(model, {name: sparsity})
         torch.manual_seed(0)
-        recalibrate_bn(pruned.to(device), train_loader, device, bn_batches)
-        accuracy = evaluate(pruned, val_loader, device)
+        recalibrate_bn(pruned.to(device), train_loader, device, bn_batches, task=data.task)
+        accuracy = evaluate(pruned, val_loader, device, data.task)
         rows.append(pd.DataFrame([{"base_model": base_id, "group": name, "ratio": sparsity,
                                    "weights": int(costs.sizes[costs.names.index(name)]),
                                    "val_accuracy": accuracy, "drop": base_accuracy - accuracy}]))
@@ -275,11 +275,11 @@ def finetune(problem: WeightProblem, sparsities: np.ndarray, settings: Settings,
     train_loader = p.data.loader("train", s.batch_size, shuffle=True, seed=seed)
     val_loader = p.data.loader("val", 256)
     model.to(p.device)
-    recalibrate_bn(model, train_loader, p.device, s.bn_batches)
-    before = evaluate(model, val_loader, p.device)
+    recalibrate_bn(model, train_loader, p.device, s.bn_batches, task=p.data.task)
+    before = evaluate(model, val_loader, p.device, p.data.task)
     train(model, train_loader, epochs, p.device, lr=s.lr, desc=desc, quiet=quiet,
-          distill=from_settings(p.model, s.extra), after_step=MaskHook(masks))
-    return model, before, evaluate(model, val_loader, p.device)
+          distill=from_settings(p.model, s.extra), after_step=MaskHook(masks), task=p.data.task)
+    return model, before, evaluate(model, val_loader, p.device, p.data.task)
 
 
 class WeightObjective:
@@ -335,7 +335,8 @@ def export_weights(problem: WeightProblem, sparsities: np.ndarray, out: Path, se
     model, _, val_accuracy = finetune(p, sparsities, settings, settings.final_epochs, settings.seed, quiet,
                                       "final fine-tune")
     test_loader = p.data.loader("test", 256)
-    base_test, test_accuracy = evaluate(p.model, test_loader, p.device), evaluate(model, test_loader, p.device)
+    base_test = evaluate(p.model, test_loader, p.device, p.data.task)
+    test_accuracy = evaluate(model, test_loader, p.device, p.data.task)
     model = model.cpu().eval()  # plain tensors with the zeros in them: nothing to fold or unwrap
     dense = count(model, p.data.example_input())
     nonzero = count_nonzero(model)
@@ -406,7 +407,7 @@ def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: 
     the_study = open_study(study_name, r.storage, config, new=o.new_study)
     if not (out / "base.pt").is_file():
         save_torch(base.state_dict(), out / "base.pt")
-    base_val = evaluate(base, data.loader("val", 256), device)
+    base_val = evaluate(base, data.loader("val", 256), device, data.task)
     if not quiet:
         print(f"base {name} on {data.name}: val {base_val:.2%} | {human(costs.base)} {LABEL} | "
               f"{len(costs.names)} layers | budget {budget}: ≤ {human(limit)} nonzero params")

@@ -6,6 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from autoprune.task import CLASSIFICATION
 from autoprune.distill import Distill, from_settings, kd_loss
 from autoprune.errors import AutopruneError
 from autoprune.training import train
@@ -38,7 +39,7 @@ def test_the_student_learns_the_teacher_not_the_labels():
         torch.manual_seed(1)
         student = nn.Linear(16, 4)
         train(student, loader, 15, torch.device("cpu"), lr=0.1, quiet=True,
-              distill=Distill(teacher, weight=weight, temperature=2.0))
+              distill=Distill(teacher, weight=weight, temperature=2.0), task=CLASSIFICATION)
         students.append(_agreement(student, teacher, x))
     assert students[1] > 0.9 > 0.5 > students[0]
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import autoprune
+from autoprune.task import CLASSIFICATION
 from autoprune import training
 from autoprune.cli import main
 from autoprune.models import build_model
@@ -98,8 +99,8 @@ def test_a_fine_tune_by_the_clock_trains_until_its_time_is_up_on_a_cosine_of_the
 
     torch.optim.SGD = spy
     try:
-        training.train(model, loader, 0.25, torch.device("cpu"), lr=0.1, quiet=True, after_step=after, seconds=1.0)
-        training.train(model, loader, 5.0, torch.device("cpu"), lr=0.1, quiet=True, after_step=after, seconds=0.0)
+        training.train(model, loader, 0.25, torch.device("cpu"), lr=0.1, quiet=True, after_step=after, seconds=1.0, task=CLASSIFICATION)
+        training.train(model, loader, 5.0, torch.device("cpu"), lr=0.1, quiet=True, after_step=after, seconds=0.0, task=CLASSIFICATION)
     finally:
         torch.optim.SGD = real_sgd
     assert len(steps) > len(loader) // 4  # past the quarter epoch asked for: the clock decides

@@ -2,6 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from autoprune.task import CLASSIFICATION
 from autoprune.budget import Budget, fits, smallest, usage
 from autoprune.costmodel import CostModel
 from autoprune.counting import Cost
@@ -16,7 +17,7 @@ GRID = (0.25, 0.5, 0.75)
 def setup(tiny, digits_data):
     device = resolve_device("cpu")
     groups = ChannelGroups(tiny, digits_data.example_input(), base_model="tiny")
-    base = evaluate(tiny, digits_data.loader("val"), device)
+    base = evaluate(tiny, digits_data.loader("val"), device, CLASSIFICATION)
     return groups, CostModel(groups), base, device
 
 

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import autoprune
+from autoprune.task import CLASSIFICATION
 from autoprune.cli import main
 from autoprune.counting import count
 from autoprune.errors import AutopruneError
@@ -36,9 +37,9 @@ def test_masks_keep_the_largest_weights_per_layer():
 def test_pruned_weights_stay_exactly_zero_through_fine_tuning():
     pruned, masks = prune_weights(mlp(), {"1": 0.8, "4": 0.5, "7": 0.3})
     zeros = {n: (dict(pruned.named_modules())[n].weight == 0) for n in masks}
-    free = train(prune_weights(mlp(), {"1": 0.8})[0], _loader(), 1, torch.device("cpu"), lr=0.1, quiet=True)
+    free = train(prune_weights(mlp(), {"1": 0.8})[0], _loader(), 1, torch.device("cpu"), lr=0.1, quiet=True, task=CLASSIFICATION)
     assert (free[1].weight != 0).float().mean() > 0.9  # without the hook, weight decay and SGD revive them
-    train(pruned, _loader(), 2, torch.device("cpu"), lr=0.1, quiet=True, after_step=MaskHook(masks))
+    train(pruned, _loader(), 2, torch.device("cpu"), lr=0.1, quiet=True, after_step=MaskHook(masks), task=CLASSIFICATION)
     for name, was_zero in zeros.items():
         weight = dict(pruned.named_modules())[name].weight
         assert torch.all(weight[was_zero] == 0), name

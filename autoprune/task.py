@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -220,7 +221,9 @@ def validate(task: Task, model: nn.Module, batch: Any, device: torch.device) -> 
              ("score(model, loader)", lambda: task.evaluate(probe, [batch], device)))
     for what, step in steps:
         try:
-            step()
+            with warnings.catch_warnings():  # a failing step's warnings would bury the one line that says why
+                warnings.simplefilter("ignore")
+                step()
         except AutopruneError:
             raise
         except Exception as err:

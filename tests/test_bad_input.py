@@ -24,6 +24,8 @@ MODEL = f"{TINY}:tiny_resnet"
 FRESH = ["search", "--model", MODEL, "--train-epochs", "0", "--trials", "1", "--finetune-epochs", "0.05",
          "--final-epochs", "0", "--quiet"]
 WEIGHT = [*FRESH, "--granularity", "weight", "--budget", "params=0.5"]
+TASKS = str(Path(__file__).with_name("user_tasks.py"))  # a user's own tasks, and tasks wrong in one way each
+REGRESSION = ["--model", f"{TASKS}:regressor", "--dataset", f"{TASKS}:regression_data"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,19 @@ CASES = [
          "--batch-size must be at least 1", finished=True),
     Case("bad lr on a finished study", (*SEARCH_ARGS, "--out", "OUT", "--lr", "-1"),
          "--lr must be a positive number", finished=True),
+    Case("task file lacks the name", (*FRESH, "--out", "OUT", "--task", f"{TASKS}:nope"), "has no 'nope'"),
+    Case("task factory returns no task", (*FRESH, "--out", "OUT", "--task", f"{TASKS}:not_a_task"),
+         "returned dict, not an autoprune.Task"),
+    Case("task score not a finite number", (*FRESH, *REGRESSION, "--out", "OUT", "--task", f"{TASKS}:nan_score"),
+         "score(model, loader) returned nan"),
+    Case("task loss not a scalar", (*FRESH, *REGRESSION, "--out", "OUT", "--task", f"{TASKS}:vector_loss"),
+         "loss(model, batch) returned a tensor of shape (8, 1)"),
+    Case("task inputs the model cannot take", (*FRESH, *REGRESSION, "--out", "OUT", "--task", f"{TASKS}:wrong_inputs"),
+         "the model called with inputs(batch) failed"),
+    Case("task that does not fit a shipped data set", (*FRESH, "--out", "OUT", "--dataset", "digits", "--task",
+                                                       f"{TASKS}:segmentation"), "fit each other"),
+    Case("distillation with a task", (*FRESH, *REGRESSION, "--out", "OUT", "--task", f"{TASKS}:regression",
+                                      "--distill"), "--distill softens a classifier's logits"),
     Case("model file raises on a finished study", (*SEARCH_ARGS, "--out", "OUT", "--study", TINY_STUDY,
                                                    "--model", "RAISES:f"), "RuntimeError: boom", finished=True),
 ]

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, random_split
 
 from .errors import AutopruneError
-from .models import load_factory
+from .models import call_user, load_factory
 
 TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 NAMES = ("digits", *TORCHVISION)
@@ -242,7 +242,7 @@ def _image_folder(root: Path, image_size: int, seed: int) -> Data:
 
 
 def _factory(spec: str, seed: int) -> Data:
-    made = load_factory(spec, "data")()
+    made = call_user(load_factory(spec, "data"), spec, "data")
     if not (isinstance(made, (tuple, list)) and len(made) == 3):
         raise AutopruneError(f"data factory {spec} must return (train, val, test) datasets")
     return from_splits(spec, *made, where=f"data factory {spec}")

@@ -60,16 +60,24 @@ def load_factory(spec: str, what: str = "model") -> Callable[..., Any]:
 
 
 def _why(err: Exception) -> str:
-    """An import error in one line (a SyntaxError's text names the file and line)."""
+    """An error of the user's code in one line (a SyntaxError's text names the file and line)."""
     return f"{type(err).__name__}: {one_line(err)}"
 
 
-def _call_factory(factory: Callable[..., nn.Module], num_classes: int) -> nn.Module:
+def call_user(factory: Callable[..., Any], spec: str, what: str, *args: Any, **kwargs: Any) -> Any:
+    """``factory(*args, **kwargs)``, where whatever the user's code raises becomes one line naming ``spec``."""
+    try:
+        return factory(*args, **kwargs)
+    except Exception as err:  # the user's code: anything it raises is theirs to fix
+        raise AutopruneError(f"{what} factory {spec} raised {_why(err)}; fix the factory or name another") from None
+
+
+def _call_factory(factory: Callable[..., nn.Module], spec: str, num_classes: int) -> nn.Module:
     try:
         accepts = "num_classes" in inspect.signature(factory).parameters
     except (TypeError, ValueError):
         accepts = False
-    return factory(num_classes=num_classes) if accepts else factory()
+    return call_user(factory, spec, "model", **({"num_classes": num_classes} if accepts else {}))
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> None:
@@ -122,7 +130,7 @@ def build_model(spec: str, num_classes: int, pretrained: bool = False,
             raise AutopruneError(f"built-in model {spec!r} has no pretrained weights; leave out --weights DEFAULT")
         return BUILTIN[spec](num_classes, tuple(input_shape or (1, 28, 28)))
     if ":" in spec:
-        model = _call_factory(load_factory(spec, "model"), num_classes)
+        model = _call_factory(load_factory(spec, "model"), spec, num_classes)
         if not isinstance(model, nn.Module):
             raise AutopruneError(f"model factory {spec} returned {type(model).__name__}, not an nn.Module")
         return model

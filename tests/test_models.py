@@ -19,6 +19,7 @@ def test_factory_from_a_file_and_from_a_module():
     ("resnet1000", "unknown model 'resnet1000'"),
     (f"{TINY}:missing", "no callable 'missing'"),
     (f"{TINY}:not_a_model", "not an nn.Module"),
+    (f"{TINY}:fails", r"model factory .*tiny_models.py:fails raised RuntimeError: this factory fails on purpose"),
     ("no/such/file.py:make", "does not exist"),
     ("nosuchpackage.models:make", "cannot import"),
 ])

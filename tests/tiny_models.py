@@ -47,6 +47,10 @@ def not_a_model():
     return "oops"
 
 
+def fails(num_classes: int = 10) -> nn.Module:
+    raise RuntimeError("this factory fails on purpose")
+
+
 def mnist_mlp(num_classes: int = 10) -> nn.Module:
     """The classic 784-512-256-10 MLP with BatchNorm1d and LeakyReLU (on 1x28x28 inputs)."""
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.BatchNorm1d(512), nn.LeakyReLU(0.1),

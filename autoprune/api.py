@@ -313,7 +313,8 @@ def _budget_limits(groups: ChannelGroups, budget: Budget | BudgetRange, space: S
     reach (a range whose lower end is).
 
     Under a latency cap, with ``meter``, the predictor predicts latency too (its table
-    measured here once per machine and setting); without one the latency cap is checked later.
+    measured here once per machine and setting); without one (before the base is trained)
+    only the other caps are checked, and the latency cap once there is a base to time.
     """
     if not len(groups):
         raise AutopruneError("the model has no prunable channel group; nothing to search")
@@ -322,7 +323,8 @@ def _budget_limits(groups: ChannelGroups, budget: Budget | BudgetRange, space: S
     if budget.latency is not None and meter is not None:
         costs = latency_costs(groups, costs, meter, space.round_to)
     limits = budget.limits(costs.base)
-    check_prunes(budget, limits, costs.base)
+    if meter is not None or budget.latency is None:  # untimed, a latency cap would read as no cap at all
+        check_prunes(budget, limits, costs.base)
     tightest = budget.low.limits(costs.base) if isinstance(budget, BudgetRange) else limits
     check_reachable(costs, tightest, space.ratio_bounds(groups.ids)[1], space.round_to)
     return costs, limits

@@ -197,6 +197,22 @@ def test_search_under_a_latency_budget_and_resume_with_other_settings_refused(tm
         search(f"{TINY}:tiny_resnet", digits_data, "latency=0.6", latency_threads=2, **args)
 
 
+def test_a_latency_budget_is_taken_when_the_base_is_trained_here(tmp_path, digits_data):
+    """No base to time before training: a relative latency cap waits for the trained base (it read as no
+    cap at all and was refused as 'does not prune'), while the other caps are still checked first."""
+    from conftest import TINY
+
+    from autoprune.api import search
+
+    args = dict(trials=1, train_epochs=0.5, finetune_epochs=0.05, final_epochs=0, grid=[0.5], quiet=True,
+                latency_timer=FakeTimer())
+    with pytest.raises(AutopruneError, match="cannot be met"):
+        search(f"{TINY}:mlp", digits_data, "latency=0.6,flops=0.001", out=tmp_path / "no", **args)
+    assert not (tmp_path / "no" / "base.pt").exists(), "the base was trained for a budget out of reach"
+    latency = search(f"{TINY}:mlp", digits_data, "latency=0.85", out=tmp_path / "run", **args).summary["latency"]
+    assert latency["ms"] <= latency["budget_ms"] == pytest.approx(0.85 * latency["base_ms"])
+
+
 @pytest.mark.slow
 def test_real_timer_fits_the_budget_as_it_measures(tiny, example):
     """The wall-clock timer end to end on a tiny model: what comes back is within budget as timed."""

@@ -36,8 +36,9 @@ from .files import command_line, fingerprint, save_torch, versions, write_json, 
 from .groups import ChannelGroups, apply_plan
 from .halving import SCAN_SHARE, Deadline, parse_duration, scoring_seconds, timed_search
 from .latency import ATTRS as LATENCY_ATTRS, LatencySettings, Meter, latency_costs, with_device
-from .models import build_model, read_state_dict
+from .models import absolute_spec, build_model, read_state_dict
 from .pipeline import Result, Run, as_data, bounded_problem, find_groups, prepare
+from .runs import record_run
 from .plan import Plan
 from .sensitivity import scan
 from .space import SearchSpace, resolve
@@ -122,6 +123,7 @@ def search(
     the_study = open_study(r.study, r.storage, config, new=o.new_study)
     the_study.set_user_attr(FINAL_EXTRA, extra)  # so `export` fine-tunes as this run's final fine-tune does
     the_study.set_user_attr(LATENCY_SETTINGS, latency.config())  # what the trials' latencies mean
+    record_run(the_study, out, r.name)
     if not (out / "base.pt").is_file():
         save_torch(base.state_dict(), out / "base.pt")
     clock = time.perf_counter()
@@ -187,7 +189,7 @@ def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.Froz
             extra: dict[str, Any], time_budget: float | None = None) -> Result:
     """Export the chosen trial (once), write the trials table and the summary, and hand back the result."""
     data, out = run.data, run.out
-    plan = _exported_plan(chosen, run.name, data, run.study)
+    plan = _exported_plan(chosen, absolute_spec(run.name), data, run.study)
     write_text(out / "trials.csv", trials_table(the_study).to_csv(index=False))
     start = _warm_start(problem.checkpoints, chosen.number, extra)
     record = dict(budget=str(budget), budget_flops=limits.flops, budget_params=limits.params,
@@ -451,7 +453,7 @@ def export_trial(
     stored = DEFAULTS.replace(**{k: config[k] for k in ("finetune_epochs", "lr", "batch_size", "bn_batches", "seed")
                                  if k in config})  # as the search trained (older studies lack some)
     settings = replace(Settings.of(stored, extra), trials=0, final_epochs=final_epochs)
-    plan = _exported_plan(chosen, config["model"], data, run.name)
+    plan = _exported_plan(chosen, run.model, data, run.name)
     out = Path(out) if out else run.folder / f"trial-{chosen.number}"
     start = _warm_start(run.folder / "checkpoints", chosen.number, extra)
     record = dict(budget=config["budget"], budget_flops=problem.limits.flops, budget_params=problem.limits.params,

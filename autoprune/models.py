@@ -59,6 +59,13 @@ def load_factory(spec: str, what: str = "model") -> Callable[..., Any]:
     return factory
 
 
+def absolute_spec(spec: str) -> str:
+    """``path/to/file.py:factory`` with the file's absolute path, so it is found from any folder;
+    any other spec as it is."""
+    source, _, name = spec.rpartition(":")
+    return f"{Path(source).resolve()}:{name}" if source.endswith(".py") else spec
+
+
 def _why(err: Exception) -> str:
     """An error of the user's code in one line (a SyntaxError's text names the file and line)."""
     return f"{type(err).__name__}: {one_line(err)}"

@@ -1,8 +1,10 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 from autoprune.errors import AutopruneError
-from autoprune.models import build_model, load_weights, read_state_dict
+from autoprune.models import absolute_spec, build_model, load_weights, read_state_dict
 from conftest import TINY
 
 
@@ -13,6 +15,16 @@ def test_torchvision_model_gets_the_data_sets_classes():
 def test_factory_from_a_file_and_from_a_module():
     assert build_model(f"{TINY}:tiny_resnet", num_classes=3).fc.out_features == 3
     assert isinstance(build_model("torchvision.models:resnet18", num_classes=5), torch.nn.Module)
+
+
+def test_a_file_spec_made_absolute_builds_from_any_folder(tmp_path, monkeypatch):
+    """What a study and a plan record, so export and load_pruned rebuild a relative file's model anywhere."""
+    monkeypatch.chdir(Path(TINY).parent)
+    spec = absolute_spec("tiny_models.py:tiny_resnet")
+    monkeypatch.chdir(tmp_path)
+    assert build_model(spec, num_classes=3).fc.out_features == 3
+    assert absolute_spec("resnet18") == "resnet18"
+    assert absolute_spec("torchvision.models:resnet18") == "torchvision.models:resnet18"
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -6,11 +6,14 @@ A model is a torchvision classification name (``resnet18``), an importable
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import math
+import pickle
 import sys
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +22,7 @@ from torch import nn
 
 from .errors import AutopruneError, one_line
 
+USER_MODULES: dict[str, str] = {}  # modules made from the user's files (_autoprune_user_*): name -> source
 EXTRA_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
                 "inception_v3": {"aux_logits": False, "init_weights": True}}
 
@@ -44,9 +48,11 @@ def load_factory(spec: str, what: str = "model") -> Callable[..., Any]:
         module = importlib.util.module_from_spec(loader)
         sys.modules[module_name] = module  # so pickled models can find their classes
         try:
-            loader.loader.exec_module(module)
+            source = importlib.util.decode_source(path.read_bytes())  # read once: what runs is what is saved
+            USER_MODULES[module_name] = source
+            exec(compile(source, str(path), "exec"), module.__dict__)
         except Exception as err:  # the user's code: a syntax error or anything it raises
-            del sys.modules[module_name]
+            sys.modules.pop(module_name), USER_MODULES.pop(module_name, None)
             raise AutopruneError(f"cannot import {path} for {what} {spec!r}: {_why(err)}") from None
     else:
         try:
@@ -85,6 +91,41 @@ def _call_factory(factory: Callable[..., nn.Module], spec: str, num_classes: int
     except (TypeError, ValueError):
         accepts = False
     return call_user(factory, spec, "model", **({"num_classes": num_classes} if accepts else {}))
+
+
+class _ByValue(pickle.Pickler):
+    """Pickles the classes and functions of the user's files by their file's source: the module name they
+    have (_autoprune_user_*) exists only in the process that imported the file."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (type, types.FunctionType)) and obj.__module__ in USER_MODULES \
+                and "<locals>" not in obj.__qualname__:  # a class made inside a function has no name to find
+            return user_object, (obj.__module__, USER_MODULES[obj.__module__], obj.__qualname__)
+        return NotImplemented
+
+
+PICKLE_BY_VALUE = types.SimpleNamespace(__name__="autoprune.models", Pickler=_ByValue)  # torch.save(pickle_module=)
+
+
+def user_object(module: str, source: str, qualname: str) -> Any:
+    """Unpickles what :class:`_ByValue` pickled: ``qualname`` of the user's file, whose module is made
+    from ``source`` once per process (under another name where one of that name holds other source)."""
+    name = module if USER_MODULES.get(module, source) == source else \
+        f"{module}_{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+    made = sys.modules.get(name) if USER_MODULES.get(name) == source else None
+    if made is None:
+        made = sys.modules[name] = types.ModuleType(name)
+        USER_MODULES[name] = source
+        try:
+            exec(compile(source, f"<{module}, as saved with the model>", "exec"), made.__dict__)
+        except Exception as err:
+            del sys.modules[name], USER_MODULES[name]
+            raise AutopruneError(f"cannot remake {qualname} from the source saved with the model: {_why(err)}; "
+                                 "rebuild the model with autoprune.load_pruned") from None
+    found: Any = made
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> None:

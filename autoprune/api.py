@@ -324,9 +324,11 @@ def _budget_limits(groups: ChannelGroups, budget: Budget | BudgetRange, space: S
     if budget.latency is not None and meter is not None:
         costs = latency_costs(groups, costs, meter, space.round_to)
     limits = budget.limits(costs.base)
-    if meter is not None or budget.latency is None:  # untimed, a latency cap would read as no cap at all
-        check_prunes(budget, limits, costs.base)
     tightest = budget.low.limits(costs.base) if isinstance(budget, BudgetRange) else limits
+    if meter is None and budget.latency is not None:  # no base timed yet: its latency cap waits for one
+        tightest = replace(tightest, latency=math.inf)
+    else:
+        check_prunes(budget, limits, costs.base)
     check_reachable(costs, tightest, space.ratio_bounds(groups.ids)[1], space.round_to)
     return costs, limits
 

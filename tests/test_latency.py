@@ -210,6 +210,8 @@ def test_a_latency_budget_is_taken_when_the_base_is_trained_here(tmp_path, digit
     with pytest.raises(AutopruneError, match="cannot be met"):
         search(f"{TINY}:mlp", digits_data, "latency=0.6,flops=0.001", out=tmp_path / "no", **args)
     assert not (tmp_path / "no" / "base.pt").exists(), "the base was trained for a budget out of reach"
+    with pytest.raises(AutopruneError, match=r"does not prune: .* ms\)"):  # was a crash (NaN) before training
+        search(f"{TINY}:mlp", digits_data, "latency=50ms", out=tmp_path / "ms", **args)
     latency = search(f"{TINY}:mlp", digits_data, "latency=0.85", out=tmp_path / "run", **args).summary["latency"]
     assert latency["ms"] <= latency["budget_ms"] == pytest.approx(0.85 * latency["base_ms"])
 

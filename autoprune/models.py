@@ -107,6 +107,23 @@ class _ByValue(pickle.Pickler):
 PICKLE_BY_VALUE = types.SimpleNamespace(__name__="autoprune.models", Pickler=_ByValue)  # torch.save(pickle_module=)
 
 
+class _Probe(_ByValue):
+    """Pickles a model's structure to nowhere, tensors left out: can ``model.pt`` hold it?"""
+
+    def persistent_id(self, obj: Any) -> Any:
+        return id(obj) if isinstance(obj, (torch.Tensor, torch.UntypedStorage)) else None
+
+
+def check_picklable(model: nn.Module, name: str) -> None:
+    """Refuse, before any training, a model ``model.pt`` cannot hold (a class made inside a function)."""
+    sink = types.SimpleNamespace(write=len)
+    try:
+        _Probe(sink, protocol=2).dump(model)
+    except (pickle.PicklingError, AttributeError, TypeError) as err:
+        raise AutopruneError(f"model {name} cannot be saved as model.pt ({one_line(err)}); define its classes "
+                             "and functions at the top level of their file, not inside a function") from None
+
+
 def user_object(module: str, source: str, qualname: str) -> Any:
     """Unpickles what :class:`_ByValue` pickled: ``qualname`` of the user's file, whose module is made
     from ``source`` once per process (under another name where one of that name holds other source)."""

@@ -62,6 +62,8 @@ CASES = [
     Case("model file raises", (*FRESH, "--out", "OUT", "--model", "RAISES:f"), "RuntimeError: boom"),
     Case("model factory raises when called", (*FRESH, "--out", "OUT", "--model", "FAILS:f"), "RuntimeError: boom"),
     Case("data factory raises when called", (*FRESH, "--out", "OUT", "--dataset", "FAILS:f"), "RuntimeError: boom"),
+    Case("model class made inside its factory", (*FRESH, "--out", "OUT", "--model", f"{TINY}:local_class"),
+         "cannot be saved as model.pt"),
     Case("model file syntax error", (*FRESH, "--out", "OUT", "--model", "SYNTAX:f"), "SyntaxError"),
     Case("data file raises", (*FRESH, "--out", "OUT", "--dataset", "RAISES:f"), "RuntimeError: boom"),
     Case("data labels one-hot", (*FRESH, "--out", "OUT", "--model", "mlp", "--dataset", "ONEHOT:f"),

@@ -8,7 +8,7 @@ import torch
 
 from autoprune.errors import AutopruneError
 from autoprune.files import save_torch
-from autoprune.models import absolute_spec, build_model, load_weights, read_state_dict
+from autoprune.models import absolute_spec, build_model, check_picklable, load_weights, read_state_dict
 from conftest import TINY
 
 
@@ -103,3 +103,10 @@ def test_a_saved_model_loads_beside_another_file_of_the_same_name(tmp_path):
     assert loaded[0].conv.kernel_size == (3, 3) and type(loaded[0]) is not type(other[0])
     assert sys.modules["_autoprune_user_mynet"].Stem is type(other[0])
     assert loaded(torch.zeros(1, 3, 8, 8)).shape == (1, 3)
+
+
+def test_a_model_whose_class_is_made_inside_its_factory_is_refused_before_training():
+    """No pickle can name such a class: model.pt would fail after the whole search."""
+    check_picklable(build_model(f"{TINY}:tiny_resnet", num_classes=3), "tiny_resnet")
+    with pytest.raises(AutopruneError, match="cannot be saved as model.pt .*local_class.<locals>.Local"):
+        check_picklable(build_model(f"{TINY}:local_class", num_classes=3), "local_class")

@@ -52,7 +52,8 @@ def load_factory(spec: str, what: str = "model") -> Callable[..., Any]:
             USER_MODULES[module_name] = source
             exec(compile(source, str(path), "exec"), module.__dict__)
         except Exception as err:  # the user's code: a syntax error or anything it raises
-            sys.modules.pop(module_name), USER_MODULES.pop(module_name, None)
+            del sys.modules[module_name]
+            USER_MODULES.pop(module_name, None)  # not there where the file could not be read
             raise AutopruneError(f"cannot import {path} for {what} {spec!r}: {_why(err)}") from None
     else:
         try:

@@ -35,9 +35,10 @@ from .export import export
 from .files import command_line, fingerprint, save_torch, versions, write_json, write_text
 from .groups import ChannelGroups, apply_plan
 from .halving import SCAN_SHARE, Deadline, parse_duration, scoring_seconds, timed_search
-from .latency import ATTRS as LATENCY_ATTRS, LatencySettings, Meter, latency_costs, with_device
-from .models import build_model, read_state_dict
+from .latency import ATTRS as LATENCY_ATTRS, LatencySettings, Meter, Timer, latency_costs, with_device
+from .models import absolute_spec, build_model, read_state_dict
 from .pipeline import Result, Run, as_data, bounded_problem, find_groups, prepare
+from .runs import record_run
 from .plan import Plan
 from .sensitivity import scan
 from .space import SearchSpace, resolve
@@ -126,6 +127,7 @@ def search(
     the_study.set_user_attr(FINAL_EXTRA, extra)  # so `export` fine-tunes as this run's final fine-tune does
     the_study.set_user_attr(LATENCY_SETTINGS, latency.config())  # what the trials' latencies mean
     the_study.set_user_attr(SCORE, score_record(data.task))  # what the trials' values are, for pareto and report
+    record_run(the_study, out, r.name)
     if not (out / "base.pt").is_file():
         save_torch(base.state_dict(), out / "base.pt")
     clock = time.perf_counter()
@@ -193,7 +195,7 @@ def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.Froz
             extra: dict[str, Any], time_budget: float | None = None) -> Result:
     """Export the chosen trial (once), write the trials table and the summary, and hand back the result."""
     data, out = run.data, run.out
-    plan = _exported_plan(chosen, run.name, data, run.study)
+    plan = _exported_plan(chosen, absolute_spec(run.name), data, run.study)
     write_text(out / "trials.csv", trials_table(the_study).to_csv(index=False))
     start = _warm_start(problem.checkpoints, chosen.number, extra)
     record = dict(budget=str(budget), budget_flops=limits.flops, budget_params=limits.params,
@@ -213,9 +215,8 @@ def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.Froz
     summary = _export_once(problem, plan, out, settings, quiet, record, start)
     pruned = torch.load(out / "model.pt", weights_only=False)
     if problem.meter is not None and math.isfinite(limits.latency):  # re-timed afresh, as exported
-        from .latency import check
-        summary["latency_check"] = check(problem.model, pruned, problem.meter.settings, limits.latency,
-                                         timer=problem.meter.timer)
+        summary["latency_check"] = _latency_check(problem.model, pruned, budget, problem.meter.settings,
+                                                  problem.meter.timer)
     summary.update(seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
     write_json(out / "summary.json", summary)
     return Result(pruned, plan, summary, the_study, out)
@@ -319,7 +320,8 @@ def _budget_limits(groups: ChannelGroups, budget: Budget | BudgetRange, space: S
     reach (a range whose lower end is).
 
     Under a latency cap, with ``meter``, the predictor predicts latency too (its table
-    measured here once per machine and setting); without one the latency cap is checked later.
+    measured here once per machine and setting); without one (before the base is trained)
+    only the other caps are checked, and the latency cap once there is a base to time.
     """
     if not len(groups):
         raise AutopruneError("the model has no prunable channel group; nothing to search")
@@ -328,8 +330,11 @@ def _budget_limits(groups: ChannelGroups, budget: Budget | BudgetRange, space: S
     if budget.latency is not None and meter is not None:
         costs = latency_costs(groups, costs, meter, space.round_to)
     limits = budget.limits(costs.base)
-    check_prunes(budget, limits, costs.base)
     tightest = budget.low.limits(costs.base) if isinstance(budget, BudgetRange) else limits
+    if meter is None and budget.latency is not None:  # no base timed yet: its latency cap waits for one
+        tightest = replace(tightest, latency=math.inf)
+    else:
+        check_prunes(budget, limits, costs.base)
     check_reachable(costs, tightest, space.ratio_bounds(groups.ids)[1], space.round_to)
     return costs, limits
 
@@ -454,7 +459,7 @@ def export_trial(
     stored = DEFAULTS.replace(**{k: config[k] for k in ("finetune_epochs", "lr", "batch_size", "bn_batches", "seed")
                                  if k in config})  # as the search trained (older studies lack some)
     settings = replace(Settings.of(stored, extra), trials=0, final_epochs=final_epochs)
-    plan = _exported_plan(chosen, config["model"], data, run.name)
+    plan = _exported_plan(chosen, run.model, data, run.name)
     out = Path(out) if out else run.folder / f"trial-{chosen.number}"
     start = _warm_start(run.folder / "checkpoints", chosen.number, extra)
     record = dict(budget=config["budget"], budget_flops=problem.limits.flops, budget_params=problem.limits.params,
@@ -481,14 +486,22 @@ def export_trial(
     latency = deploy.latency_ms(models, data.input_shape, latency_batches, repeats, threads=threads,
                                 listed=isinstance(inputs, list))
     if "latency_backend" in config:  # a latency budget: re-timed afresh with the study's own settings
-        from .latency import check
-        cap = Budget.parse(config["budget"])
-        summary["latency_check"] = check(problem.model, pruned, LatencySettings.from_config(config),
-                                         **({"share": cap.latency} if cap.latency_relative else {"limit": cap.latency}))
+        summary["latency_check"] = _latency_check(problem.model, pruned, Budget.parse(config["budget"]),
+                                                  LatencySettings.from_config(config))
     summary.update(out=str(out), latency_ms=latency, latency_threads=threads, latency_repeats=repeats,
                    seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _latency_check(base: nn.Module, pruned: nn.Module, budget: Budget, settings: LatencySettings,
+                   timer: Timer | None = None) -> dict[str, Any]:
+    """The exported model re-timed against the budget's latency cap: a relative one as a share of the
+    base timed in the same loop, not against the search's milliseconds (another loop's)."""
+    from .latency import check
+
+    cap = {"share": budget.latency} if budget.latency_relative else {"limit": budget.latency}
+    return check(base, pruned, settings, timer=timer, **cap)
 
 
 def _final_extra(study: optuna.Study) -> dict[str, Any]:

@@ -246,8 +246,7 @@ def check_prunes(budget: Budget, limits: Cost, base: Cost) -> None:
     once the base model's cost is known.
     """
     if limits.flops >= base.flops and limits.params >= base.params and limits.latency >= base.latency:
-        raise AutopruneError(f"budget {budget} does not prune: the base model already meets it "
-                             f"({human(base.flops)} FLOPs (thop MACs), {human(base.params)} params); "
+        raise AutopruneError(f"budget {budget} does not prune: the base model already meets it ({base}); "
                              "ask for less than the base, e.g. flops=0.5")
 
 

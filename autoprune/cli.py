@@ -213,7 +213,7 @@ def _stored(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", required=True, help="study name (as search named it)")
     parser.add_argument("--storage", help="Optuna storage URL (default: sqlite:///RUN_DIR/study.db)")
     parser.add_argument("--run-dir", help="the folder search wrote, with base.pt and sensitivity.csv "
-                        "(default: results/STUDY)")
+                        "(default: with --storage, the folder the study recorded; else results/STUDY)")
 
 
 def _inspect_commands(commands: argparse._SubParsersAction) -> None:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from .models import PICKLE_BY_VALUE
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -110,8 +112,10 @@ _NUMBER_LIST = re.compile(r"\[\s*((?:-?[\d.e+-]+,\s*)*-?[\d.e+-]+)\s*\]")
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
+    """``torch.save``, with the classes of the user's model files saved by value: the file loads in a
+    fresh process, from any folder, as long as autoprune is installed."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        torch.save(obj, tmp, pickle_module=PICKLE_BY_VALUE)
 
 
 def versions() -> dict[str, str]:

@@ -6,11 +6,14 @@ A model is a torchvision classification name (``resnet18``), an importable
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import math
+import pickle
 import sys
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +22,7 @@ from torch import nn
 
 from .errors import AutopruneError, one_line
 
+USER_MODULES: dict[str, str] = {}  # modules made from the user's files (_autoprune_user_*): name -> source
 EXTRA_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
                 "inception_v3": {"aux_logits": False, "init_weights": True}}
 
@@ -31,14 +35,14 @@ def torchvision_names() -> list[str]:
 
 def load_factory(spec: str, what: str = "model") -> Callable[..., Any]:
     """``package.module:factory`` or ``path/to/file.py:factory`` -> the callable."""
-    factory = load_attribute(spec, what)
+    factory = load_attribute(spec, what, missing="callable ")
     if not callable(factory):
         source, _, name = spec.rpartition(":")
         raise AutopruneError(f"{source} has no callable {name!r}; name a function that builds the {what}")
     return factory
 
 
-def load_attribute(spec: str, what: str = "model") -> Any:
+def load_attribute(spec: str, what: str = "model", missing: str = "") -> Any:
     """``package.module:name`` or ``path/to/file.py:name`` -> that name's value in the module."""
     source, _, name = spec.rpartition(":")
     if not source or not name:
@@ -53,9 +57,12 @@ def load_attribute(spec: str, what: str = "model") -> Any:
         module = importlib.util.module_from_spec(loader)
         sys.modules[module_name] = module  # so pickled models can find their classes
         try:
-            loader.loader.exec_module(module)
+            source = importlib.util.decode_source(path.read_bytes())  # read once: what runs is what is saved
+            USER_MODULES[module_name] = source
+            exec(compile(source, str(path), "exec"), module.__dict__)
         except Exception as err:  # the user's code: a syntax error or anything it raises
             del sys.modules[module_name]
+            USER_MODULES.pop(module_name, None)  # not there where the file could not be read
             raise AutopruneError(f"cannot import {path} for {what} {spec!r}: {_why(err)}") from None
     else:
         try:
@@ -63,23 +70,30 @@ def load_attribute(spec: str, what: str = "model") -> Any:
         except Exception as err:
             raise AutopruneError(f"cannot import {source!r} for {what} {spec!r}: {_why(err)}") from None
     if not hasattr(module, name):
-        raise AutopruneError(f"{source} has no {name!r}; name a function that builds the {what}")
+        raise AutopruneError(f"{source} has no {missing}{name!r}; name a function that builds the {what}")
     return getattr(module, name)
 
 
+def absolute_spec(spec: str) -> str:
+    """``path/to/file.py:factory`` with the file's absolute path, so it is found from any folder;
+    any other spec as it is."""
+    source, _, name = spec.rpartition(":")
+    return f"{Path(source).resolve()}:{name}" if source.endswith(".py") else spec
+
+
 def _why(err: Exception) -> str:
-    """An import error in one line (a SyntaxError's text names the file and line)."""
+    """An error of the user's code in one line (a SyntaxError's text names the file and line)."""
     return f"{type(err).__name__}: {one_line(err)}"
 
 
 def call_user(factory: Callable[..., Any], spec: str, what: str, *args: Any, **kwargs: Any) -> Any:
-    """``factory(*args, **kwargs)``: the user's code, whose error becomes one line naming ``spec``."""
+    """``factory(*args, **kwargs)``, where whatever the user's code raises becomes one line naming ``spec``."""
     try:
         return factory(*args, **kwargs)
-    except AutopruneError:
+    except AutopruneError:  # already one line (e.g. a data factory whose files are missing)
         raise
-    except Exception as err:
-        raise AutopruneError(f"{what} factory {spec} raised {_why(err)}; fix it and run again") from None
+    except Exception as err:  # the user's code: anything it raises is theirs to fix
+        raise AutopruneError(f"{what} factory {spec} raised {_why(err)}; fix the factory or name another") from None
 
 
 def _call_factory(factory: Callable[..., nn.Module], spec: str, num_classes: int | None) -> nn.Module:
@@ -89,6 +103,58 @@ def _call_factory(factory: Callable[..., nn.Module], spec: str, num_classes: int
         accepts = False
     given = {"num_classes": num_classes} if accepts and num_classes is not None else {}
     return call_user(factory, spec, "model", **given)
+
+
+class _ByValue(pickle.Pickler):
+    """Pickles the classes and functions of the user's files by their file's source: the module name they
+    have (_autoprune_user_*) exists only in the process that imported the file."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (type, types.FunctionType)) and obj.__module__ in USER_MODULES \
+                and "<locals>" not in obj.__qualname__:  # a class made inside a function has no name to find
+            return user_object, (obj.__module__, USER_MODULES[obj.__module__], obj.__qualname__)
+        return NotImplemented
+
+
+PICKLE_BY_VALUE = types.SimpleNamespace(__name__="autoprune.models", Pickler=_ByValue)  # torch.save(pickle_module=)
+
+
+class _Probe(_ByValue):
+    """Pickles a model's structure to nowhere, tensors left out: can ``model.pt`` hold it?"""
+
+    def persistent_id(self, obj: Any) -> Any:
+        return id(obj) if isinstance(obj, (torch.Tensor, torch.UntypedStorage)) else None
+
+
+def check_picklable(model: nn.Module, name: str) -> None:
+    """Refuse, before any training, a model ``model.pt`` cannot hold (a class made inside a function)."""
+    sink = types.SimpleNamespace(write=len)
+    try:
+        _Probe(sink, protocol=2).dump(model)
+    except (pickle.PicklingError, AttributeError, TypeError) as err:
+        raise AutopruneError(f"model {name} cannot be saved as model.pt ({one_line(err)}); define its classes "
+                             "and functions at the top level of their file, not inside a function") from None
+
+
+def user_object(module: str, source: str, qualname: str) -> Any:
+    """Unpickles what :class:`_ByValue` pickled: ``qualname`` of the user's file, whose module is made
+    from ``source`` once per process (under another name where one of that name holds other source)."""
+    name = module if USER_MODULES.get(module, source) == source else \
+        f"{module}_{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+    made = sys.modules.get(name) if USER_MODULES.get(name) == source else None
+    if made is None:
+        made = sys.modules[name] = types.ModuleType(name)
+        USER_MODULES[name] = source
+        try:
+            exec(compile(source, f"<{module}, as saved with the model>", "exec"), made.__dict__)
+        except Exception as err:
+            del sys.modules[name], USER_MODULES[name]
+            raise AutopruneError(f"cannot remake {qualname} from the source saved with the model: {_why(err)}; "
+                                 "rebuild the model with autoprune.load_pruned") from None
+    found: Any = made
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> None:

@@ -31,7 +31,7 @@ from .errors import AutopruneError
 from .files import fingerprint, save_torch
 from .groups import ChannelGroups
 from .importance import criterion
-from .models import build_model, load_weights
+from .models import build_model, check_picklable, load_weights
 from .options import BASE_EPOCHS, BASE_LR, SearchOptions
 from .plan import Plan
 from .sensitivity import bounds, equal_drop
@@ -165,6 +165,7 @@ def prepare(model: nn.Module | str, data: Data | str | Sequence, budget: Any, op
     device = resolve_device(o.device)
     base, epochs = base_model(model, o.weights, data, out, o.train_epochs)
     validate(data.task, base, next(iter(data.loader("val", 8))), device)  # before anything is written
+    check_picklable(base, name)
     if epochs > 0:
         if before_training:
             before_training(base, data)

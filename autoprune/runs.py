@@ -19,13 +19,14 @@ import pandas as pd
 import torch
 
 from .budget import Budget, BudgetRange, parse_budget
+from .checks import run_owner
 from .costmodel import CostModel
 from .counting import Cost
 from .data import Data, load_data
 from .errors import AutopruneError
 from .files import fingerprint
 from .groups import ChannelGroups
-from .models import build_model, load_weights
+from .models import absolute_spec, build_model, load_weights
 from .pipeline import default_storage
 from .storage import storage_for
 from .study import Problem, finished
@@ -33,6 +34,8 @@ from .task import Score, Task, load_task
 from .training import evaluate, resolve_device
 
 RESULTS = Path("results")
+RUN_FOLDER = "run_folder"  # study attribute: the run folder's absolute path, as the last search ran
+MODEL_PATH = "model_path"  # study attribute: the model spec with its file's absolute path
 
 
 @dataclass
@@ -50,6 +53,11 @@ class Run:
     @property
     def config(self) -> dict[str, Any]:
         return self.study.user_attrs.get("config", {})
+
+    @property
+    def model(self) -> str:
+        """The model spec, rebuildable from any folder (older studies: as the search was given it)."""
+        return self.study.user_attrs.get(MODEL_PATH, self.config["model"])
 
     def complete(self) -> list[optuna.trial.FrozenTrial]:
         """Finished trials that carry what a search records (plan, costs, accuracy)."""
@@ -110,6 +118,24 @@ def quiet_storage(url: str) -> optuna.storages.BaseStorage | str:
         return storage_for(url)
 
 
+def record_run(study: optuna.Study, folder: Path, model: str) -> None:
+    """Record on the study where its run folder is and how to rebuild its model from any folder, so
+    the commands that read it find both given only its storage."""
+    study.set_user_attr(RUN_FOLDER, str(folder.resolve()))
+    study.set_user_attr(MODEL_PATH, absolute_spec(model))
+
+
+def _run_folder(study: optuna.Study, storage: str, default: Path) -> Path:
+    """The folder ``study`` recorded, else (older studies) the folder of its storage file; either only
+    where its run.json names this study (a folder moved or shared), else ``default``."""
+    recorded = study.user_attrs.get(RUN_FOLDER)
+    file = storage.removeprefix("sqlite:///") if storage.startswith("sqlite:///") else storage
+    for folder in ([Path(recorded)] if recorded else []) + [Path(file).parent]:
+        if run_owner(folder) == study.study_name:
+            return folder
+    return default
+
+
 def run_storage(study: str, run_dir: str | Path | None = None) -> str:
     """The storage ``search`` wrote in ``results/STUDY`` (or ``run_dir``): its ``study.log`` journal
     where a ``--workers`` run left one, else its ``study.db``."""
@@ -117,7 +143,8 @@ def run_storage(study: str, run_dir: str | Path | None = None) -> str:
 
 
 def open_run(study: str, storage: str | None = None, run_dir: str | Path | None = None) -> Run:
-    """The study ``study`` from ``storage`` (default: the one ``search`` writes for that name).
+    """The study ``study`` from ``storage`` (default: the one ``search`` writes for that name), with
+    its run folder: ``run_dir``, else with ``storage`` the folder the study recorded.
 
     Example:
         >>> run = open_run("resnet18-digits-flops0.25")
@@ -125,6 +152,7 @@ def open_run(study: str, storage: str | None = None, run_dir: str | Path | None 
         'flops=0.25'
     """
     folder = Path(run_dir) if run_dir else RESULTS / study
+    given = storage is not None and run_dir is None
     if storage is None:
         if not any((folder / f).is_file() for f in ("study.db", "study.log")):
             raise AutopruneError(f"no study database at {folder / 'study.db'} (nor a {folder / 'study.log'} "
@@ -138,7 +166,7 @@ def open_run(study: str, storage: str | None = None, run_dir: str | Path | None 
     if "config" not in found.user_attrs:
         raise AutopruneError(f"study {study!r} was not made by autoprune search (it records no configuration); "
                              "name the search's study")
-    return Run(found, storage, folder)
+    return Run(found, storage, _run_folder(found, storage, folder) if given else folder)
 
 
 def rebuild_problem(run: Run, data_dir: str | Path = "data", download: bool = False,
@@ -156,7 +184,7 @@ def rebuild_problem(run: Run, data_dir: str | Path = "data", download: bool = Fa
     base_file = run.folder / "base.pt"
     if not base_file.is_file():
         raise AutopruneError(f"{base_file} does not exist; pass --run-dir, the folder the search wrote")
-    base = load_weights(_model(config["model"], data), base_file)
+    base = load_weights(_model(run.model, data), base_file)
     if fingerprint(base.state_dict()) != config.get("base_model"):
         raise AutopruneError(f"{base_file} holds other weights than study {run.name!r} was searched on")
     torch_device = resolve_device(device)

@@ -35,9 +35,11 @@ from .distill import from_settings
 from .errors import AutopruneError
 from .files import atomic_path, command_line, save_torch, versions, write_json, write_text
 from .groups import ROOT_TYPES
+from .models import absolute_spec
 from .plan import Plan
 from .sensitivity import GRID, curves, ratio_at_drop
 from .pipeline import Result, prepare
+from .runs import record_run
 from .storage import open_study
 from .study import ENDED, Settings, best_trial, config_dict, finished, trials_table
 from .options import SearchOptions
@@ -405,6 +407,7 @@ def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: 
                          **{k: v for k, v in extra.items() if k == "distill"})
     claim_run(out, study_name)
     the_study = open_study(study_name, r.storage, config, new=o.new_study)
+    record_run(the_study, out, name)
     if not (out / "base.pt").is_file():
         save_torch(base.state_dict(), out / "base.pt")
     base_val = evaluate(base, data.loader("val", 256), device, data.task)
@@ -417,7 +420,7 @@ def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: 
     run_trials(problem, the_study, settings, quiet)
     chosen = best_trial(the_study)
     sparsities = np.array([chosen.user_attrs["sparsities"][n] for n in costs.names])
-    meta = {"model": name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+    meta = {"model": absolute_spec(name), "num_classes": data.num_classes, "input_shape": list(data.input_shape),
             "dataset": data.name, "study": study_name, "trial": chosen.number, "granularity": "weight",
             "sparsities": chosen.user_attrs["sparsities"]}
     plan = Plan({}, {}, "magnitude", base_id, meta)  # no channel removed: load_pruned loads weights.pt as is

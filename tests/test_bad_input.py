@@ -62,6 +62,10 @@ CASES = [
     Case("unknown storage", (*FRESH, "--out", "OUT", "--storage", "redis://x"), "unknown storage"),
     Case("journal under a file", (*FRESH, "--out", "OUT", "--storage", "FILE/study.log"), "FILE is a file"),
     Case("model file raises", (*FRESH, "--out", "OUT", "--model", "RAISES:f"), "RuntimeError: boom"),
+    Case("model factory raises when called", (*FRESH, "--out", "OUT", "--model", "FAILS:f"), "RuntimeError: boom"),
+    Case("data factory raises when called", (*FRESH, "--out", "OUT", "--dataset", "FAILS:f"), "RuntimeError: boom"),
+    Case("model class made inside its factory", (*FRESH, "--out", "OUT", "--model", f"{TINY}:local_class"),
+         "cannot be saved as model.pt"),
     Case("model file syntax error", (*FRESH, "--out", "OUT", "--model", "SYNTAX:f"), "SyntaxError"),
     Case("data file raises", (*FRESH, "--out", "OUT", "--dataset", "RAISES:f"), "RuntimeError: boom"),
     Case("data labels one-hot", (*FRESH, "--out", "OUT", "--model", "mlp", "--dataset", "ONEHOT:f"),
@@ -136,12 +140,13 @@ def _prepare(case: Case, folder: Path, finished_run: Path) -> list[str]:
     (folder / "FILE").write_text("not a folder\n")
     (folder / "RAISES.py").write_text("raise RuntimeError('boom')\n")
     (folder / "SYNTAX.py").write_text("def f(:\n")
+    (folder / "FAILS.py").write_text("def f(num_classes=10):\n    raise RuntimeError('boom')\n")
     (folder / "ONEHOT.py").write_text(ONEHOT)
     (folder / "READONLY").mkdir(mode=0o555)
     if case.finished:
         shutil.copytree(finished_run, folder / "OUT")
     names = {"OUT": "OUT", "FILE": "FILE", "READONLY": "READONLY", "RAISES": "RAISES.py", "SYNTAX": "SYNTAX.py",
-             "ONEHOT": "ONEHOT.py", "DATA": "DATA"}
+             "FAILS": "FAILS.py", "ONEHOT": "ONEHOT.py", "DATA": "DATA"}
     args = []
     for arg in case.args:
         for key, value in names.items():

@@ -58,6 +58,14 @@ def test_data_factory_from_a_file(tmp_path):
         load_data(f"{source}:nothing")
 
 
+def test_a_data_factory_that_raises_is_one_line_naming_it(tmp_path):
+    source = tmp_path / "mydata.py"
+    source.write_text("def make():\n    raise ValueError('no files\\nhere')\n")
+    with pytest.raises(AutopruneError, match=r"data factory .*mydata.py:make raised ValueError: no files here") as err:
+        load_data(f"{source}:make")
+    assert "\n" not in str(err.value)
+
+
 def test_image_folder(tmp_path):
     from PIL import Image
 

@@ -156,6 +156,23 @@ def test_export_writes_checked_formats_latency_and_an_int8_copy(tiny_run, tmp_pa
     torch.testing.assert_close(int8(x), want, atol=0.1 * want.abs().max().item(), rtol=0)
 
 
+def test_given_only_its_storage_export_finds_the_run_folder_from_anywhere(tiny_run, tmp_path, monkeypatch):
+    """The study records its run folder, so export (pareto, report) given only --storage find base.pt and
+    sensitivity.csv from another folder; a folder moved since (or an older study's, which recorded none)
+    is the folder of its storage file, where its run.json names the study."""
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tiny_run / 'study.db'}"
+    assert open_run(TINY_STUDY, storage).folder == tiny_run
+    assert main(["export", "--study", TINY_STUDY, "--storage", storage, "--out", "exp", "--final-epochs", "0.05",
+                 "--repeats", "1", "--latency-batch", "2", "--quiet"]) == 0
+    assert (tmp_path / "exp" / "model.pt").is_file() and not (tmp_path / "results").exists()
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_run, moved)
+    optuna.load_study(study_name=TINY_STUDY, storage=f"sqlite:///{moved / 'study.db'}").set_user_attr(
+        "run_folder", str(tmp_path / "gone"))
+    assert open_run(TINY_STUDY, f"sqlite:///{moved / 'study.db'}").folder == moved
+
+
 def test_an_int8_copy_runs_and_is_smaller(tmp_path):
     torch.manual_seed(0)
     model = mlp(10).eval()  # Linear layers: what dynamic quantization converts

@@ -39,15 +39,16 @@ def fake_ms(model: nn.Module, inputs: torch.Tensor, simd: int = 2) -> float:
 
 
 class FakeTimer:
-    """Times with :func:`fake_ms`; ``load`` slows every case alike on odd calls; counts what it timed."""
+    """Times with :func:`fake_ms`; ``load`` slows every case alike on odd calls, ``busy`` on every call;
+    counts what it timed."""
 
     def __init__(self, load: float = 1.0) -> None:
         self.cases: list[str] = []
-        self.load, self.calls = load, 0
+        self.load, self.calls, self.busy = load, 0, 1.0
 
     def __call__(self, cases, repeats):
         self.calls += 1
-        factor = self.load if self.calls % 2 else 1.0
+        factor = (self.load if self.calls % 2 else 1.0) * self.busy
         self.cases += list(cases)
         return {name: [fake_ms(m, x) * factor] * repeats for name, (m, x) in cases.items()}
 
@@ -195,6 +196,61 @@ def test_search_under_a_latency_budget_and_resume_with_other_settings_refused(tm
     assert "user_attrs_latency_ms" in (tmp_path / "run" / "trials.csv").read_text()
     with pytest.raises(AutopruneError, match="latency_threads was 1, now 2"):
         search(f"{TINY}:tiny_resnet", digits_data, "latency=0.6", latency_threads=2, **args)
+
+
+def test_a_latency_budget_is_taken_when_the_base_is_trained_here(tmp_path, digits_data):
+    """No base to time before training: a relative latency cap waits for the trained base (it read as no
+    cap at all and was refused as 'does not prune'), while the other caps are still checked first."""
+    from conftest import TINY
+
+    from autoprune.api import search
+
+    args = dict(trials=1, train_epochs=0.5, finetune_epochs=0.05, final_epochs=0, grid=[0.5], quiet=True,
+                latency_timer=FakeTimer())
+    with pytest.raises(AutopruneError, match="cannot be met"):
+        search(f"{TINY}:mlp", digits_data, "latency=0.6,flops=0.001", out=tmp_path / "no", **args)
+    assert not (tmp_path / "no" / "base.pt").exists(), "the base was trained for a budget out of reach"
+    with pytest.raises(AutopruneError, match=r"does not prune: .* ms\)"):  # was a crash (NaN) before training
+        search(f"{TINY}:mlp", digits_data, "latency=50ms", out=tmp_path / "ms", **args)
+    latency = search(f"{TINY}:mlp", digits_data, "latency=0.85", out=tmp_path / "run", **args).summary["latency"]
+    assert latency["ms"] <= latency["budget_ms"] == pytest.approx(0.85 * latency["base_ms"])
+
+
+def test_the_check_after_export_compares_shares_of_the_base_each_timed_in_its_own_loop(tmp_path, digits_data,
+                                                                                        monkeypatch):
+    """A machine twice as busy after the search: the winner is still within latency=0.6 of the base as
+    timed now, though not within the search's milliseconds."""
+    import autoprune.api as api
+    from conftest import TINY
+
+    timer, export = FakeTimer(), api.export
+
+    def export_then_busier(*args, **kwargs):
+        found = export(*args, **kwargs)
+        timer.busy = 2.0
+        return found
+
+    monkeypatch.setattr(api, "export", export_then_busier)
+    s = api.search(f"{TINY}:tiny_resnet", digits_data, "latency=0.6", trials=1, train_epochs=0, finetune_epochs=0.05,
+                   final_epochs=0, grid=[0.5], out=tmp_path / "run", quiet=True, latency_timer=timer).summary
+    check = s["latency_check"]
+    assert check["base_ms"] == pytest.approx(2 * s["latency"]["base_ms"], rel=0.01)
+    assert check["within_budget"] and check["limit_ms"] == pytest.approx(0.6 * check["base_ms"], rel=1e-3)
+
+
+def test_the_check_times_base_and_winner_in_one_fresh_process(tiny, example):
+    """With the machine's own timer, in a new Python: a clean thread pool and allocator, and the
+    classes of the user's model file (tiny_models.py) come with the models."""
+    from conftest import TINY
+
+    from autoprune.models import build_model
+
+    base = build_model(f"{TINY}:tiny_resnet", num_classes=10).eval()
+    groups = ChannelGroups(base, example)
+    pruned = groups.apply(groups.plan({g.id: max(1, g.channels // 4) for g in groups}))
+    found = check(base, pruned, LatencySettings(), share=0.9)
+    assert found["timed_in"] == "a fresh process", found["timed_in"]
+    assert found["limit_ms"] == pytest.approx(0.9 * found["base_ms"], rel=1e-3) and found["measured_ms"] > 0
 
 
 @pytest.mark.slow

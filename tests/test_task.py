@@ -83,7 +83,7 @@ def test_cli_search_export_pareto_and_report_with_a_task_file(tmp_path, capsys):
     html = (tmp_path / "report" / "report.html").read_text()
     assert "val mIoU" in html
     # export finds the task file from the study: no --task needed.
-    assert main(["export", "--study", study, "--run-dir", str(out), "--final-epochs", "0.2", "--repeats", "2",
+    assert main(["export", "--study", study, "--storage", storage, "--final-epochs", "0.2", "--repeats", "2",
                  "--latency-batch", "2", "--out", str(tmp_path / "exported"), "--quiet"]) == 0
     assert "test mIoU" in capsys.readouterr().out
     rebuilt = autoprune.load_pruned(tmp_path / "exported")

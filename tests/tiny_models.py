@@ -47,6 +47,16 @@ def not_a_model():
     return "oops"
 
 
+def fails(num_classes: int = 10) -> nn.Module:
+    raise RuntimeError("this factory fails on purpose")
+
+
+def local_class(num_classes: int = 10) -> nn.Module:
+    class Local(nn.Sequential):  # made inside the function: no pickle can name it
+        pass
+    return Local(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+
 def mnist_mlp(num_classes: int = 10) -> nn.Module:
     """The classic 784-512-256-10 MLP with BatchNorm1d and LeakyReLU (on 1x28x28 inputs)."""
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.BatchNorm1d(512), nn.LeakyReLU(0.1),

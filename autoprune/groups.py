@@ -465,7 +465,9 @@ def apply_plan(model: nn.Module, plan: Plan, example_input: object) -> nn.Module
                                  f"has {channels}; apply a plan to the base model it was made for")
         drop = sorted(set(range(channels)) - set(kept))
         if drop:
-            graph.get_pruning_group(root, pruner.prune_out_channels, drop).prune()
+            with warnings.catch_warnings():  # Torch-Pruning's shape inference warns on deep models (detectors)
+                warnings.simplefilter("ignore")
+                graph.get_pruning_group(root, pruner.prune_out_channels, drop).prune()
     _sync_widths(pruned)
     return pruned
 

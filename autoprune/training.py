@@ -146,8 +146,28 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, b
         norm.reset_running_stats()
         norm.momentum = None  # a plain average over the batches seen
         norm.train()
-    for batch in islice(_endless(loader), batches):
-        task.call(model, task.to_device(batch, device))
+    seen: set[nn.Module] = set()
+
+    def stop_after_the_last(norm: nn.Module, inputs: tuple, output: object) -> None:
+        seen.add(norm)
+        if len(seen) == len(norms):  # every statistic is in: the rest (a head, a detector's NMS) is not needed
+            raise _StatsDone
+
+    hooks = [norm.register_forward_hook(stop_after_the_last) for norm in norms]
+    try:
+        for batch in islice(_endless(loader), batches):
+            seen.clear()
+            try:
+                task.call(model, task.to_device(batch, device))
+            except _StatsDone:
+                pass
+    finally:
+        for hook in hooks:
+            hook.remove()
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     return model.eval()
+
+
+class _StatsDone(Exception):
+    """Raised inside a forward pass once every BatchNorm layer has seen its batch."""

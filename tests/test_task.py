@@ -108,3 +108,21 @@ def test_task_checks_its_loss_and_score():
     with pytest.raises(autoprune.AutopruneError, match="returned nan"):
         user_tasks.nan_score().evaluate(model, [batch], torch.device("cpu"))
     assert to_device([batch[0], {"y": batch[1]}], torch.device("cpu"))[1]["y"] is batch[1]
+
+
+def test_recalibration_stops_each_forward_once_every_batchnorm_has_its_statistics():
+    from autoprune.training import recalibrate_bn
+
+    class Counting(torch.nn.Module):  # a head (a detector's NMS) the statistics do not need
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return x
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), Counting())
+    batches = [(torch.randn(8, 3, 6, 6) + 2.0, None)] * 3
+    recalibrate_bn(model, batches, torch.device("cpu"), 3, task=CLASSIFICATION)
+    assert Counting.calls == 0 and not model[1].training
+    with torch.no_grad():
+        assert torch.allclose(model[1].running_mean, model[0](batches[0][0]).mean((0, 2, 3)), atol=1e-5)

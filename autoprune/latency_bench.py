@@ -234,15 +234,18 @@ def search_lines(frame: pd.DataFrame) -> list[str]:
 
 
 HEADINGS = ("## Does the latency predictor predict?", "## Is a latency budget worth it?")  # sections it owns
+# Sections other benchmarks write into the same BENCHMARKS.md (bench --task, into its own --out, then copied in).
+KEPT = ("## Segmentation at equal wall time (a user's task)",)
 
 
 def own_sections(path: Path) -> list[str]:
-    """The sections of ``BENCHMARKS.md`` that ``bench-latency`` wrote, as they stand (``bench`` keeps them)."""
+    """The sections of ``BENCHMARKS.md`` that ``bench-latency`` (and :data:`KEPT`'s writers) wrote, as they
+    stand (``bench`` keeps them)."""
     lines = path.read_text().splitlines() if path.is_file() else []
     kept, mine = [], False
     for line in lines:
         if line.startswith("## ") or line.startswith("# "):
-            mine = line in HEADINGS
+            mine = line in HEADINGS or line in KEPT
         if mine:
             kept.append(line)
     return kept + [""] * bool(kept)

@@ -24,29 +24,35 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .budget import STRATA, Budget, BudgetRange, check_prunes, check_reachable, parse_budget, steps
-from .checks import claim_run
-from .costmodel import CostModel
-from .counting import Cost, human
-from .data import Data
-from .options import DEFAULTS, SearchOptions
-from .errors import AutopruneError
-from .export import export
-from .files import command_line, fingerprint, save_torch, versions, write_json, write_text
-from .groups import ChannelGroups, apply_plan
-from .halving import SCAN_SHARE, Deadline, parse_duration, scoring_seconds, timed_search
-from .latency import ATTRS as LATENCY_ATTRS, LatencySettings, Meter, Timer, latency_costs, with_device
-from .models import absolute_spec, build_model, read_state_dict
-from .pipeline import Result, Run, as_data, bounded_problem, find_groups, prepare
-from .runs import record_run
-from .plan import Plan
-from .sensitivity import scan
-from .space import SearchSpace, resolve
-from .storage import SharedTable, open_study
-from .study import (ENDED, Problem, Settings, best_trial, checkpoint, config_dict, count_pruned,
-                    enqueue_seed, run, trial_plan, trials_table)
-from .task import SCORE, Task, input_kind, score_record, zeros_like_input
-from .training import evaluate
+from autoprune.cost.budget import STRATA, Budget, BudgetRange, check_prunes, check_reachable, parse_budget, steps
+from autoprune.cost.costmodel import CostModel
+from autoprune.cost.latency import (ATTRS as LATENCY_ATTRS, LatencySettings, Meter, Timer, check as check_latency,
+                                    latency_costs, with_device)
+from autoprune.cost.timing import latency_ms
+from autoprune.counting import Cost, human
+from autoprune.errors import AutopruneError
+from autoprune.export import formats as deploy
+from autoprune.export.final import export
+from autoprune.files import command_line, fingerprint, save_torch, versions, write_json, write_text
+from autoprune.inputs.data import Data
+from autoprune.inputs.models import absolute_spec, build_model, read_state_dict
+from autoprune.inputs.task import SCORE, Task, input_kind, score_record, zeros_like_input
+from autoprune.options import DEFAULTS, SearchOptions
+from autoprune.prune.groups import ChannelGroups, apply_plan
+from autoprune.prune.plan import Plan
+from autoprune.report.pareto import best_under
+from autoprune.study.checks import claim_run
+from autoprune.study.halving import SCAN_SHARE, Deadline, parse_duration, scoring_seconds, timed_search
+from autoprune.study.pipeline import Prepared, Result, as_data, bounded_problem, find_groups, prepare
+from autoprune.study.runs import open_run, rebuild_problem, record_run
+from autoprune.study.sensitivity import scan
+from autoprune.study.space import SearchSpace, resolve
+from autoprune.study.storage import SharedTable, open_study
+from autoprune.study.trials import (ENDED, Problem, Settings, best_trial, checkpoint, config_dict, count_pruned,
+                                           enqueue_seed, run, trial_plan, trials_table)
+from autoprune.study.weights import search_weights
+from autoprune.train.distill import Distill
+from autoprune.train.loop import evaluate
 
 
 def search(
@@ -65,9 +71,9 @@ def search(
     ``weights`` is trained first and kept in the run directory. ``data`` is a data
     set name or ``(train, val, test)`` datasets or loaders. ``budget`` caps FLOPs
     (thop MACs), params or latency: ``"flops=0.3"`` (a share of the base),
-    ``"params=1.5M"``, ``"latency=3ms"`` (timed here, :mod:`autoprune.latency`),
+    ``"params=1.5M"``, ``"latency=3ms"`` (timed here, :mod:`autoprune.cost.latency`),
     several joined by commas, or a range, ``"flops=0.05..0.5"``, that searches the
-    whole trade-off in one study over :data:`~autoprune.budget.STRATA` log-spaced
+    whole trade-off in one study over :data:`~autoprune.cost.budget.STRATA` log-spaced
     targets and exports the most accurate trial at its upper end
     (``export_trial(at=...)`` exports any other point).
 
@@ -186,12 +192,11 @@ def _weight_search(model: nn.Module | str, data: Any, budget: Any, o: SearchOpti
                              (o.soft_epochs > 0, "--soft-epochs", "prunes channels")):
         if given:  # e.g. --workers: the weight search's trial loop has no heartbeat or dead-worker recovery
             raise AutopruneError(f"{flag} {why}; leave it out with --granularity weight")
-    from .unstructured import search_weights
     return search_weights(model, data, budget, o, extra)
 
 
 def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.FrozenTrial, settings: Settings,
-            quiet: bool, started: float, budget: Budget | BudgetRange, limits: Cost, run: Run,
+            quiet: bool, started: float, budget: Budget | BudgetRange, limits: Cost, run: Prepared,
             extra: dict[str, Any], time_budget: float | None = None) -> Result:
     """Export the chosen trial (once), write the trials table and the summary, and hand back the result."""
     data, out = run.data, run.out
@@ -306,7 +311,6 @@ def extra_settings(o: SearchOptions) -> dict[str, Any]:
     """The optional fine-tune modes, as stored with the study (absent when off, so older studies resume)."""
     extra: dict[str, Any] = {}
     if o.distill:
-        from .distill import Distill
         Distill(nn.Identity(), o.distill_weight, o.temperature)  # validates the numbers before any work
         extra["distill"] = {"weight": float(o.distill_weight), "temperature": float(o.temperature)}
     if o.soft_epochs:
@@ -435,9 +439,6 @@ def export_trial(
         >>> autoprune.export_trial("resnet18-digits-flops0.05..0.5", at="flops=0.2")["flops_share"] <= 0.2
         True
     """
-    from . import deploy
-    from .runs import open_run, rebuild_problem
-
     unknown = set(formats) - set(deploy.FORMATS)
     if unknown:
         raise AutopruneError(f"unknown format {sorted(unknown)[0]!r}; choose from {', '.join(deploy.FORMATS)}")
@@ -450,7 +451,6 @@ def export_trial(
     if at is not None and trial is not None:
         raise AutopruneError("give a trial number or a point to export at (--flops/--params), not both")
     if at is not None:
-        from .pareto import best_under
         trial = best_under(run, at)
     chosen = best_trial(run.study, trial)
     problem = rebuild_problem(run, data_dir, download, device, task)
@@ -483,7 +483,7 @@ def export_trial(
     if quantize:
         models["quantized"] = deploy.quantize_dynamic(pruned)
         summary["quantized"] = _quantized(models["quantized"], out, data)
-    latency = deploy.latency_ms(models, data.input_shape, latency_batches, repeats, threads=threads,
+    latency = latency_ms(models, data.input_shape, latency_batches, repeats, threads=threads,
                                 listed=isinstance(inputs, list))
     if "latency_backend" in config:  # a latency budget: re-timed afresh with the study's own settings
         summary["latency_check"] = _latency_check(problem.model, pruned, Budget.parse(config["budget"]),
@@ -498,10 +498,8 @@ def _latency_check(base: nn.Module, pruned: nn.Module, budget: Budget, settings:
                    timer: Timer | None = None) -> dict[str, Any]:
     """The exported model re-timed against the budget's latency cap: a relative one as a share of the
     base timed in the same loop, not against the search's milliseconds (another loop's)."""
-    from .latency import check
-
     cap = {"share": budget.latency} if budget.latency_relative else {"limit": budget.latency}
-    return check(base, pruned, settings, timer=timer, **cap)
+    return check_latency(base, pruned, settings, timer=timer, **cap)
 
 
 def _final_extra(study: optuna.Study) -> dict[str, Any]:
@@ -513,8 +511,6 @@ def _final_extra(study: optuna.Study) -> dict[str, Any]:
 
 def _quantized(quantized: nn.Module, out: Path, data: Data) -> dict[str, Any]:
     """Write the int8 copy and measure its size and accuracy beside the float model's."""
-    from . import deploy
-
     cpu = torch.device("cpu")
     save_torch(quantized, out / "model-int8.pt")
     return {"method": "dynamic int8 (torch.ao.quantization.quantize_dynamic)", "file": "model-int8.pt",

@@ -10,8 +10,8 @@ import os
 import sys
 from typing import NoReturn, Sequence
 
-from .errors import AutopruneError, one_line
-from .options import BASE_EPOCHS, BASE_LR, DEFAULTS as D, SearchOptions
+from autoprune.errors import AutopruneError, one_line
+from autoprune.options import BASE_EPOCHS, BASE_LR, DEFAULTS as D, SearchOptions
 
 
 def _epochs(text: str) -> float:
@@ -264,8 +264,8 @@ def _inspect_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    from .api import search
-    from .counting import human
+    from autoprune.api import search
+    from autoprune.counting import human
 
     result = search(args.model, args.dataset, args.budget, SearchOptions.from_args(args))
     s = result.summary
@@ -287,7 +287,7 @@ def _latency_and_accuracy(s: dict) -> None:
               f"{t['latency_backend']}, batch {t['latency_batch']}, {t['latency_threads']} thread(s))"
               + (f"; re-timed after export {again['measured_ms']:.3g} ms of {again['limit_ms']:.3g} ms allowed"
                  if again else ""))
-    from .task import Score
+    from autoprune.inputs.task import Score
 
     score = Score.of(s)
     print(f"test {score.name} {score.show(s['test_accuracy'])} (base {score.show(s['base_test_accuracy'])}), "
@@ -295,7 +295,7 @@ def _latency_and_accuracy(s: dict) -> None:
 
 
 def _weight_summary(result) -> None:
-    from .counting import human
+    from autoprune.counting import human
 
     s = result.summary
     print(f"best trial {s['trial']} of {s['trials']}: {human(s['nonzero_params'])} {s['nonzero_unit']} "
@@ -307,7 +307,7 @@ def _weight_summary(result) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from .sweep import FOOTNOTE, HEADER, LEVELS, format_row, mlp_sweep
+    from autoprune.bench.mlp_sweep import FOOTNOTE, HEADER, LEVELS, format_row, mlp_sweep
 
     print(HEADER)
     mlp_sweep(args.dataset, args.levels or LEVELS, args.train_epochs, args.finetune_epochs, args.trials,
@@ -317,16 +317,16 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _groups(args: argparse.Namespace) -> None:
-    from .api import describe_groups
+    from autoprune.api import describe_groups
 
     print(describe_groups(args.model, args.dataset, space=args.space, importance=args.importance,
                           data_dir=args.data_dir, download=args.download, task=args.task))
 
 
 def _pareto(args: argparse.Namespace) -> None:
-    from .files import write_json, write_text
-    from .pareto import pareto_front, save_front_study, to_text
-    from .runs import open_run
+    from autoprune.files import write_json, write_text
+    from autoprune.report.pareto import pareto_front, save_front_study, to_text
+    from autoprune.study.runs import open_run
 
     run = open_run(args.study, args.storage, args.run_dir)
     front = pareto_front(run)
@@ -345,15 +345,15 @@ def _pareto(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from .report import write_report
-    from .runs import open_run
+    from autoprune.report.plots import write_report
+    from autoprune.study.runs import open_run
 
     print(f"wrote {write_report(open_run(args.study, args.storage, args.run_dir), args.out, args.trial)}")
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .api import export_trial
-    from .counting import human
+    from autoprune.api import export_trial
+    from autoprune.counting import human
 
     at = ",".join(f"{key}={value}" for key, value in (("flops", args.flops), ("params", args.params)) if value)
     s = export_trial(args.study, args.trial, at=at or None, storage=args.storage, run_dir=args.run_dir, out=args.out,
@@ -361,7 +361,7 @@ def _export(args: argparse.Namespace) -> None:
                      latency_batches=(1, args.latency_batch), repeats=args.repeats,
                      threads=args.latency_threads, data_dir=args.data_dir,
                      download=args.download, device=args.device, quiet=args.quiet, task=args.task)
-    from .task import Score
+    from autoprune.inputs.task import Score
 
     score = Score.of(s)
     print(f"trial {s['trial']}: FLOPs {human(s['flops'])} ({s['flops_share']:.1%} of base, thop MACs), "
@@ -383,8 +383,8 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _dashboard(args: argparse.Namespace) -> None:
-    from .dashboard import serve
-    from .runs import open_run
+    from autoprune.report.dashboard import serve
+    from autoprune.study.runs import open_run
 
     run = open_run(args.study, args.storage, args.run_dir)
     try:
@@ -394,7 +394,7 @@ def _dashboard(args: argparse.Namespace) -> None:
 
 
 def _studies(args: argparse.Namespace) -> None:
-    from .runs import list_studies
+    from autoprune.study.runs import list_studies
 
     table = list_studies(args.storage)
     if table.empty:
@@ -408,8 +408,8 @@ def _bench(args: argparse.Namespace) -> None:
     from dataclasses import replace
     from pathlib import Path
 
-    from .bench import BenchConfig, benchmark, quick
-    from .halving import parse_duration
+    from autoprune.bench.equal_time import BenchConfig, benchmark, quick
+    from autoprune.study.halving import parse_duration
 
     config = quick(BenchConfig()) if args.quick else BenchConfig()
     budget = args.time_budget
@@ -430,7 +430,8 @@ def _bench(args: argparse.Namespace) -> None:
 def _bench_latency(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .latency_bench import bench_latency, latency_searches, search_lines, table_lines, update_section
+    from autoprune.bench.latency import bench_latency, latency_searches, search_lines, table_lines
+    from autoprune.bench.markdown import update_section
 
     if args.plans < 1:
         raise AutopruneError("--plans must be at least 1")

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .task import to_device
+from autoprune.inputs.task import to_device
 
 with warnings.catch_warnings():  # thop imports distutils, deprecated in 3.11
     warnings.simplefilter("ignore", DeprecationWarning)

@@ -15,3 +15,8 @@ def one_line(err: BaseException) -> str:
     Messages from other libraries (SQLAlchemy, a user's module) can span several lines.
     """
     return " ".join(str(getattr(err, "orig", None) or err).split())
+
+
+def why(err: BaseException) -> str:
+    """An error of the user's code in one line (a SyntaxError's text names the file and line)."""
+    return f"{type(err).__name__}: {one_line(err)}"

@@ -6,10 +6,12 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import platform
 import re
 import sys
 import tempfile
+import types
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -17,11 +19,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from .models import PICKLE_BY_VALUE
+from autoprune.errors import AutopruneError, why
 
 if TYPE_CHECKING:
     import pandas as pd
 
+USER_MODULES: dict[str, str] = {}  # modules made from the user's files (_autoprune_user_*): name -> source
 PACKAGES = ("autoprune", "torch", "torchvision", "torch-pruning", "optuna", "thop", "pandas")
 
 
@@ -142,3 +145,38 @@ def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
         if isinstance(tensor, torch.Tensor):
             digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+class ByValue(pickle.Pickler):
+    """Pickles the classes and functions of the user's files by their file's source: the module name they
+    have (_autoprune_user_*) exists only in the process that imported the file."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (type, types.FunctionType)) and obj.__module__ in USER_MODULES \
+                and "<locals>" not in obj.__qualname__:  # a class made inside a function has no name to find
+            return user_object, (obj.__module__, USER_MODULES[obj.__module__], obj.__qualname__)
+        return NotImplemented
+
+
+PICKLE_BY_VALUE = types.SimpleNamespace(__name__="autoprune.files", Pickler=ByValue)  # torch.save(pickle_module=)
+
+
+def user_object(module: str, source: str, qualname: str) -> Any:
+    """Unpickles what :class:`ByValue` pickled: ``qualname`` of the user's file, whose module is made
+    from ``source`` once per process (under another name where one of that name holds other source)."""
+    name = module if USER_MODULES.get(module, source) == source else \
+        f"{module}_{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+    made = sys.modules.get(name) if USER_MODULES.get(name) == source else None
+    if made is None:
+        made = sys.modules[name] = types.ModuleType(name)
+        USER_MODULES[name] = source
+        try:
+            exec(compile(source, f"<{module}, as saved with the model>", "exec"), made.__dict__)
+        except Exception as err:
+            del sys.modules[name], USER_MODULES[name]
+            raise AutopruneError(f"cannot remake {qualname} from the source saved with the model: {why(err)}; "
+                                 "rebuild the model with autoprune.load_pruned") from None
+    found: Any = made
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .errors import AutopruneError
+from autoprune.errors import AutopruneError
 
 if TYPE_CHECKING:
-    from .latency import Timer
-    from .space import SearchSpace
-    from .task import Task
+    from autoprune.cost.latency import Timer
+    from autoprune.inputs.task import Task
+    from autoprune.study.space import SearchSpace
 
 FINETUNE_LR = 0.01  # SGD learning rate of every fine-tune of a pruned model (trials, final, bench)
 BASE_LR = 0.05  # SGD learning rate for training a base model from scratch
@@ -111,7 +111,7 @@ class SearchOptions:
 
     def check(self) -> None:
         """Refuse any number no search can run with, each blamed on its own flag, before anything is written
-        (the latency settings check their own: :class:`autoprune.latency.LatencySettings`)."""
+        (the latency settings check their own: :class:`autoprune.cost.latency.LatencySettings`)."""
         if self.granularity not in ("channel", "weight"):
             raise AutopruneError(f"unknown granularity {self.granularity!r}; use channel or weight")
         for flag, value, least in (("--trials", self.trials, 1), ("--workers", self.workers, 1),

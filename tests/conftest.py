@@ -10,7 +10,7 @@ torch.set_num_threads(2)
 
 from tiny_models import tiny_resnet  # noqa: E402
 
-from autoprune.data import digits  # noqa: E402
+from autoprune.inputs.data import digits  # noqa: E402
 
 TINY = str(Path(__file__).parent / "tiny_models.py")
 # A small real search (~10 s): digits, a residual model, three trials. Shared by the CLI tests and

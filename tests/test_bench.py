@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from autoprune.bench import DEFAULT_METHODS as METHODS
+from autoprune.bench.equal_time import DEFAULT_METHODS as METHODS
 from autoprune.cli import main
 from conftest import TINY
 

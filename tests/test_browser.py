@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from autoprune.cli import main
-from autoprune.pareto import trials_frame
-from autoprune.runs import open_run
+from autoprune.report.pareto import trials_frame
+from autoprune.study.runs import open_run
 from conftest import RANGE_STUDY
 
 pytestmark = pytest.mark.browser

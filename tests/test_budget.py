@@ -5,11 +5,11 @@ import pytest
 import torchvision
 import torch
 
-from autoprune.budget import Budget, check_reachable, fit_plan, fits, project, usage
-from autoprune.costmodel import CostModel
+from autoprune.cost.budget import Budget, check_reachable, fit_plan, fits, project, usage
+from autoprune.cost.costmodel import CostModel
 from autoprune.counting import Cost, count
 from autoprune.errors import AutopruneError
-from autoprune.groups import ChannelGroups
+from autoprune.prune.groups import ChannelGroups
 
 
 @pytest.mark.parametrize("text, flops, params, relative", [

@@ -3,9 +3,9 @@ import pytest
 import torch
 import torchvision
 
-from autoprune.costmodel import CostModel
+from autoprune.cost.costmodel import CostModel
 from autoprune.counting import count
-from autoprune.groups import ChannelGroups
+from autoprune.prune.groups import ChannelGroups
 
 
 def random_keep(groups, rng):
@@ -50,7 +50,7 @@ def test_prediction_is_arithmetic_only(monkeypatch):
         raise AssertionError("predicting a plan ran the model or counted it")
 
     monkeypatch.setattr(torch.nn.Module, "__call__", forbidden)
-    monkeypatch.setattr("autoprune.costmodel.layer_costs", forbidden)
+    monkeypatch.setattr("autoprune.cost.costmodel.layer_costs", forbidden)
     monkeypatch.setattr("autoprune.counting._profile", forbidden)
     assert costs.predict(keep) == expected
     assert costs.predict_vector(costs.keep_vector(keep)) == (expected.flops, expected.params)

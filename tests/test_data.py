@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import autoprune.data as data_module
-from autoprune.data import _split, digits, load_data
+import autoprune.inputs.data as data_module
+from autoprune.inputs.data import _split, digits, load_data
 from autoprune.errors import AutopruneError
 
 

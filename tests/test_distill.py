@@ -6,10 +6,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from autoprune.task import CLASSIFICATION
-from autoprune.distill import Distill, from_settings, kd_loss
+from autoprune.inputs.task import CLASSIFICATION
+from autoprune.train.distill import Distill, from_settings, kd_loss
 from autoprune.errors import AutopruneError
-from autoprune.training import train
+from autoprune.train.loop import train
 
 
 def test_kd_loss_blends_cross_entropy_and_softened_kl():
@@ -60,14 +60,14 @@ def test_export_of_a_distilled_study_distills_as_the_search_did(tiny_run, tmp_pa
 
     import optuna
 
-    import autoprune.export
+    import autoprune.export.final
     from autoprune.api import export_trial
 
     run = shutil.copytree(tiny_run, tmp_path / "run")
     study = optuna.load_study(study_name="tiny_models-digits-flops0.4", storage=f"sqlite:///{run / 'study.db'}")
     study.set_user_attr("final_extra", {"distill": {"weight": 0.3, "temperature": 2.0}})
     seen = []
-    monkeypatch.setattr(autoprune.export, "train", lambda *args, distill=None, **kwargs: seen.append(distill))
+    monkeypatch.setattr(autoprune.export.final, "train", lambda *args, distill=None, **kwargs: seen.append(distill))
     summary = export_trial("tiny_models-digits-flops0.4", run_dir=run, final_epochs=0.1, repeats=1, quiet=True)
     assert [(kd.weight, kd.temperature) for kd in seen] == [(0.3, 2.0)]
     assert summary["distill"] == {"weight": 0.3, "temperature": 2.0}

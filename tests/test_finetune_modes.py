@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import autoprune
-from autoprune.task import CLASSIFICATION
-from autoprune import training
+from autoprune.inputs.task import CLASSIFICATION
+from autoprune.train import loop as training
 from autoprune.cli import main
-from autoprune.models import build_model
-from autoprune.sweep import FOOTNOTE, format_row, mlp_sweep
+from autoprune.inputs.models import build_model
+from autoprune.bench.mlp_sweep import FOOTNOTE, format_row, mlp_sweep
 from conftest import TINY
 
 

@@ -4,8 +4,8 @@ import torchvision
 
 from autoprune.counting import count
 from autoprune.errors import AutopruneError
-from autoprune.groups import ChannelGroups, apply_plan
-from autoprune.plan import Plan
+from autoprune.prune.groups import ChannelGroups, apply_plan
+from autoprune.prune.plan import Plan
 
 
 def test_groups_couple_the_residual_and_leave_the_classifier(tiny, example):

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import autoprune
-from autoprune.budget import Budget, fit_plan, keep_counts, project, round_counts
-from autoprune.costmodel import CostModel
+from autoprune.cost.budget import Budget, fit_plan, keep_counts, project, round_counts
+from autoprune.cost.costmodel import CostModel
 from autoprune.errors import AutopruneError
-from autoprune.groups import ChannelGroups
-from autoprune.halving import CHECK_EPOCHS, ETA, MIN_RUNG_EPOCHS, Bracket, plan_bracket, parse_duration
-from autoprune.sensitivity import coarse_to_fine
-from autoprune.space import load_space
+from autoprune.prune.groups import ChannelGroups
+from autoprune.study.halving import CHECK_EPOCHS, ETA, MIN_RUNG_EPOCHS, Bracket, plan_bracket, parse_duration
+from autoprune.study.sensitivity import coarse_to_fine
+from autoprune.study.space import load_space
 from tiny_models import TinyResNet
 
 
@@ -98,8 +98,8 @@ def test_a_timed_search_ends_within_its_budget_with_a_model_written(tiny_run, tm
 
 def test_start_candidates_begin_with_the_seed_and_uniform_and_stay_within_bounds():
     """A bracket compares the sensitivity seed, uniform pruning and plans on the line through them."""
-    from autoprune.halving import start_candidates
-    from autoprune.study import Problem
+    from autoprune.study.halving import start_candidates
+    from autoprune.study.trials import Problem
 
     torch.manual_seed(0)
     model = TinyResNet(10, width=16).eval()

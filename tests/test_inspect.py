@@ -15,11 +15,11 @@ import torch
 import autoprune
 from autoprune.cli import main
 from autoprune.counting import count
-from autoprune.deploy import (latency_ms, quantize_dynamic, quantized_layers, state_dict_bytes, to_onnx,
-                              to_torchscript)
-from autoprune.pareto import non_dominated, pareto_front
-from autoprune.runs import list_studies, open_run
-from autoprune.study import trial_plan
+from autoprune.cost.timing import latency_ms
+from autoprune.export.formats import quantize_dynamic, quantized_layers, state_dict_bytes, to_onnx, to_torchscript
+from autoprune.report.pareto import non_dominated, pareto_front
+from autoprune.study.runs import list_studies, open_run
+from autoprune.study.trials import trial_plan
 from conftest import TINY_STUDY
 from tiny_models import mlp
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from autoprune.budget import Budget, fit_plan
-from autoprune.costmodel import CostModel
+from autoprune.cost.budget import Budget, fit_plan
+from autoprune.cost.costmodel import CostModel
 from autoprune.errors import AutopruneError
-from autoprune.groups import ChannelGroups
-from autoprune.latency import LatencyModel, LatencySettings, Meter, check, latency_costs
+from autoprune.prune.groups import ChannelGroups
+from autoprune.cost.latency import LatencyModel, LatencySettings, Meter, check, latency_costs
 
 
 def fake_ms(model: nn.Module, inputs: torch.Tensor, simd: int = 2) -> float:
@@ -182,8 +182,8 @@ def test_search_under_a_latency_budget_and_resume_with_other_settings_refused(tm
     from conftest import TINY
 
     from autoprune.api import search
-    from autoprune.pareto import trials_frame
-    from autoprune.runs import open_run
+    from autoprune.report.pareto import trials_frame
+    from autoprune.study.runs import open_run
 
     args = dict(trials=2, train_epochs=0, finetune_epochs=0.05, final_epochs=0, grid=[0.5], out=tmp_path / "run",
                 quiet=True, latency_timer=FakeTimer())
@@ -243,7 +243,7 @@ def test_the_check_times_base_and_winner_in_one_fresh_process(tiny, example):
     classes of the user's model file (tiny_models.py) come with the models."""
     from conftest import TINY
 
-    from autoprune.models import build_model
+    from autoprune.inputs.models import build_model
 
     base = build_model(f"{TINY}:tiny_resnet", num_classes=10).eval()
     groups = ChannelGroups(base, example)
@@ -269,7 +269,7 @@ def test_bench_latency_measures_every_setting_and_resumes(tmp_path):
     fake's truth, a table, and a rerun that measures nothing."""
     from conftest import TINY
 
-    from autoprune.latency_bench import bench_latency, table_lines
+    from autoprune.bench.latency import bench_latency, table_lines
 
     spec = f"{TINY}:tiny_resnet"
     frame = bench_latency([spec], ["torch"], [1, 4], plans=5, out=tmp_path, quiet=True, timer=FakeTimer())
@@ -288,8 +288,8 @@ def test_latency_search_benchmark_caps_at_the_flops_winners_latency_and_resumes(
     at its winner's latency, both re-timed after export; the cap holds; a rerun searches nothing."""
     from conftest import TINY
 
-    from autoprune.latency_bench import latency_searches, search_lines
-    from autoprune.models import build_model
+    from autoprune.bench.latency import latency_searches, search_lines
+    from autoprune.inputs.models import build_model
     from autoprune.options import SearchOptions
 
     spec = f"{TINY}:tiny_resnet"
@@ -311,7 +311,7 @@ def test_latency_search_benchmark_caps_at_the_flops_winners_latency_and_resumes(
 def test_an_over_budget_build_aims_the_next_prediction_below_the_cap():
     """A plan predicted 2 % under its latency cap built 0.02 % over it: the next target goes under the
     prediction (tightening the target by the overshoot alone found the same plan six times over)."""
-    from autoprune.budget import _tightened
+    from autoprune.cost.budget import _tightened
     from autoprune.counting import Cost
 
     inf = math.inf
@@ -325,7 +325,7 @@ def test_an_over_budget_build_aims_the_next_prediction_below_the_cap():
 def test_bench_latency_sections_replace_their_own_and_keep_the_rest(tmp_path):
     """bench-latency writes its sections into BENCHMARKS.md in place, with the command, and leaves what
     `bench` wrote; `bench` keeps them (own_sections) when it rewrites the file."""
-    from autoprune.latency_bench import HEADINGS, own_sections, update_section
+    from autoprune.bench.markdown import HEADINGS, own_sections, update_section
 
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\n## resnet18\n\nrow\n")
@@ -343,9 +343,9 @@ def test_a_candidate_no_plan_fits_is_dropped_and_the_search_goes_on(tmp_path, di
     """A candidate that stays over its latency cap however tightened is a pruned trial, not a crash."""
     from conftest import TINY
 
-    import autoprune.study as study_module
+    import autoprune.study.trials as study_module
     from autoprune.api import search
-    from autoprune.budget import NoFit, fit_plan
+    from autoprune.cost.budget import NoFit, fit_plan
 
     calls = []
 
@@ -368,8 +368,8 @@ def test_latency_search_benchmark_keys_its_rows_by_the_flops_budget_too(tmp_path
     """Rows measured at one --flops do not stand for another: a second budget is searched, not skipped."""
     from conftest import TINY
 
-    from autoprune.latency_bench import latency_searches
-    from autoprune.models import build_model
+    from autoprune.bench.latency import latency_searches
+    from autoprune.inputs.models import build_model
     from autoprune.options import SearchOptions
 
     spec = f"{TINY}:tiny_resnet"

@@ -11,13 +11,13 @@ import torch
 import torchvision
 
 import tiny_models
-from autoprune.budget import Budget, fits, project, usage
-from autoprune.costmodel import CostModel
+from autoprune.cost.budget import Budget, fits, project, usage
+from autoprune.cost.costmodel import CostModel
 from autoprune.counting import count
 from autoprune.errors import AutopruneError
-from autoprune.groups import ChannelGroups
-from autoprune.models import EXTRA_KWARGS
-from autoprune.space import for_model
+from autoprune.prune.groups import ChannelGroups
+from autoprune.inputs.models import EXTRA_KWARGS
+from autoprune.study.space import for_model
 
 FAST = ["resnet18", "mobilenet_v3_small", "squeezenet1_1"]
 SLOW = ["mobilenet_v2", "regnet_x_400mf", "efficientnet_b0", "vgg11_bn", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "vgg16_bn", "densenet121", "convnext_tiny",

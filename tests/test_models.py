@@ -8,7 +8,7 @@ import torch
 
 from autoprune.errors import AutopruneError
 from autoprune.files import save_torch
-from autoprune.models import absolute_spec, build_model, check_picklable, load_weights, read_state_dict
+from autoprune.inputs.models import absolute_spec, build_model, check_picklable, load_weights, read_state_dict
 from conftest import TINY
 
 

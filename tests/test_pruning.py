@@ -5,13 +5,13 @@ import optuna
 import pytest
 import torch
 
-from autoprune.budget import Budget
-from autoprune.costmodel import CostModel
+from autoprune.cost.budget import Budget
+from autoprune.cost.costmodel import CostModel
 from autoprune.counting import count
-from autoprune.export import finetune
-from autoprune.groups import ChannelGroups
-from autoprune.study import Problem, Settings, checkpoint, keep_best_checkpoints, run, trial_plan
-from autoprune.training import train
+from autoprune.export.final import finetune
+from autoprune.prune.groups import ChannelGroups
+from autoprune.study.trials import Problem, Settings, checkpoint, keep_best_checkpoints, run, trial_plan
+from autoprune.train.loop import train
 
 PRUNED, COMPLETE = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE
 
@@ -45,7 +45,7 @@ SHORT = dict(finetune_epochs=0.2, trials=4)
 
 def test_a_candidate_below_the_median_cheap_score_is_never_fine_tuned(problem, monkeypatch):
     tuned = []
-    monkeypatch.setattr("autoprune.study.train", lambda *a, **k: tuned.append(1))
+    monkeypatch.setattr("autoprune.study.trials.train", lambda *a, **k: tuned.append(1))
     study = _study(STRONG)  # five strong finished trials; an untrained cut scores ~10 %
     run(problem, study, Settings(**{**SHORT, "trials": 6}), quiet=True, seed_first=False)
     new = study.trials[-1]
@@ -66,7 +66,7 @@ def test_where_the_cheap_score_does_not_rank_it_screens_nothing_and_the_half_way
         steps.append(kwargs["checks"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("autoprune.study.train", counting)
+    monkeypatch.setattr("autoprune.study.trials.train", counting)
     run(problem, study, Settings(**{**SHORT, "trials": 6}), quiet=True, seed_first=False)
     new = study.trials[-1]
     assert new.intermediate_values[0] < 0.5  # far below the median cheap score, yet fine-tuned
@@ -114,7 +114,7 @@ def test_the_final_fine_tune_goes_on_from_the_winning_trials_weights(problem):
 
 
 def test_the_screen_compares_with_every_trial_that_got_as_far_pruned_ones_included():
-    from autoprune.study import ReachedMedianPruner
+    from autoprune.study.trials import ReachedMedianPruner
 
     study = _study([0.9, 0.91, 0.92, 0.93, 0.94])
     for _ in range(6):  # screened out earlier with a cheap score of 10 %

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import autoprune
-from autoprune.budget import STRATA, BudgetRange, parse_budget
+from autoprune.cost.budget import STRATA, BudgetRange, parse_budget
 from autoprune.cli import main
 from autoprune.counting import count
-from autoprune.pareto import pareto_front, trials_frame
-from autoprune.runs import open_run
-from autoprune.study import COMPLETE, ReachedMedianPruner, choose_stratum
+from autoprune.report.pareto import pareto_front, trials_frame
+from autoprune.study.runs import open_run
+from autoprune.study.trials import COMPLETE, ReachedMedianPruner, choose_stratum
 from conftest import RANGE_STUDY
 
 LOW, HIGH = 0.15, 0.6

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from autoprune.storage import storage_for
+from autoprune.study.storage import storage_for
 from conftest import TINY
 
 N = 5
@@ -119,7 +119,7 @@ def test_killed_three_times_then_resumed_ends_with_exactly_the_requested_trials(
     assert retried[0].params == failed[0].params  # the killed trial was tried again, not forgotten
 
 
-# Test-only hook (autoprune.workers.hold_for_test): every worker's first trial waits until two
+# Test-only hook (autoprune.study.workers.hold_for_test): every worker's first trial waits until two
 # processes have started one, so both take part however long the spawned one needs to start.
 BOTH_WORK = {"AUTOPRUNE_TEST_HOLD_UNTIL_WORKERS": "2"}
 

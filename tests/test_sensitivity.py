@@ -2,13 +2,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from autoprune.task import CLASSIFICATION
-from autoprune.budget import Budget, fits, smallest, usage
-from autoprune.costmodel import CostModel
+from autoprune.inputs.task import CLASSIFICATION
+from autoprune.cost.budget import Budget, fits, smallest, usage
+from autoprune.cost.costmodel import CostModel
 from autoprune.counting import Cost
-from autoprune.groups import ChannelGroups
-from autoprune.sensitivity import bounds, curves, equal_drop, ratio_at_drop, scan
-from autoprune.training import evaluate, resolve_device
+from autoprune.prune.groups import ChannelGroups
+from autoprune.study.sensitivity import bounds, curves, equal_drop, ratio_at_drop, scan
+from autoprune.train.loop import evaluate, resolve_device
 
 GRID = (0.25, 0.5, 0.75)
 
@@ -33,7 +33,7 @@ def test_scan_writes_every_cell_and_reuses_them(setup, tiny, digits_data, tmp_pa
 
     # A rerun evaluates nothing again, and a killed scan resumes where it stopped.
     calls = []
-    monkeypatch.setattr("autoprune.sensitivity.evaluate", lambda *a: calls.append(1) or 0.5)
+    monkeypatch.setattr("autoprune.study.sensitivity.evaluate", lambda *a: calls.append(1) or 0.5)
     again = scan(groups, costs, tiny, digits_data, base, device, path, GRID, bn_batches=2, quiet=True)
     assert calls == [] and len(again) == len(table)
     on_disk.iloc[:-2].to_csv(path, index=False)

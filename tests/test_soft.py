@@ -3,8 +3,8 @@
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from autoprune.groups import ChannelGroups, apply_plan
-from autoprune.soft import channel_norms, soft_prune, zero_weakest
+from autoprune.prune.groups import ChannelGroups, apply_plan
+from autoprune.train.soft import channel_norms, soft_prune, zero_weakest
 
 
 def test_zero_weakest_zeros_the_lowest_l2_channels_in_every_producing_layer(tiny, example):

@@ -4,8 +4,8 @@ import torchvision
 
 from autoprune.cli import main
 from autoprune.errors import AutopruneError
-from autoprune.groups import ChannelGroups
-from autoprune.space import for_model, load_space, shipped
+from autoprune.prune.groups import ChannelGroups
+from autoprune.study.space import for_model, load_space, shipped
 
 
 def test_shipped_spaces_load_and_are_picked_by_architecture():

@@ -2,8 +2,8 @@ import optuna
 import pytest
 
 from autoprune.errors import AutopruneError
-from autoprune.storage import SharedTable, open_study, storage_for
-from autoprune.workers import HOLD_ENV, Worker, heartbeat, hold_for_test, recover, surplus
+from autoprune.study.storage import SharedTable, open_study, storage_for
+from autoprune.study.workers import HOLD_ENV, Worker, heartbeat, hold_for_test, recover, surplus
 
 
 def test_resuming_with_another_configuration_names_what_differs(tmp_path):
@@ -62,7 +62,7 @@ def test_the_test_only_hold_waits_for_every_worker_and_fails_without_them(tmp_pa
     study = open_study("s", str(tmp_path / "study.log"), {"a": 1})
     hold_for_test(study)  # unset: nothing to wait for
     monkeypatch.setenv(HOLD_ENV, "2")
-    monkeypatch.setattr("autoprune.workers.HOLD_TIMEOUT_S", 0.0)
+    monkeypatch.setattr("autoprune.study.workers.HOLD_TIMEOUT_S", 0.0)
     with heartbeat(study, study.ask()._trial_id):
         with pytest.raises(AutopruneError, match="only 1 worker process"):
             hold_for_test(study)  # the other worker never started a trial
@@ -110,7 +110,7 @@ def test_sensitivity_cells_are_shared_through_the_study(tmp_path):
 
 def test_a_run_folder_with_a_journal_opens_without_storage(tmp_path):
     """A --workers run writes study.log, not study.db: open_run (pareto, report, export) finds it."""
-    from autoprune.runs import list_studies, open_run
+    from autoprune.study.runs import list_studies, open_run
 
     folder = tmp_path / "run"
     open_study("s", str(folder / "study.log"), {"budget": "flops=0.5"})

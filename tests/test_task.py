@@ -14,8 +14,8 @@ import torch
 import autoprune
 import user_tasks
 from autoprune.counting import count
-from autoprune.data import from_splits
-from autoprune.task import CLASSIFICATION, Task, load_task, shape_signature, to_device
+from autoprune.inputs.data import from_splits
+from autoprune.inputs.task import CLASSIFICATION, Task, load_task, shape_signature, to_device
 
 TASKS = str(Path(user_tasks.__file__))
 FAST = dict(trials=2, train_epochs=3, finetune_epochs=0.3, final_epochs=0.5, grid=(0.5,), quiet=True,
@@ -111,7 +111,7 @@ def test_task_checks_its_loss_and_score():
 
 
 def test_recalibration_stops_each_forward_once_every_batchnorm_has_its_statistics():
-    from autoprune.training import recalibrate_bn
+    from autoprune.train.loop import recalibrate_bn
 
     class Counting(torch.nn.Module):  # a head (a detector's NMS) the statistics do not need
         calls = 0

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from autoprune.groups import ChannelGroups
-from autoprune.thinet import contributions, greedy_order, rerank
+from autoprune.prune.groups import ChannelGroups
+from autoprune.prune.thinet import contributions, greedy_order, rerank
 
 
 def test_greedy_order_removes_the_channel_that_disturbs_the_output_least():

@@ -8,12 +8,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import autoprune
-from autoprune.task import CLASSIFICATION
+from autoprune.inputs.task import CLASSIFICATION
 from autoprune.cli import main
 from autoprune.counting import count
 from autoprune.errors import AutopruneError
-from autoprune.training import train
-from autoprune.unstructured import (MaskHook, WeightCosts, count_nonzero, dense_state, magnitude_masks,
+from autoprune.train.loop import train
+from autoprune.study.weights import (MaskHook, WeightCosts, count_nonzero, dense_state, magnitude_masks,
                                     project_sparsities, prune_weights, sizes, sparse_state, weight_limit)
 from conftest import TINY
 from tiny_models import mlp

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 
-from autoprune.data import read_idx
-from autoprune.task import Task
+from autoprune.inputs.data import read_idx
+from autoprune.inputs.task import Task
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 HELD_OUT = 10_000  # the last items of FMNIST's train split: the val canvases' items, never trained on

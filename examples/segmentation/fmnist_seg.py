@@ -30,8 +30,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from autoprune.data import read_idx
-from autoprune.task import Task
+from autoprune.inputs.data import read_idx
+from autoprune.inputs.task import Task
 
 NUM_CLASSES = 11  # background + the 10 Fashion-MNIST classes
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

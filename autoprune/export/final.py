@@ -1,0 +1,94 @@
+"""Rebuild the chosen plan, fine-tune it longer, test it once, and write it out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoprune.counting import count
+from autoprune.files import save_torch, write_json
+from autoprune.inputs.models import read_state_dict
+from autoprune.prune.groups import apply_plan
+from autoprune.prune.plan import Plan
+from autoprune.study.trials import Problem, Settings
+from autoprune.train.distill import from_settings
+from autoprune.train.loop import evaluate, recalibrate_bn, train
+from autoprune.train.soft import soft_prune
+
+
+def finetune(problem: Problem, plan: Plan, settings: Settings, start: Path | None = None,
+             quiet: bool = True) -> tuple[nn.Module, Plan, float]:
+    """The final recipe: cut the plan, recalibrate BatchNorm, fine-tune ``settings.final_epochs``
+    (or for ``settings.final_seconds``, where set).
+
+    ``start`` holds the fine-tuned weights of the trial that found ``plan``
+    (:func:`autoprune.study.trials.checkpoint`): the fine-tune goes on from them rather
+    than from the cut base model, so the search's training is not thrown away.
+    Soft pruning re-selects the channels from the base model and ignores ``start``.
+    Returns the model, the plan (soft pruning records which channels it kept)
+    and the epochs the final fine-tune trained.
+    """
+    p, s = problem, settings
+    device = p.device
+    train_loader = p.data.loader("train", s.batch_size, shuffle=True, seed=s.seed)
+    torch.manual_seed(s.seed)
+    if s.extra.get("soft_epochs"):
+        trained, plan = soft_prune(p.model, p.groups, plan, train_loader, s.extra["soft_epochs"], device,
+                                   s.lr, quiet, from_settings(p.model, s.extra), task=p.data.task)
+        model = apply_plan(trained, plan, p.groups.example_input).to(device)
+    else:
+        model = p.groups.apply(plan)
+        if start is not None:
+            model.load_state_dict(read_state_dict(start))
+        model.to(device)
+    recalibrate_bn(model, train_loader, device, s.bn_batches, task=p.data.task)
+    steps = [0]
+
+    def counted(_: nn.Module) -> None:
+        steps[0] += 1
+
+    train(model, train_loader, s.final_epochs, device, lr=s.lr, desc="final fine-tune", quiet=quiet,
+          distill=from_settings(p.model, s.extra), after_step=counted, seconds=s.final_seconds or None,
+          task=p.data.task)
+    return model, plan, steps[0] / len(train_loader)
+
+
+def export(problem: Problem, plan: Plan, out: Path, settings: Settings, quiet: bool = False,
+           start: Path | None = None, **summary: Any) -> dict[str, Any]:
+    """Write ``model.pt``, ``weights.pt``, ``plan.json`` and ``summary.json`` into ``out``.
+
+    ``model.pt`` is the pruned ``nn.Module`` (``torch.load(..., weights_only=False)``);
+    ``weights.pt`` its state dict, which with ``plan.json`` rebuilds it through
+    :func:`autoprune.load_pruned` without unpickling code. ``start``: see
+    :func:`finetune`. Returns the summary.
+    """
+    p, data, device = problem, problem.data, problem.device
+    model, plan, epochs = finetune(p, plan, settings, start, quiet)
+    val_accuracy = evaluate(model, data.loader("val", 256), device, data.task)
+    # The test split is read here and nowhere else: once for the base, once for the winner.
+    test_loader = data.loader("test", 256)
+    base_test = evaluate(p.model, test_loader, device, data.task)
+    test_accuracy = evaluate(model, test_loader, device, data.task)
+    cost = count(model, p.groups.example_input)
+    base = p.costs.base
+    model = model.cpu().eval()
+    out.mkdir(parents=True, exist_ok=True)
+    save_torch(model, out / "model.pt")
+    save_torch(model.state_dict(), out / "weights.pt")
+    plan.save(out / "plan.json")
+    result = {
+        "base_flops": base.flops, "base_params": base.params,
+        "flops": cost.flops, "params": cost.params,
+        "flops_share": cost.flops / base.flops, "params_share": cost.params / base.params,
+        "flops_unit": "thop MACs",
+        "base_val_accuracy": p.base_val_accuracy, "val_accuracy": val_accuracy,
+        "base_test_accuracy": base_test, "test_accuracy": test_accuracy,
+        "score": data.task.name, "score_format": data.task.format,  # what the *_accuracy values are
+        **summary,
+        "final_epochs": round(epochs, 3),  # as trained: a time budget's fine-tune ends by the clock
+    }
+    write_json(out / "summary.json", result)
+    return result

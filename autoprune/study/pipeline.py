@@ -1,0 +1,215 @@
+"""The stages every search shares, channel or weight, and the benchmark.
+
+A search is: :func:`prepare` (the data, the run folder and its storage, the trained
+base model) → :func:`find_groups` (:mod:`autoprune.prune.groups`) → sensitivity
+(:mod:`autoprune.study.sensitivity`) → :func:`bounded_problem` → search (:mod:`autoprune.study.trials`,
+:mod:`autoprune.study.halving`) → export (:mod:`autoprune.export.final`). :func:`autoprune.api.search`,
+:func:`autoprune.study.weights.search_weights` and :mod:`autoprune.bench.equal_time` run these stages;
+what differs between them is which ones and with what.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import optuna
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from autoprune.cost.costmodel import CostModel
+from autoprune.counting import Cost
+from autoprune.errors import AutopruneError
+from autoprune.files import fingerprint, save_torch
+from autoprune.inputs.data import Data, from_splits, load_data
+from autoprune.inputs.models import build_model, check_picklable, load_weights
+from autoprune.inputs.task import Task, load_task, validate
+from autoprune.options import BASE_EPOCHS, BASE_LR, SearchOptions
+from autoprune.prune.groups import ChannelGroups
+from autoprune.prune.importance import criterion
+from autoprune.prune.plan import Plan
+from autoprune.prune.thinet import rerank
+from autoprune.study.checks import check_run, claim_run
+from autoprune.study.sensitivity import bounds, equal_drop
+from autoprune.study.space import SearchSpace
+from autoprune.study.trials import Problem, Stratum
+from autoprune.train.loop import evaluate, resolve_device, train
+
+
+@dataclass
+class Result:
+    """What a search hands back: the pruned model, its plan, the summary and the study."""
+
+    model: nn.Module
+    plan: Plan
+    summary: dict[str, Any]
+    study: optuna.Study
+    out: Path
+
+
+def as_data(data: Data | str | Sequence[Dataset | DataLoader], task: Task | str | None = None,
+            **options: Any) -> Data:
+    """``data`` as a :class:`Data` judged by ``task`` (:func:`~autoprune.inputs.task.load_task`; None: a
+    Data's own task, else classification): a data set name or path (``options`` go to
+    :func:`load_data`), a Data, or (train, val, test) datasets or loaders."""
+    if isinstance(data, Data):
+        return data if task is None else data.with_task(load_task(task))
+    task = load_task(task)
+    if isinstance(data, (str, Path)):
+        return load_data(str(data), task=task, **options)
+    if isinstance(data, (tuple, list)) and len(data) == 3:
+        return from_splits("user", *data, task=task)
+    raise AutopruneError("data must be a data set name, a Data, or (train, val, test) datasets or loaders")
+
+
+def slug(text: str) -> str:
+    """``text`` as a file-name-safe part of a study name (``flops=0.25`` → ``flops0.25``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "", text.replace("=", "").replace(",", "-"))
+
+
+def run_folder(model: nn.Module | str, data: Data, budget: Any, study: str | None, out: str | Path | None,
+               kind: str = "") -> tuple[str, str, Path]:
+    """(model name, study name, run folder): ``results/<model>-<data>-[<kind>-]<budget>`` unless given."""
+    name = model if isinstance(model, str) else type(model).__name__
+    parts = [slug(Path(name).stem), slug(data.name), *([kind] if kind else []), slug(str(budget))]
+    study_name = study or "-".join(parts)
+    return name, study_name, Path(out) if out else Path("results") / study_name
+
+
+def default_storage(out: Path, workers: int = 1) -> str:
+    """The run folder's study: SQLite for one process, a journal file for several (or where one is)."""
+    journal, sqlite = out / "study.log", out / "study.db"
+    if journal.is_file() or (workers > 1 and not sqlite.is_file()):
+        return str(journal)
+    return f"sqlite:///{sqlite}"
+
+
+def base_model(model: nn.Module | str, weights: str | None, data: Data, out: Path,
+               train_epochs: float | None) -> tuple[nn.Module, float]:
+    """The base model with its weights, and how many epochs it still has to be trained."""
+    if isinstance(model, nn.Module):
+        if weights:
+            load_weights(model, weights)
+        return model, train_epochs or 0.0
+    saved = out / "base.pt"
+    if weights in (None, "DEFAULT") and saved.is_file():  # trained by an earlier run
+        return load_weights(build_model(model, data.num_classes, input_shape=data.input_shape), saved), 0.0
+    built = build_model(model, data.num_classes, pretrained=weights == "DEFAULT", input_shape=data.input_shape)
+    if weights and weights != "DEFAULT":
+        return load_weights(built, weights), train_epochs or 0.0
+    if train_epochs is not None:
+        return built, train_epochs
+    head_only = weights == "DEFAULT" and data.num_classes == 1000
+    return built, 0.0 if head_only else BASE_EPOCHS
+
+
+def train_base(base: nn.Module, data: Data, epochs: float, device: torch.device, batch_size: int, seed: int,
+               out: Path, quiet: bool, lr: float = BASE_LR) -> None:
+    """Train the base model and keep it as ``out/base.pt``, so the next run of the study reuses it.
+
+    A model that ends near chance on validation is refused and not kept: pruning
+    it would measure nothing (vgg11_bn on digits needs a base learning rate of 0.01).
+    """
+    torch.manual_seed(seed)
+    train(base, data.loader("train", batch_size, shuffle=True, seed=seed), epochs, device, lr=lr,
+          desc="train base", quiet=quiet, task=data.task)
+    accuracy = evaluate(base, data.loader("val", 256), device, data.task)
+    if data.task.is_classification and accuracy < 2.0 / data.num_classes:
+        raise AutopruneError(f"the base model trained to {accuracy:.1%} validation accuracy, near chance "
+                             f"({1 / data.num_classes:.0%}); train it with a smaller --base-lr (was {lr:g}) "
+                             "or more --train-epochs, or pass trained --weights")
+    save_torch(base.state_dict(), out / "base.pt")
+
+
+@dataclass
+class Prepared:
+    """A search ready for its stages: the data, names, run folder, storage, device and trained base
+    (a stored study with its folder, read back later, is :class:`autoprune.study.runs.Run`)."""
+
+    data: Data
+    name: str  # the model's name as the study records it
+    study: str
+    out: Path
+    storage: str
+    shared: bool  # the storage was given: processes on other machines may work on the study
+    device: torch.device
+    base: nn.Module
+    base_id: str  # fingerprint of the base model's weights
+
+
+def prepare(model: nn.Module | str, data: Data | str | Sequence, budget: Any, options: SearchOptions,
+            kind: str = "", before_training: Callable[[nn.Module, Data], object] | None = None) -> Prepared:
+    """The first stage: data, run folder and storage (refused, before anything is written, if they
+    cannot be used), and the base model, trained and kept in the run folder if it has to be.
+
+    ``before_training(base, data)`` may refuse the untrained base (a bad space or budget), so a
+    mistake costs no training.
+    """
+    o = options
+    data = as_data(data, o.task, data_dir=o.data_dir, download=o.download, seed=o.seed)
+    if o.distill and not data.task.is_classification:
+        raise AutopruneError(f"--distill softens a classifier's logits; task {data.task.label} is not "
+                             "classification: leave out --distill")
+    name, study, out = run_folder(model, data, budget, o.study, o.out, kind=kind)
+    storage = o.storage or default_storage(out, o.workers)
+    if o.workers > 1 and storage.startswith("sqlite"):
+        raise AutopruneError("SQLite cannot take several worker processes; for --workers pass "
+                             f"--storage {out / 'study.log'} (a journal file) or a PostgreSQL/MySQL URL")
+    check_run(out, study, storage)
+    device = resolve_device(o.device)
+    base, epochs = base_model(model, o.weights, data, out, o.train_epochs)
+    validate(data.task, base, next(iter(data.loader("val", 8))), device)  # before anything is written
+    check_picklable(base, name)
+    if epochs > 0:
+        if before_training:
+            before_training(base, data)
+        claim_run(out, study)
+        train_base(base, data, epochs, device, o.batch_size, o.seed, out, o.quiet, o.base_lr)
+    base = base.to(device).eval()
+    return Prepared(data, name, study, out, storage, o.storage is not None, device, base,
+               fingerprint(base.state_dict()))
+
+
+def find_groups(model: nn.Module, example: Any, space: SearchSpace, data: Data, batch_size: int,
+                seed: int, base_model: str = "", importance: str | None = None,
+                device: torch.device | None = None) -> ChannelGroups:
+    """The model's groups under ``space`` (its layer patterns checked against the model)."""
+    space.check_layers(model)
+    importance = importance or space.importance
+    batches = None
+    if criterion(importance).needs_gradients:  # a few training batches give the gradients
+        batches = itertools.islice(data.loader("train", batch_size, shuffle=True, seed=seed), 4)
+    thinet = importance == "thinet"  # ranks from activations, after the groups are found
+    groups = ChannelGroups(model, example, importance="l1" if thinet else importance,
+                           ignore=(*space.ignore, *data.task.keep), base_model=base_model, batches=batches,
+                           loss=data.task.batch_loss)
+    if thinet:
+        rerank(groups, model, data.loader("train", batch_size, shuffle=True, seed=seed),
+               device or torch.device("cpu"), seed=seed, task=data.task)
+    return groups
+
+
+def bounded_problem(base: nn.Module, data: Data, groups: ChannelGroups, costs: CostModel, table: pd.DataFrame,
+                    space: SearchSpace, limits: Cost, base_val: float, device: torch.device,
+                    targets: Sequence[tuple[str, Cost]] = (), **extra: Any) -> Problem:
+    """The search stage's problem: per-group ratio bounds from the sensitivity ``table`` and the
+    seed plan that spends the budget for an equal accuracy drop everywhere.
+
+    ``targets`` (name, caps) are a range's strata, tightest first: the bounds serve the tightest,
+    each stratum gets its own seed, and the range's seed is the loosest's. ``extra`` goes to
+    :class:`~autoprune.study.trials.Problem` (checkpoints, meter).
+    """
+    low, ceiling = space.ratio_bounds(groups.ids)
+    tightest = targets[0][1] if targets else limits  # one scan serves every target: bound for the tightest
+    high = np.maximum(low, bounds(table, costs, tightest, ceiling, round_to=space.round_to))
+    strata = [Stratum(label, caps, equal_drop(table, costs, caps, low, high, space.round_to))
+              for label, caps in targets]
+    seed = strata[-1].seed if strata else equal_drop(table, costs, limits, low, high, space.round_to)
+    return Problem(base, data, groups, costs, limits, low, high, seed, base_val, device, space.round_to,
+                   strata=strata, **extra)

@@ -1,0 +1,7 @@
+"""Training, fine-tuning and scoring a model, with distillation and soft pruning."""
+
+from autoprune.train.loop import evaluate, recalibrate_bn, resolve_device, train
+from autoprune.train.distill import Distill
+from autoprune.train.soft import soft_prune
+
+__all__ = ["evaluate", "recalibrate_bn", "resolve_device", "train", "Distill", "soft_prune"]

@@ -121,3 +121,14 @@ def test_an_old_import_path_still_works_with_a_deprecation_warning(old, new):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"{old} is deprecated" in done.stdout and new in done.stdout
+
+
+def test_a_name_of_a_module_that_is_a_subpackage_now_still_resolves_with_a_warning():
+    """``autoprune.study`` was the trials module; ``autoprune.study.trials_table`` still finds it there."""
+    import autoprune.study
+    from autoprune.study.trials import trials_table
+
+    with pytest.warns(DeprecationWarning, match="autoprune.study.trials_table is deprecated"):
+        assert autoprune.study.trials_table is trials_table
+    with pytest.raises(AttributeError):
+        autoprune.study.no_such_name

@@ -60,7 +60,7 @@ def test_running_again_adds_no_trials_and_trains_nothing(own_run, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run trained again")
 
-    for module in ("pipeline", "study", "export"):
+    for module in ("study.pipeline", "study.trials", "export.final"):
         monkeypatch.setattr(f"autoprune.{module}.train", no_training)
     stamps = {f: (own_run / f).stat().st_mtime_ns for f in ("base.pt", "sensitivity.csv", "model.pt")}
     assert main([*ARGS, "--out", str(own_run)]) == 0

@@ -32,7 +32,7 @@ def test_search_with_thinet_distillation_and_soft_pruning(tmp_path, monkeypatch)
         calls.append((kwargs.get("desc"), kwargs.get("distill")))
         return training.train(model, loader, epochs, device, **kwargs)
 
-    for module in ("study", "export", "soft"):
+    for module in ("study.trials", "export.final", "train.soft"):
         monkeypatch.setattr(f"autoprune.{module}.train", recording)
     out = tmp_path / "run"
     assert main(["search", "--model", f"{TINY}:tiny_resnet", "--budget", "flops=0.5", "--trials", "2",

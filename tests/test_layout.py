@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import autoprune
 
@@ -132,3 +133,25 @@ def test_a_name_of_a_module_that_is_a_subpackage_now_still_resolves_with_a_warni
         assert autoprune.study.trials_table is trials_table
     with pytest.raises(AttributeError):
         autoprune.study.no_such_name
+
+
+def test_a_pickle_that_names_the_old_module_still_loads(tmp_path):
+    """A 0.1 ``model.pt`` of a file model names ``autoprune.models.user_object``, which rebuilds its class."""
+    import io
+    import pickle
+
+    from autoprune.files import ByValue
+    from autoprune.inputs.models import build_model
+
+    (tmp_path / "oldnet.py").write_text("import torch.nn as nn\n\ndef net(num_classes=10):\n"
+                                        "    return nn.Sequential(Flat(), nn.Linear(4, num_classes))\n\n"
+                                        "class Flat(nn.Module):\n    def forward(self, x):\n"
+                                        "        return x.flatten(1)\n")
+    buffer = io.BytesIO()
+    ByValue(buffer, protocol=2).dump(build_model(f"{tmp_path / 'oldnet.py'}:net", 3))
+    new = buffer.getvalue()
+    old = new.replace(b"cautoprune.files\nuser_object\n", b"cautoprune.models\nuser_object\n")
+    assert old != new
+    with pytest.warns(DeprecationWarning, match="autoprune.models is deprecated"):
+        model = pickle.loads(old)
+    assert model(torch.zeros(2, 4)).shape == (2, 3)

@@ -44,6 +44,7 @@ from autoprune.report.pareto import best_under
 from autoprune.study.checks import claim_run
 from autoprune.study.halving import SCAN_SHARE, Deadline, parse_duration, scoring_seconds, timed_search
 from autoprune.study.pipeline import Prepared, Result, as_data, bounded_problem, find_groups, prepare
+from autoprune.study.pipeline import distill_outputs  # --distill: the teacher's outputs, computed once
 from autoprune.study.runs import open_run, rebuild_problem, record_run
 from autoprune.study.sensitivity import scan
 from autoprune.study.space import SearchSpace, resolve
@@ -154,7 +155,7 @@ def search(
     targets = [(str(b), b.limits(costs.base)) for b in budget.targets(STRATA)] \
         if isinstance(budget, BudgetRange) else []
     problem = bounded_problem(base, data, groups, costs, table, space, limits, base_val, device, targets,
-                              checkpoints=out / "checkpoints", meter=meter)
+                              checkpoints=out / "checkpoints", meter=meter, teacher_outputs=distill_outputs(r, o))
     # Workers on other machines must not draw the same candidates: give each process its own stream.
     stream = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) if r.shared else 0
     if _worker:

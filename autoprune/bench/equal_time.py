@@ -76,6 +76,7 @@ from autoprune.study.space import SearchSpace, resolve
 from autoprune.study.trials import COMPLETE, PRUNED, Problem, Settings, checkpoint, count_pruned, run, trial_plan
 from autoprune.train.distill import kd_loss
 from autoprune.train.loop import evaluate, recalibrate_bn, resolve_device, train
+from autoprune.train.teacher import TEACHER_OUTPUTS, teacher_outputs
 
 CONVERGED = ("uniform-converged", "seed-converged", "autoprune-converged")
 METHODS = ("uniform", "global", "seed", "random", "autoprune", "uniform-matched", "autoprune-distill", *CONVERGED)
@@ -287,6 +288,9 @@ def _plan_of(method: str, problem: Problem, config: BenchConfig) -> Plan:
 def _run_one(subject: Subject, problem: Problem, method: str, seed: int, config: BenchConfig,
              prior: dict[str, dict]) -> dict:
     """One (method, seed): its plan, its fine-tune, the numbers. ``prior``: this seed's rows so far."""
+    kd = teacher_outputs(subject.model, subject.data, config.out / "cache" / subject.data.name / Path(subject.name).stem
+                         / TEACHER_OUTPUTS, subject.device, quiet=config.quiet) if method == "autoprune-distill" else None
+    problem = replace(problem, teacher_outputs=kd)  # the base's outputs, computed once per base, charged as the scan
     start = time.perf_counter()
     trials = stopped = 0
     epochs, note, weights, charged, overhead = config.final_epochs, "", None, 0.0, float("nan")
@@ -300,7 +304,7 @@ def _run_one(subject: Subject, problem: Problem, method: str, seed: int, config:
             plan, epochs = Plan.from_dict(json.loads(source["plan"])), config.converged_epochs
         elif method in ("random", "autoprune", "autoprune-distill"):
             sampler = optuna.samplers.RandomSampler(seed=seed) if method == "random" else None
-            charged = subject.scan_seconds if config.time_budget else 0.0
+            charged = subject.scan_seconds + (kd.seconds if kd else 0.0) if config.time_budget else 0.0
             deadline = Deadline(config.time_budget - charged) if config.time_budget else None
             reserve = scoring_seconds(subject.eval_seconds, problem.data)
             plan, weights, study, epochs, seconds = _searched(problem, config, seed, sampler, extra, Path(folder),

@@ -37,7 +37,7 @@ def finetune(problem: Problem, plan: Plan, settings: Settings, start: Path | Non
     torch.manual_seed(s.seed)
     if s.extra.get("soft_epochs"):
         trained, plan = soft_prune(p.model, p.groups, plan, train_loader, s.extra["soft_epochs"], device,
-                                   s.lr, quiet, from_settings(p.model, s.extra), task=p.data.task)
+                                   s.lr, quiet, from_settings(p.model, s.extra, p.teacher_outputs), task=p.data.task)
         model = apply_plan(trained, plan, p.groups.example_input).to(device)
     else:
         model = p.groups.apply(plan)
@@ -51,8 +51,8 @@ def finetune(problem: Problem, plan: Plan, settings: Settings, start: Path | Non
         steps[0] += 1
 
     train(model, train_loader, s.final_epochs, device, lr=s.lr, desc="final fine-tune", quiet=quiet,
-          distill=from_settings(p.model, s.extra), after_step=counted, seconds=s.final_seconds or None,
-          task=p.data.task)
+          distill=from_settings(p.model, s.extra, p.teacher_outputs), after_step=counted,
+          seconds=s.final_seconds or None, task=p.data.task)
     return model, plan, steps[0] / len(train_loader)
 
 

@@ -88,6 +88,12 @@ class Task:
             (default: SGD, Nesterov momentum 0.9, weight decay 5e-4).
         schedule: ``schedule(optimizer, steps) -> LRScheduler`` (default: cosine to zero over
             the steps; a fine-tune given seconds always uses the time-based cosine).
+        distill_loss: ``distill_loss(student_output, teacher_output, batch) -> scalar tensor``, the
+            whole training loss for one batch under ``--distill`` (blend in ``loss``'s term as you
+            like; ``--distill-weight`` and ``--temperature`` are not applied). ``student_output`` is
+            the model in training mode called on ``inputs(batch)``; ``teacher_output`` the unpruned
+            base model's, in eval mode, no gradient. Without it ``--distill`` takes classification
+            only (Hinton's loss on the logits).
     """
 
     loss: Callable[[nn.Module, Any], torch.Tensor]
@@ -100,6 +106,7 @@ class Task:
     collate_fn: Callable[[list], Any] | None = None
     optimizer: Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer] | None = None
     schedule: Callable[[torch.optim.Optimizer, int], Any] | None = None
+    distill_loss: Callable[[Any, Any, Any], torch.Tensor] | None = None
     spec: str = field(default="", compare=False)  # where it came from (``file.py:name``), for the study's record
 
     def show(self, value: float) -> str:
@@ -112,10 +119,18 @@ class Task:
 
     def batch_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The task's loss for one batch, refused in one line unless it is a finite scalar tensor."""
-        loss = self.loss(model, batch)
+        return self._scalar(self.loss(model, batch), "loss(model, batch)")
+
+    def distilled_loss(self, student_output: Any, teacher_output: Any, batch: Any) -> torch.Tensor:
+        """The task's own distillation loss for one batch, refused in one line unless a scalar tensor."""
+        assert self.distill_loss is not None
+        return self._scalar(self.distill_loss(student_output, teacher_output, batch),
+                            "distill_loss(student_output, teacher_output, batch)")
+
+    def _scalar(self, loss: Any, what: str) -> torch.Tensor:
         if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point()):
             found = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise AutopruneError(f"task {self.label}: loss(model, batch) returned {found}; return a scalar tensor "
+            raise AutopruneError(f"task {self.label}: {what} returned {found}; return a scalar tensor "
                                  "(e.g. the mean of the per-sample losses)")
         return loss
 

@@ -40,6 +40,7 @@ from autoprune.study.sensitivity import bounds, equal_drop
 from autoprune.study.space import SearchSpace
 from autoprune.study.trials import Problem, Stratum
 from autoprune.train.loop import evaluate, resolve_device, train
+from autoprune.train.teacher import TEACHER_OUTPUTS, TeacherOutputs, teacher_outputs
 
 
 @dataclass
@@ -153,9 +154,10 @@ def prepare(model: nn.Module | str, data: Data | str | Sequence, budget: Any, op
     """
     o = options
     data = as_data(data, o.task, data_dir=o.data_dir, download=o.download, seed=o.seed)
-    if o.distill and not data.task.is_classification:
+    if o.distill and not data.task.is_classification and data.task.distill_loss is None:
         raise AutopruneError(f"--distill softens a classifier's logits; task {data.task.label} is not "
-                             "classification: leave out --distill")
+                             "classification and gives no distill_loss: leave out --distill, or give the "
+                             "Task a distill_loss(student_output, teacher_output, batch)")
     name, study, out = run_folder(model, data, budget, o.study, o.out, kind=kind)
     storage = o.storage or default_storage(out, o.workers)
     if o.workers > 1 and storage.startswith("sqlite"):
@@ -174,6 +176,16 @@ def prepare(model: nn.Module | str, data: Data | str | Sequence, budget: Any, op
     base = base.to(device).eval()
     return Prepared(data, name, study, out, storage, o.storage is not None, device, base,
                fingerprint(base.state_dict()))
+
+
+def distill_outputs(prepared: Prepared, options: SearchOptions) -> TeacherOutputs | None:
+    """With ``--distill``, the base model's outputs on the training set, computed once into the run
+    folder (``teacher_outputs.pt``) and reused by every fine-tune and by a resumed run (None: the teacher
+    runs live, or no distillation). Call it after the run folder is claimed: it may write there."""
+    if not options.distill:
+        return None
+    r = prepared
+    return teacher_outputs(r.base, r.data, r.out / TEACHER_OUTPUTS, r.device, base_id=r.base_id, quiet=options.quiet)
 
 
 def find_groups(model: nn.Module, example: Any, space: SearchSpace, data: Data, batch_size: int,

@@ -32,6 +32,7 @@ from autoprune.study.pipeline import default_storage
 from autoprune.study.storage import storage_for
 from autoprune.study.trials import Problem, finished
 from autoprune.train.loop import evaluate, resolve_device
+from autoprune.train.teacher import TEACHER_OUTPUTS, teacher_outputs
 
 RESULTS = Path("results")
 RUN_FOLDER = "run_folder"  # study attribute: the run folder's absolute path, as the last search ran
@@ -195,8 +196,11 @@ def rebuild_problem(run: Run, data_dir: str | Path = "data", download: bool = Fa
     costs = CostModel(groups)
     limits = parse_budget(config["budget"]).limits(costs.base)
     n = len(groups)
+    outputs = teacher_outputs(base, data, run.folder / TEACHER_OUTPUTS, torch_device, config["base_model"],
+                              quiet=True) if config.get("distill") else None  # the search's, where it distilled
     return Problem(base, data, groups, costs, limits, np.zeros(n), np.full(n, config.get("max_ratio", 0.9)),
-                   np.zeros(n), evaluate(base, data.loader("val", 256), torch_device, task), torch_device)
+                   np.zeros(n), evaluate(base, data.loader("val", 256), torch_device, task), torch_device,
+                   teacher_outputs=outputs)
 
 
 def _task(stored: str | None, given: Task | str | None) -> Task:

@@ -45,6 +45,7 @@ from autoprune.study.workers import (COMPLETE, ENDED, FAIL,  # noqa: F401 (state
                                             POLL_S, PRUNED, RUNNING, heartbeat, hold_for_test, recover, retry, surplus)
 from autoprune.train.distill import from_settings
 from autoprune.train.loop import evaluate, recalibrate_bn, train
+from autoprune.train.teacher import TeacherOutputs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # set_metric_names is marked experimental; the warning would only clutter every run's output.
@@ -80,6 +81,7 @@ class Problem:
     checkpoints: Path | None = None  # where trials keep their fine-tuned weights (None: not kept)
     meter: Any = None  # a latency.Meter: every candidate's latency is measured and recorded (None: not)
     strata: list[Stratum] = field(default_factory=list)  # a range study's targets; empty for one budget
+    teacher_outputs: TeacherOutputs | None = None  # the base's outputs on the training set, for --distill
 
     def limits_for(self, trial: optuna.Trial | optuna.trial.FrozenTrial) -> Cost:
         """The caps trial ``trial`` is projected onto: its stratum's in a range study."""
@@ -277,7 +279,7 @@ class Objective:
         score = p.data.loader("score", 256)
         clock = time.perf_counter()
         train(model, self._train_loader(trial, step), epochs, p.device, lr=s.lr, desc=f"trial {trial.number}",
-              quiet=self.quiet, distill=from_settings(p.model, s.extra), checks=checks,
+              quiet=self.quiet, distill=from_settings(p.model, s.extra, p.teacher_outputs), checks=checks,
               check=lambda tuned, k: self._report(trial, step - 1 + k, evaluate(tuned, score, p.device, p.data.task),
                                                   started), task=p.data.task)
         trained, clock = time.perf_counter() - clock, time.perf_counter()

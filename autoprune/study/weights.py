@@ -37,13 +37,14 @@ from autoprune.options import SearchOptions
 from autoprune.prune.groups import ROOT_TYPES
 from autoprune.prune.plan import Plan
 from autoprune.study.checks import claim_run
-from autoprune.study.pipeline import Result, prepare
+from autoprune.study.pipeline import Result, distill_outputs, prepare
 from autoprune.study.runs import record_run
 from autoprune.study.sensitivity import GRID, curves, ratio_at_drop
 from autoprune.study.storage import open_study
 from autoprune.study.trials import ENDED, Settings, best_trial, config_dict, finished, trials_table
 from autoprune.train.distill import from_settings
 from autoprune.train.loop import evaluate, recalibrate_bn, train
+from autoprune.train.teacher import TeacherOutputs
 
 LABEL = "nonzero params (counted by autoprune; thop counts dense)"
 SPARSE_FORMAT = "autoprune-sparse/1"
@@ -262,6 +263,7 @@ class WeightProblem:
     seed_sparsities: np.ndarray
     base_val_accuracy: float
     device: torch.device
+    teacher_outputs: TeacherOutputs | None = None  # the base's outputs on the training set, for --distill
 
 
 def _param(name: str) -> str:
@@ -280,7 +282,7 @@ def finetune(problem: WeightProblem, sparsities: np.ndarray, settings: Settings,
     recalibrate_bn(model, train_loader, p.device, s.bn_batches, task=p.data.task)
     before = evaluate(model, val_loader, p.device, p.data.task)
     train(model, train_loader, epochs, p.device, lr=s.lr, desc=desc, quiet=quiet,
-          distill=from_settings(p.model, s.extra), after_step=MaskHook(masks), task=p.data.task)
+          distill=from_settings(p.model, s.extra, p.teacher_outputs), after_step=MaskHook(masks), task=p.data.task)
     return model, before, evaluate(model, val_loader, p.device, p.data.task)
 
 
@@ -416,7 +418,7 @@ def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: 
               f"{len(costs.names)} layers | budget {budget}: ≤ {human(limit)} nonzero params")
     table = scan(base, costs, data, base_val, device, out / "sensitivity.csv", grid, o.bn_batches, quiet, base_id)
     problem = WeightProblem(base, data, costs, limit, max_ratio, equal_drop(table, costs, limit, max_ratio),
-                            base_val, device)
+                            base_val, device, distill_outputs(r, o))
     run_trials(problem, the_study, settings, quiet)
     chosen = best_trial(the_study)
     sparsities = np.array([chosen.user_attrs["sparsities"][n] for n in costs.names])

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from autoprune.errors import AutopruneError
 from autoprune.inputs.task import Task
 from autoprune.options import FINETUNE_LR
-from autoprune.train.distill import Distill, kd_loss
+from autoprune.train.distill import Distill, distill_loss
+from autoprune.train.teacher import with_indices
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -58,7 +59,8 @@ def train(
     SGD with Nesterov momentum and a cosine schedule (or the task's own optimizer and
     schedule): the recipe every method autoprune compares gets, so differences come
     from the pruning, not the training.
-    ``distill`` adds a teacher's softened predictions to the loss; ``after_step``
+    ``distill`` adds a teacher's softened predictions to the loss (its outputs looked up by
+    sample index where ``distill.outputs`` serves ``loader``, else the teacher run live); ``after_step``
     runs after every optimiser step (weight-level pruning re-applies its masks there).
     ``check(model, k)`` runs ``checks`` times, evenly spaced before the end
     (k = 1 … checks); it may raise to stop the training (a search's pruner does).
@@ -84,10 +86,11 @@ def train(
         make = task.schedule or torch.optim.lr_scheduler.CosineAnnealingLR
         schedule = make(optimizer, steps)
     end = time.perf_counter() + seconds if seconds else None
-    if distill is not None:
+    cached = distill is not None and distill.outputs is not None and distill.outputs.serves(loader)
+    if distill is not None and not cached:
         distill.teacher.to(device).eval()
-    bar = tqdm(islice(_endless(loader), steps), total=steps, desc=desc, disable=quiet, leave=False,
-               unit="step")
+    source = with_indices(loader) if cached else loader  # cached: (indices, batch), the same batches in the same order
+    bar = tqdm(islice(_endless(source), steps), total=steps, desc=desc, disable=quiet, leave=False, unit="step")
     at = {math.ceil(k * steps / (checks + 1)): k for k in range(1, checks + 1)} if check and steps else {}
     for step, batch in enumerate(bar, 1):
         if end is not None:  # time-based cosine: the share of the time spent sets the learning rate
@@ -96,14 +99,18 @@ def train(
                 break
             for group, start in zip(optimizer.param_groups, initial):
                 group["lr"] = 0.5 * start * (1.0 + math.cos(math.pi * spent))
+        if cached:
+            indices, batch = batch
         batch = task.to_device(batch, device)
         if distill is None:
             loss = task.batch_loss(model, batch)
-        else:  # classification only (refused for other tasks before any work)
-            inputs, targets = batch
-            with torch.no_grad():
-                teacher_logits = distill.teacher(inputs)
-            loss = kd_loss(model(inputs), teacher_logits, targets, distill.weight, distill.temperature)
+        else:  # classification, or a task with its own distill_loss (refused otherwise before any work)
+            if cached:
+                teacher_output = distill.outputs.lookup(indices, device)
+            else:
+                with torch.no_grad():
+                    teacher_output = task.call(distill.teacher, batch)
+            loss = distill_loss(distill, task, model, batch, teacher_output)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

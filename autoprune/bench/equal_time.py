@@ -32,14 +32,33 @@ from the cut, where the quality of the allocation alone shows. Methods:
 ``autoprune-distill`` (on request)
     the default search with knowledge distillation from the base model in
     every fine-tune, its final one included (``--distill``; weight 0.5, T=4).
+``seed-matched`` (the anytime curve's; on request otherwise)
+    the sensitivity seed plan (``seed``'s) with no race: the scan's time is
+    charged as in a search run, the plan is fitted, and the fine-tune trains
+    by the clock for every second of the time budget left, less the scoring
+    reserve a search keeps (:func:`autoprune.study.halving.scoring_seconds`).
+    Against ``autoprune`` at the same time budget it shows what the race and
+    the sampler add.
+
+**The anytime curve.** ``time_budgets`` (``--time-budgets 2m,10m,30m``) runs
+each method at each wall time, :data:`autoprune.bench.anytime.ANYTIME_METHODS`
+by default (``random`` at the longest only, unless ``random_every_time``).
+The scan is measured once per model with the longest budget's share; a run of
+a shorter budget sees only the cells a scan given its share would have
+measured (:func:`at_time`) and is charged their seconds. Every row carries its
+``time_budget`` and resuming keys on it (rows written before floor rows carried
+one count as made at ``time_budget``). The report adds a table and
+``anytime.png``: accuracy against wall time per (model, budget).
 
 Results go to ``results/benchmarks/``: ``bench.csv`` (one row per run, written
 after each run so a killed benchmark resumes; it holds each plan, so converged
-rows reuse them), ``BENCHMARKS.md`` and ``bench.png``.
+rows reuse them), ``BENCHMARKS.md``, ``bench.png`` (the rows of ``time_budget``),
+``anytime.png`` (with several time budgets) and ``proxies.csv``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import platform
@@ -55,6 +74,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Subset
 
+from autoprune.bench.anytime import anytime_lines, anytime_table, plot_anytime
 from autoprune.bench.markdown import own_sections
 from autoprune.cost.budget import Budget, check_reachable, fit_plan, fits, project
 from autoprune.cost.costmodel import CostModel
@@ -71,7 +91,7 @@ from autoprune.prune.plan import Plan
 from autoprune.study.halving import (CHECK_EPOCHS, MIN_RUNG_EPOCHS, SCAN_SHARE, Deadline, scoring_seconds,
                                             timed_search)
 from autoprune.study.pipeline import bounded_problem, find_groups, train_base
-from autoprune.study.sensitivity import GRID, scan
+from autoprune.study.sensitivity import GRID, coarse_to_fine, scan
 from autoprune.study.space import SearchSpace, resolve
 from autoprune.study.trials import COMPLETE, PRUNED, Problem, Settings, checkpoint, count_pruned, run, trial_plan
 from autoprune.train.distill import kd_loss
@@ -80,6 +100,7 @@ from autoprune.train.loop import evaluate, recalibrate_bn, resolve_device, train
 CONVERGED = ("uniform-converged", "seed-converged", "autoprune-converged")
 METHODS = ("uniform", "global", "seed", "random", "autoprune", "uniform-matched", "autoprune-distill", *CONVERGED)
 DEFAULT_METHODS = METHODS[:6]  # distillation and converged rows are asked for with --methods
+METHODS += ("seed-matched",)  # the anytime curve's (ANYTIME_METHODS)
 DISTILL = {"distill": {"weight": 0.5, "temperature": 4.0}}
 COLUMNS = ["model", "budget", "seed", "method", "test_accuracy", "val_accuracy", "base_test_accuracy", "flops",
            "params", "flops_share", "params_share", "trials", "pruned", "search_seconds", "final_epochs",
@@ -108,6 +129,8 @@ class BenchConfig:
     grid: Sequence[float] = GRID
     max_ratio: float = 0.9
     rank_plans: int = 0
+    time_budgets: Sequence[float] = ()  # the anytime curve: each method at each (empty: time_budget alone)
+    random_every_time: bool = False  # with time_budgets: random at each one, not only the longest
     out: Path = Path("results/benchmarks")
     device: str = "auto"
     quiet: bool = False
@@ -287,6 +310,8 @@ def _plan_of(method: str, problem: Problem, config: BenchConfig) -> Plan:
 def _run_one(subject: Subject, problem: Problem, method: str, seed: int, config: BenchConfig,
              prior: dict[str, dict]) -> dict:
     """One (method, seed): its plan, its fine-tune, the numbers. ``prior``: this seed's rows so far."""
+    if method == "seed-matched":
+        return seed_matched(subject, problem, config, seed)
     start = time.perf_counter()
     trials = stopped = 0
     epochs, note, weights, charged, overhead = config.final_epochs, "", None, 0.0, float("nan")
@@ -338,45 +363,133 @@ def _overhead(study: optuna.Study) -> float:
 
 
 def benchmark(config: BenchConfig) -> pd.DataFrame:
-    """Run every (model, budget, seed, method) not yet in ``bench.csv``; write the report."""
+    """Run every (model, budget, seed, method, time budget) not yet in ``bench.csv``; write the report."""
     unknown = set(config.methods) - set(METHODS)
     if unknown:
         raise AutopruneError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    path = config.out / "bench.csv"
     device = resolve_device(config.device)
     data = bench_data(config)
-    path = config.out / "bench.csv"
+    times = time_budgets(config)
     frame = _read(path).dropna(subset=["test_accuracy"])  # runs that failed are tried again
-    done = {(r.model, float(r.budget), int(r.seed), r.method) for r in frame.itertuples()}
+    done = set(zip(frame["model"], frame["budget"].astype(float), frame["seed"].astype(int), frame["method"],
+                   row_times(frame, config)))
     for name in config.models:
-        subject = _subject(name, data, config, device)
-        for budget in config.budgets:
+        whole = _subject(name, data, replace(config, time_budget=times[-1]), device)  # the longest scan
+        for time_budget, budget in itertools.product(times, config.budgets):
+            timed, subject = replace(config, time_budget=time_budget), at_time(whole, time_budget)
+            methods = methods_at(config, time_budget, times)
             try:
-                problem = _problem(subject, budget, config)
+                problem = _problem(subject, budget, timed)
             except AutopruneError as err:
                 for seed in config.seeds:
-                    for method in config.methods:
-                        if (name, float(budget), seed, method) not in done:
+                    for method in methods:
+                        if (name, float(budget), seed, method, time_budget) not in done:
                             frame = append_rows(path, frame, [{"model": name, "budget": budget, "seed": seed,
-                                                               "method": method, "note": str(err)}])
+                                                               "method": method, "time_budget": time_budget,
+                                                               "note": str(err)}])
                 continue
             for seed in config.seeds:
-                for method in config.methods:
-                    if (name, float(budget), seed, method) in done:
+                for method in methods:
+                    if (name, float(budget), seed, method, time_budget) in done:
                         continue
-                    mine = frame[(frame.model == name) & (frame.budget == budget) & (frame.seed == seed)]
+                    mine = frame[(frame.model == name) & (frame.budget == budget) & (frame.seed == seed)
+                                 & (row_times(frame, config) == time_budget)]
                     prior = {r["method"]: r for r in mine.to_dict("records")}
                     try:
-                        row = _run_one(subject, problem, method, seed, config, prior)
+                        row = _run_one(subject, problem, method, seed, timed, prior)
                     except AutopruneError as err:
                         row = {"note": str(err)}
                     row = {"model": name, "budget": budget, "seed": seed, "method": method,
-                           "base_test_accuracy": subject.base_test, **row}
+                           "base_test_accuracy": subject.base_test, **row, "time_budget": time_budget}
                     frame = append_rows(path, frame, [row])
                     if not config.quiet:
                         print(_line(row, subject.data.task))
         _rank_once(subject, config)
     report(frame, config)
     return frame
+
+
+def time_budgets(config: BenchConfig) -> list[float]:
+    """The time budgets to run, shortest first: ``config.time_budgets``, or ``config.time_budget`` alone."""
+    if not config.time_budgets:
+        return [float(config.time_budget)]
+    times = sorted({float(t) for t in config.time_budgets})
+    if times[0] <= 0:
+        raise AutopruneError("every one of --time-budgets must be more than 0 seconds")
+    return times
+
+
+def row_times(frame: pd.DataFrame, config: BenchConfig) -> pd.Series:
+    """Each row's time budget; rows written before every row carried one (floor methods had none) count
+    as made at ``config.time_budget``."""
+    if "time_budget" not in frame:
+        return pd.Series(float(config.time_budget), index=frame.index)
+    return pd.to_numeric(frame["time_budget"], errors="coerce").fillna(float(config.time_budget)).astype(float)
+
+
+def methods_at(config: BenchConfig, time_budget: float, times: Sequence[float]) -> list[str]:
+    """The methods run at ``time_budget``: with several time budgets, random only at the longest
+    (unless ``config.random_every_time``)."""
+    if len(times) > 1 and time_budget != max(times) and not config.random_every_time:
+        return [m for m in config.methods if m != "random"]
+    return list(config.methods)
+
+
+def at_time(subject: Subject, time_budget: float) -> Subject:
+    """``subject`` as a run of ``time_budget`` seconds sees it: the sensitivity table cut to the cells a
+    scan given :data:`~autoprune.study.halving.SCAN_SHARE` of it would have measured, charged their seconds.
+
+    The scan measures coarse to fine (every group at the largest ratio, then the middle one, ...; within a
+    ratio the groups carrying most FLOPs first) and starts no cell past its share, so a run of a shorter
+    time budget sees the first cells of the longest budget's scan, in that order, for as long as they
+    started within its share. The table a scan of this very budget made is kept whole. Without a time
+    budget (the trial-count search), the whole table.
+    """
+    if not time_budget:
+        return subject
+    table, costs = subject.table, subject.costs
+    order = [round(float(r), 6) for r in coarse_to_fine(subject.space.grid)]
+    position = {gid: i for i, gid in enumerate(costs.ids)}
+
+    def key(row: tuple) -> tuple:
+        ratio, group = round(float(row[0]), 6), row[1]
+        carried = costs.carried_flops(group) if group in position else 0.0
+        return (order.index(ratio) if ratio in order else len(order), -carried, position.get(group, len(position)))
+
+    ranked = sorted(table.index, key=lambda i: key((table.at[i, "ratio"], table.at[i, "group"])))
+    seconds = table.loc[ranked, "seconds"].astype(float).fillna(0.0)
+    started = seconds.cumsum() - seconds  # when each cell started, counting only the cells' own time
+    kept = set(started.index[started <= SCAN_SHARE * time_budget + 1e-9])
+    cut = table[table.index.isin(kept)].reset_index(drop=True)
+    return replace(subject, table=cut, scan_seconds=float(cut["seconds"].sum()))
+
+
+def seed_matched(subject: Subject, problem: Problem, config: BenchConfig, seed: int) -> dict:
+    """The sensitivity seed plan, fine-tuned by the clock for all of the time budget the scan left.
+
+    Time is counted as in a search run: the scan's seconds (``subject.scan_seconds``) are charged first;
+    the clock starts before the plan is fitted; the final fine-tune trains until ``time_budget`` minus
+    the scan, minus the plan's seconds, minus the scoring reserve a search keeps back
+    (:func:`~autoprune.study.halving.scoring_seconds`). Its cut and BatchNorm recalibration come on
+    top, as in every method's final fine-tune. No race, no sampler.
+    """
+    if not config.time_budget:
+        raise AutopruneError("seed-matched needs a time budget (--time-budget or --time-budgets)")
+    start = time.perf_counter()
+    charged = subject.scan_seconds
+    deadline = Deadline(config.time_budget - charged)
+    reserve = scoring_seconds(subject.eval_seconds, problem.data)
+    plan = _seed(problem, config)
+    planned = time.perf_counter() - start
+    seconds = max(deadline.left() - reserve, 1e-3)
+    result = finish(problem, plan, 0.0, seed, None, {}, seconds)
+    wall, trained = charged + planned + result.pop("finetune_seconds"), result.pop("final_epochs")
+    return {**result, "trials": 0, "pruned": 0, "search_seconds": round(planned, 1),
+            "final_epochs": round(trained, 2), "seconds": round(time.perf_counter() - start, 1),
+            "wall_seconds": round(wall, 1), "time_budget": config.time_budget, "overhead": float("nan"),
+            "plan": json.dumps(plan.to_dict()),
+            "note": f"{seconds:.1f}s fine-tune after a {charged:.1f}s scan"}
 
 
 def _rank_once(subject: Subject, config: BenchConfig) -> None:
@@ -522,7 +635,9 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def report(frame: pd.DataFrame, config: BenchConfig) -> None:
-    """Write ``BENCHMARKS.md`` and ``bench.png`` from every row measured so far."""
+    """Write ``BENCHMARKS.md`` and ``bench.png`` from every row measured so far (those of
+    ``config.time_budget``), and the anytime section and ``anytime.png`` where rows span time budgets."""
+    whole, frame = frame, frame[row_times(frame, config) == float(config.time_budget)]
     table = summarise(frame)
     task = load_task(config.task)
     lines = [
@@ -552,17 +667,23 @@ def report(frame: pd.DataFrame, config: BenchConfig) -> None:
                 "and is not in the searches' seconds"
             lines.append(f"\nThe sensitivity scan ({len(scan)} cells) took {scan['seconds'].sum():.0f} s, once per "
                          f"model; seed, random and autoprune share it at every budget, {charged}.")
+            if config.time_budget and scan["seconds"].sum() > SCAN_SHARE * config.time_budget + scan["seconds"].max():
+                lines[-1] += (f" It was measured for a longer time budget: the {config.time_budget:g} s rows see and "
+                              f"are charged only the cells a {SCAN_SHARE * config.time_budget:g} s scan reaches.")
         failed = frame[(frame.model == model) & frame["test_accuracy"].isna()]
         for row in failed.drop_duplicates(["budget", "method"]).itertuples():
             lines.append(f"\n{row.method} at flops={row.budget:g}: {row.note}")
         lines.append("")
     lines += [f"![test {task.name} against FLOPs](bench.png)", ""]
+    curve = anytime_table(whole, row_times(whole, config), METHODS)
+    lines += anytime_lines(curve, task)
     proxies = _read_any(config.out / "proxies.csv")
     if len(proxies):
         lines += _proxy_lines(proxies)
     lines += own_sections(config.out / "BENCHMARKS.md")  # autoprune bench-latency's, with their commands
     write_text(config.out / "BENCHMARKS.md", "\n".join(lines))
     _plot(table, config.out / "bench.png", task)
+    plot_anytime(curve, config.out / "anytime.png", task, METHODS)
 
 
 def _proxy_lines(proxies: pd.DataFrame) -> list[str]:
@@ -634,7 +755,8 @@ def _plot(table: pd.DataFrame, path: Path, task: Task) -> None:
             rows = table[(table["model"] == model) & (table["method"] == method)].sort_values("flops_share")
             if len(rows):
                 ax.errorbar(100 * rows["flops_share"], scale * rows["test_mean"], yerr=scale * rows["test_std"],
-                            marker="o", capsize=3, label=method, color=f"C{colour % 10}")
+                            marker="o", capsize=3, label=method, color=f"C{colour % 10}",
+                            linestyle="--" if colour >= 10 else "-")  # past ten methods, colours repeat
         ax.set(title=model, xlabel="FLOPs kept, % of base (thop MACs)", ylabel=f"test {task.name}{unit}")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))

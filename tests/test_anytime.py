@@ -1,6 +1,7 @@
 """`autoprune bench --time-budgets` (the anytime curve), seed-matched's time accounting, the scan a shorter
-time budget sees: on digits with the small residual model, a few seconds per run."""
+time budget sees, and `--proxy-sweep`: on digits with the small residual model, a few seconds per run."""
 
+import shutil
 import time
 from types import SimpleNamespace
 
@@ -10,7 +11,8 @@ import pytest
 
 from autoprune.bench import equal_time
 from autoprune.bench.anytime import HEADING, anytime_lines, anytime_table, duration_label
-from autoprune.bench.equal_time import BenchConfig, Subject, at_time, methods_at, row_times, seed_matched, time_budgets
+from autoprune.bench.equal_time import (BenchConfig, Subject, at_time, methods_at, proxy_table, proxy_that_ranks,
+                                        row_times, seed_matched, sweep_columns, time_budgets)
 from autoprune.cli import main
 from autoprune.inputs.task import load_task
 from autoprune.study.halving import SCAN_SHARE
@@ -151,3 +153,48 @@ def test_the_anytime_table_shows_curve_methods_per_time_budget():
     lines = anytime_lines(table, load_task(None))
     assert lines[0] == HEADING and "| model | budget | method | 2m | 10m |" in lines
     assert anytime_table(frame[frame["time_budget"] == 120.0], frame["time_budget"], equal_time.METHODS).empty
+
+
+def test_the_proxy_sweep_adds_its_columns_once(anytime_run, tmp_path):
+    out = tmp_path / "bench"
+    shutil.copytree(anytime_run.out, out)
+    before = pd.read_csv(out / "proxies.csv")
+    assert len(before) == 4 and not set(sweep_columns()) & set(before.columns)
+    assert main([*QUICK, "--out", str(out), "--proxy-sweep"]) == 0
+    after = pd.read_csv(out / "proxies.csv")
+    assert len(after) == len(before)
+    pd.testing.assert_frame_equal(after[before.columns], before)  # the rows kept, columns added
+    assert "bn_score_b8_s1000" in after and "bn_score_b100_sall" in after
+    assert after[sweep_columns()].apply(lambda c: c.between(0, 1)).all().all()
+    # Two batches on the score split, from the same batches, is the bn_score measure_proxies took.
+    assert np.allclose(after["bn_score_b2_s1000"], after["bn_score"], atol=1e-6)
+    table = proxy_table(after)
+    assert {"bn_score_b32_sall", "bn_score_b32_sall_p", "bn_score_p"} <= set(table.columns)
+    text = (out / "BENCHMARKS.md").read_text()
+    assert "b8_s1000" in text and "Ranks:" in text and HEADING in text  # the anytime section kept
+    assert proxy_that_ranks(after, "nothing", 0.1) is None
+    stamp = (out / "proxies.csv").stat().st_mtime_ns
+    assert main([*QUICK, "--out", str(out), "--proxy-sweep"]) == 0  # a rerun measures nothing
+    assert (out / "proxies.csv").stat().st_mtime_ns == stamp
+    assert pd.read_csv(out / "bench.csv").equals(anytime_run.third)  # no method ran
+
+
+def test_a_proxy_ranks_only_with_a_high_and_significant_rho():
+    rng = np.random.default_rng(0)
+    converged = rng.uniform(0.8, 0.9, 20)
+    frame = pd.DataFrame({"model": "m", "budget": 0.1, "converged": converged, "converged_epochs": 5.0,
+                          "bn_score": converged + rng.normal(0, 0.002, 20),  # ranks
+                          "kd_loss": rng.uniform(0, 1, 20),  # noise
+                          "bn_score_b8_s1000": -converged})  # ranks backwards
+    table = proxy_table(frame).iloc[0]
+    assert table["bn_score"] > 0.9 and table["bn_score_p"] < 0.001
+    assert table["bn_score_b8_s1000"] < -0.9
+    assert proxy_that_ranks(frame, "m", 0.1) == "bn_score"
+    # rho 0.8 on four plans: p 0.2, not significant; and a proxy that ranks backwards does not rank.
+    few = pd.DataFrame({"model": "m", "budget": 0.1, "converged": [0.1, 0.2, 0.3, 0.4], "converged_epochs": 5.0,
+                        "bn_score": [0.1, 0.3, 0.2, 0.4], "kd_loss": [0.4, 0.3, 0.2, 0.1]})
+    table = proxy_table(few).iloc[0]
+    assert table["bn_score"] == pytest.approx(0.8) and table["bn_score_p"] > 0.05
+    assert table["kd_loss"] == pytest.approx(1.0)  # a lower loss is the better plan
+    assert proxy_that_ranks(few.assign(kd_loss=0.5), "m", 0.1) is None  # constant: no rho
+    assert proxy_that_ranks(frame.assign(bn_score=-frame["converged"]), "m", 0.1) is None

@@ -50,6 +50,18 @@ measured (:func:`at_time`) and is charged their seconds. Every row carries its
 one count as made at ``time_budget``). The report adds a table and
 ``anytime.png``: accuracy against wall time per (model, budget).
 
+**Which cheap score ranks?** ``rank_plans`` measures proxies on random plans
+(``proxies.csv``, :func:`measure_proxies`); ``proxy_sweep``
+(``--proxy-sweep``) re-cuts those plans from the same base weights and adds
+the BatchNorm-recalibrated score at 2, 8, 32 and 100 recalibration batches,
+each on the score split (1,000 validation images) and on all validation
+images (columns ``bn_score_b8_s1000``, ``bn_score_b8_sall``, ...), with no
+fine-tune. :func:`proxy_table` gives Spearman's rho and its p-value per
+proxy against the converged accuracy. The rule: a proxy **ranks** where
+rho >= 0.5 and p < 0.05 (:data:`RANKS_RHO`, :data:`RANKS_P`); only then may a
+search screen candidates with it before any fine-tune
+(:func:`proxy_that_ranks` names it; nothing screens yet).
+
 Results go to ``results/benchmarks/``: ``bench.csv`` (one row per run, written
 after each run so a killed benchmark resumes; it holds each plan, so converged
 rows reuse them), ``BENCHMARKS.md``, ``bench.png`` (the rows of ``time_budget``),
@@ -82,7 +94,7 @@ from autoprune.counting import count
 from autoprune.errors import AutopruneError
 from autoprune.export.final import finetune
 from autoprune.files import append_rows, atomic_path, fingerprint, versions, write_text
-from autoprune.inputs.data import Data, load_data
+from autoprune.inputs.data import SCORE_IMAGES, Data, load_data
 from autoprune.inputs.models import build_model, load_weights
 from autoprune.inputs.task import Task, load_task
 from autoprune.options import BASE_EPOCHS, BASE_LR, DEFAULTS, FINETUNE_LR
@@ -131,6 +143,7 @@ class BenchConfig:
     rank_plans: int = 0
     time_budgets: Sequence[float] = ()  # the anytime curve: each method at each (empty: time_budget alone)
     random_every_time: bool = False  # with time_budgets: random at each one, not only the longest
+    proxy_sweep: bool = False  # only re-measure proxies.csv's plans (BatchNorm recalibration sweep)
     out: Path = Path("results/benchmarks")
     device: str = "auto"
     quiet: bool = False
@@ -363,11 +376,19 @@ def _overhead(study: optuna.Study) -> float:
 
 
 def benchmark(config: BenchConfig) -> pd.DataFrame:
-    """Run every (model, budget, seed, method, time budget) not yet in ``bench.csv``; write the report."""
+    """Run every (model, budget, seed, method, time budget) not yet in ``bench.csv``; write the report.
+
+    With ``config.proxy_sweep`` only the proxy sweep runs (:func:`proxy_sweep`), then the report.
+    """
     unknown = set(config.methods) - set(METHODS)
     if unknown:
         raise AutopruneError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
     path = config.out / "bench.csv"
+    if config.proxy_sweep:
+        proxy_sweep(config)
+        frame = _read(path)
+        report(frame, config)
+        return frame
     device = resolve_device(config.device)
     data = bench_data(config)
     times = time_budgets(config)
@@ -586,18 +607,126 @@ def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, loader, dev
 
 
 def proxy_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Spearman correlation of each proxy with the converged accuracy, per (model, budget)."""
+    """Spearman correlation of each proxy with the converged accuracy, per (model, budget): column
+    ``PROXY`` holds rho, ``PROXY_p`` its p-value (scipy.stats.spearmanr), for :data:`PROXIES` and the
+    sweep's columns (:func:`sweep_columns`) that ``table`` has. A proxy measured on fewer than three
+    plans, or constant over them, gets NaN."""
+    import warnings
+
     from scipy.stats import spearmanr
 
+    proxies = [p for p in (*PROXIES, *sweep_columns()) if p in table.columns]
     rows = []
     for (model, budget), part in table.groupby(["model", "budget"], sort=False):
         row = {"model": model, "budget": budget, "plans": len(part), "epochs": part["converged_epochs"].iloc[0],
                "spread": part["converged"].max() - part["converged"].min(), "std": part["converged"].std()}
-        for proxy in PROXIES:
+        for proxy in proxies:
             sign = -1 if proxy == "kd_loss" else 1  # a lower loss should mean a better plan
-            row[proxy] = float(spearmanr(sign * part[proxy], part["converged"]).statistic)
+            both = part[[proxy, "converged"]].apply(pd.to_numeric, errors="coerce").dropna()
+            rho = p = float("nan")
+            if len(both) >= 3 and both[proxy].nunique() > 1 and both["converged"].nunique() > 1:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    found = spearmanr(sign * both[proxy], both["converged"])
+                rho, p = float(found.statistic), float(found.pvalue)
+            row[proxy], row[f"{proxy}_p"] = rho, p
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+RANKS_RHO = 0.5  # a proxy ranks where Spearman's rho with the converged accuracy is at least this ...
+RANKS_P = 0.05  # ... and its p-value below this
+
+
+def proxy_that_ranks(proxies: pd.DataFrame, model: str, budget: float) -> str | None:
+    """The proxy that ranks plans of ``model`` at ``budget`` (rho >= :data:`RANKS_RHO`, p < :data:`RANKS_P`
+    against the converged accuracy, :func:`proxy_table` of ``proxies.csv``), the highest rho if several;
+    None where none does. Only such a proxy may screen candidates before any fine-tune (nothing does yet)."""
+    table = proxy_table(proxies)
+    rows = table[(table["model"] == model) & (table["budget"].astype(float) == float(budget))]
+    if not len(rows):
+        return None
+    row = rows.iloc[0]
+    ranking = {p: row[p] for p in (*PROXIES, *sweep_columns())
+               if p in row and row[p] >= RANKS_RHO and row[f"{p}_p"] < RANKS_P}
+    return max(ranking, key=ranking.get) if ranking else None
+
+
+SWEEP_BATCHES = (2, 8, 32, 100)  # BatchNorm recalibration batches the sweep tries
+SWEEP_SPLITS = {f"s{SCORE_IMAGES}": "score", "sall": "val"}  # scored on the score split, and on all of val
+
+
+def sweep_columns() -> list[str]:
+    """``proxies.csv``'s sweep columns: ``bn_score_b{batches}_s1000`` and ``..._sall``."""
+    return [f"bn_score_b{b}_{s}" for b in SWEEP_BATCHES for s in SWEEP_SPLITS]
+
+
+def sweep_scores(groups: ChannelGroups, plan: Plan, data: Data, device: torch.device, index: int) -> dict:
+    """One plan's BatchNorm-recalibrated scores at every :data:`SWEEP_BATCHES` on every split.
+
+    The plan is cut once from the base; each recalibration starts the statistics afresh (a plain
+    average over its batches) from the same shuffled training batches :func:`measure_proxies` used
+    for this plan (seed ``index``), so ``bn_score_b2_s1000`` repeats its ``bn_score``.
+    """
+    model = groups.apply(plan).to(device)
+    scores = {}
+    for batches in SWEEP_BATCHES:  # a fresh loader each time: the same first batches, more of them
+        loader = data.loader("train", Settings(seed=index).batch_size, shuffle=True, seed=index)
+        recalibrate_bn(model, loader, device, batches, task=data.task)
+        for label, split in SWEEP_SPLITS.items():
+            scores[f"bn_score_b{batches}_{label}"] = evaluate(model, data.loader(split, 256), device, data.task)
+    return scores
+
+
+def proxy_sweep(config: BenchConfig) -> pd.DataFrame:
+    """Add :func:`sweep_columns` to the rows of ``proxies.csv`` that lack them (``--proxy-sweep``).
+
+    Each row's stored plan is cut again from the same base weights (``out/cache/DATASET/MODEL/base.pt``,
+    checked against the plan's base-model fingerprint) and scored by :func:`sweep_scores`: no
+    fine-tune. The file is rewritten after each plan, so a killed sweep goes on and a rerun adds nothing.
+    """
+    path = config.out / "proxies.csv"
+    table = _read_any(path)
+    if not len(table):
+        raise AutopruneError(f"no {path} to sweep: measure the proxies first (--rank-plans N)")
+    columns = sweep_columns()
+    for column in columns:
+        if column not in table:
+            table[column] = float("nan")
+    todo = table.index[table[columns].isna().any(axis=1) & table["plan"].notna()]
+    if not len(todo):
+        return table
+    device = resolve_device(config.device)
+    data = bench_data(config)
+    for name in dict.fromkeys(table.loc[todo, "model"]):
+        groups = _base_groups(name, data, config, device)
+        for i in todo[table.loc[todo, "model"] == name]:
+            plan = Plan.from_dict(json.loads(table.at[i, "plan"]))
+            if plan.base_model and plan.base_model != groups.base_model:
+                raise AutopruneError(f"{path} row {i}: its plan was cut from base {plan.base_model}, not from "
+                                     f"the cached {groups.base_model}")
+            index = int(table.at[i, "plan_index"]) if "plan_index" in table else int(i)
+            for column, value in sweep_scores(groups, plan, data, device, index).items():
+                table.at[i, column] = value
+            with atomic_path(path) as tmp:
+                table.to_csv(tmp, index=False)
+            if not config.quiet:
+                print(f"{name} flops={table.at[i, 'budget']:g} plan {index}: "
+                      + ", ".join(f"{c.removeprefix('bn_score_')} {table.at[i, c]:.4f}" for c in columns))
+    return table
+
+
+def _base_groups(name: str, data: Data, config: BenchConfig, device: torch.device) -> ChannelGroups:
+    """The cached base model's channel groups (the proxies' plans were cut from it); no training, no scan."""
+    weights = config.out / "cache" / data.name / Path(name).stem / "base.pt"
+    if not weights.is_file():
+        raise AutopruneError(f"no base weights at {weights}: the sweep re-cuts plans from the base they came from")
+    model = build_model(name, data.num_classes, input_shape=data.input_shape)
+    load_weights(model, weights)
+    model = model.to(device).eval()
+    space = resolve(None, name).replace(grid=tuple(config.grid), max_ratio=config.max_ratio)
+    return find_groups(model, data.example_input(), space, data, DEFAULTS.batch_size, 0,
+                       base_model=fingerprint(model.state_dict()), device=device)
 
 
 def _read_any(path: Path) -> pd.DataFrame:
@@ -696,19 +825,41 @@ def _proxy_lines(proxies: pd.DataFrame) -> list[str]:
              "test accuracy after the long fine-tune ('converged', each its own cut of the base), over random "
              "feasible plans at the model's tightest budget (random ratios per group projected onto it). "
              "'spread': best minus worst converged accuracy of those plans, 'std' their standard deviation; "
-             "a proxy can only rank what is wider than the seed-to-seed spread.", "",
+             "a proxy can only rank what is wider than the seed-to-seed spread. Each cell: rho (p-value). "
+             f"A proxy **ranks** where rho >= {RANKS_RHO:g} and p < {RANKS_P:g}; only then may a search screen "
+             "candidates with it before any fine-tune.", "",
              "| model | budget | plans | converged epochs | spread | std | " + " | ".join(names.values()) + " |",
              "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
-    for row in proxy_table(proxies).to_dict("records"):
+    table = proxy_table(proxies)
+    for row in table.to_dict("records"):
         lines.append(f"| {row['model']} | {row['budget']:g} | {row['plans']} | {row['epochs']:g} | "
                      f"{100 * row['spread']:.2f} | {100 * row['std']:.2f} | "
-                     + " | ".join(f"{row[p]:.2f}" for p in names) + " |")
+                     + " | ".join(_rho(row, p) for p in names) + " |")
+    swept = [c for c in sweep_columns() if c in table]
+    if swept:
+        lines += ["", "The score after BatchNorm recalibration, by recalibration batches (b) and scoring images "
+                  f"(s{SCORE_IMAGES}: the score split, a fixed random {SCORE_IMAGES:,} of the validation images; "
+                  "sall: all of them), each plan cut again from the same base (`autoprune bench --proxy-sweep`); "
+                  "rho (p-value) against the converged accuracy:", "",
+                  "| model | budget | plans | " + " | ".join(c.removeprefix("bn_score_") for c in swept) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in swept) + " |"]
+        for row in table.to_dict("records"):
+            lines.append(f"| {row['model']} | {row['budget']:g} | {row['plans']} | "
+                         + " | ".join(_rho(row, c) for c in swept) + " |")
+    lines += ["", "Ranks: " + "; ".join(f"{r['model']} at {r['budget']:g}: "
+                                        f"{proxy_that_ranks(proxies, r['model'], r['budget']) or 'none'}"
+                                        for r in table.to_dict("records")) + "."]
     seconds = proxies[[f"seconds_{p}" for p in PHASES]].mean()
     cut = sum(seconds[f"seconds_{p}"] for p in PHASES[:3])
     lines += ["", "Where a trial's time goes, seconds per cut (mean over those plans): "
               + ", ".join(f"{p} {seconds[f'seconds_{p}']:.3f}" for p in PHASES)
               + f"; cutting (projection, surgery, thop check) is {cut / seconds.sum():.1%} of it.", ""]
     return lines
+
+
+def _rho(row: dict, proxy: str) -> str:
+    rho, p = row.get(proxy, float("nan")), row.get(f"{proxy}_p", float("nan"))
+    return "" if rho != rho else f"{rho:.2f} ({p:.2g})"
 
 
 def _protocol(config: BenchConfig) -> str:

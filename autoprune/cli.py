@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train on a fixed random subset of this many images (default: 20000; 0: all)")
     bench.add_argument("--time-budget", help="wall time of each search run, scan included, e.g. 120 or 2m "
                        "(default: 120 s; 0: the trial-count search)")
+    bench.add_argument("--time-budgets", type=_names, help="the anytime curve: each method at each of these wall "
+                       "times, e.g. 2m,10m,30m (default methods: seed-matched,autoprune,uniform-matched,random)")
+    bench.add_argument("--random-every-time", action="store_true",
+                       help="with --time-budgets, run random at each time budget, not only the longest")
+    bench.add_argument("--proxy-sweep", action="store_true", help="only re-measure proxies.csv's plans: "
+                       "BatchNorm-recalibrated score at 2, 8, 32, 100 batches on 1,000 and all validation images")
     bench.add_argument("--converged-epochs", type=_epochs,
                        help="fine-tune epochs of the *-converged rows (default: 10)")
     bench.add_argument("--trials", type=int, help="most candidates per search (default: 12)")
@@ -421,8 +427,13 @@ def _bench(args: argparse.Namespace) -> None:
              "final_epochs": args.final_epochs, "rank_plans": args.rank_plans,
              "seeds": args.seeds,
              "out": Path(args.out) if args.out else None}
-    config = replace(config, **{k: v for k, v in given.items() if v is not None},
-                     device=args.device, quiet=args.quiet, command=args.command_line)
+    if args.time_budgets:  # the anytime curve
+        from autoprune.bench.anytime import ANYTIME_METHODS
+        given.update(time_budgets=[parse_duration(t) for t in args.time_budgets],
+                     methods=args.methods or list(ANYTIME_METHODS))
+    config = replace(config, **{k: v for k, v in given.items() if v is not None}, device=args.device,
+                     quiet=args.quiet, command=args.command_line, random_every_time=args.random_every_time,
+                     proxy_sweep=args.proxy_sweep)
     benchmark(config)
     print(f"wrote {config.out}/: bench.csv BENCHMARKS.md bench.png")
 

@@ -2,6 +2,7 @@
 rounding that never makes a budget unreachable."""
 
 import json
+import math
 import time
 
 import numpy as np
@@ -13,7 +14,8 @@ from autoprune.cost.budget import Budget, fit_plan, keep_counts, project, round_
 from autoprune.cost.costmodel import CostModel
 from autoprune.errors import AutopruneError
 from autoprune.prune.groups import ChannelGroups
-from autoprune.study.halving import CHECK_EPOCHS, ETA, MIN_RUNG_EPOCHS, Bracket, plan_bracket, parse_duration
+from autoprune.study.halving import (CHECK_EPOCHS, ETA, MIN_RUNG_EPOCHS, SCAN_SHARE, SEARCH_SHARE, Bracket,
+                                     bracket_rungs, parse_duration, plan_bracket)
 from autoprune.study.sensitivity import coarse_to_fine
 from autoprune.study.space import load_space
 from tiny_models import TinyResNet
@@ -33,14 +35,47 @@ def test_bad_durations_are_refused_with_the_forms_that_work(text):
 
 def test_the_bracket_fits_the_time_and_halves_by_eta():
     bracket = plan_bracket(seconds=300, epoch_seconds=10, overhead=1.0, most=100)
-    assert bracket.rungs >= 3 and bracket.candidates == ETA ** (bracket.rungs - 1)
+    n = bracket.candidates
+    assert n % ETA == 0 and bracket.rungs == bracket_rungs(n) >= 3
     assert bracket.epochs >= MIN_RUNG_EPOCHS
-    spent = bracket.cost() * 10 + 1.0 * (bracket.candidates + bracket.rungs)
+    spent = bracket.cost() * 10 + 1.0 * (n + bracket.rungs)
     assert spent <= 300 + 1e-6
-    assert [bracket.survivors(k) for k in range(bracket.rungs)] == [ETA ** (bracket.rungs - 1 - k)
+    # Each rung keeps the best third of the last (rounded up) and trains it three times as long.
+    assert [bracket.survivors(k) for k in range(bracket.rungs)] == [math.ceil(n / ETA ** k)
                                                                    for k in range(bracket.rungs)]
-    # Every rung costs the same: n/3 candidates train 3 times as long.
-    assert {bracket.survivors(k) * ETA ** k for k in range(bracket.rungs)} == {bracket.candidates}
+    # It is the widest that fits: ETA more candidates at the shortest rung would not.
+    wider = Bracket(n + ETA, bracket_rungs(n + ETA), MIN_RUNG_EPOCHS)
+    assert wider.cost() * 10 + 1.0 * (wider.candidates + wider.rungs) > 300
+    # At a power of ETA it narrows to one and every rung costs the same: n/3 candidates train 3 times as long.
+    nine = plan_bracket(seconds=300, epoch_seconds=10, overhead=1.0, most=9)
+    assert (nine.candidates, nine.rungs) == (9, 3)
+    assert [nine.survivors(k) for k in range(3)] == [9, 3, 1]
+    assert {nine.survivors(k) * ETA ** k for k in range(nine.rungs)} == {9}
+
+
+def _search_seconds(minutes: float) -> float:
+    """What timed_search gives plan_bracket under a time budget whose scan takes its whole share."""
+    total = 60 * minutes
+    return SEARCH_SHARE * (total - SCAN_SHARE * total)
+
+
+# Speeds from the published 120 s rows (results/benchmarks/bench.csv, one CPU thread): a fine-tune epoch of
+# resnet18 at 2 % of its FLOPs takes about 6.4 s, of mobilenet_v2 at 10 % about 21 s; a candidate's cut,
+# thop check and two scores about 1.5 s. (minutes, epoch seconds) -> (candidates, rungs, survivors per rung);
+# before widths between powers of three: resnet18 3, 9, 9 and mobilenet_v2 2, 3, 9 candidates.
+@pytest.mark.parametrize("minutes, epoch, most, shape", [
+    (2, 6.4, 12, (3, 2, [3, 1])),  # the 120 s rows: unchanged
+    (10, 6.4, 12, (12, 3, [12, 4, 2])),  # was 9 (9, 3, 1)
+    (30, 6.4, 12, (12, 3, [12, 4, 2])),  # was 9; capped by --trials (12) ...
+    (30, 6.4, 100, (30, 4, [30, 10, 4, 2])),  # ... without the cap, 30 (was 27)
+    (2, 21.0, 12, (2, 1, [2])),  # the 120 s rows: unchanged, the seed checked against uniform
+    (10, 21.0, 12, (6, 2, [6, 2])),  # was 3 (3, 1)
+    (30, 21.0, 12, (12, 3, [12, 4, 2])),  # was 9 (9, 3, 1)
+])
+def test_the_bracket_grows_with_the_time_budget(minutes, epoch, most, shape):
+    bracket = plan_bracket(_search_seconds(minutes), epoch, 1.5, most)
+    assert (bracket.candidates, bracket.rungs, [bracket.survivors(k) for k in range(bracket.rungs)]) == shape
+    assert bracket.epochs >= (CHECK_EPOCHS if bracket.candidates == 2 else MIN_RUNG_EPOCHS)
 
 
 def test_the_bracket_respects_the_candidate_cap_and_a_short_budget():

@@ -32,14 +32,45 @@ from the cut, where the quality of the allocation alone shows. Methods:
 ``autoprune-distill`` (on request)
     the default search with knowledge distillation from the base model in
     every fine-tune, its final one included (``--distill``; weight 0.5, T=4).
+``seed-matched`` (the anytime curve's; on request otherwise)
+    the sensitivity seed plan (``seed``'s) with no race: the scan's time is
+    charged as in a search run, the plan is fitted, and the fine-tune trains
+    by the clock for every second of the time budget left, less the scoring
+    reserve a search keeps (:func:`autoprune.study.halving.scoring_seconds`).
+    Against ``autoprune`` at the same time budget it shows what the race and
+    the sampler add.
+
+**The anytime curve.** ``time_budgets`` (``--time-budgets 2m,10m,30m``) runs
+each method at each wall time, :data:`autoprune.bench.anytime.ANYTIME_METHODS`
+by default (``random`` at the longest only, unless ``random_every_time``).
+The scan is measured once per model with the longest budget's share; a run of
+a shorter budget sees only the cells a scan given its share would have
+measured (:func:`at_time`) and is charged their seconds. Every row carries its
+``time_budget`` and resuming keys on it (rows written before floor rows carried
+one count as made at ``time_budget``). The report adds a table and
+``anytime.png``: accuracy against wall time per (model, budget).
+
+**Which cheap score ranks?** ``rank_plans`` measures proxies on random plans
+(``proxies.csv``, :func:`measure_proxies`); ``proxy_sweep``
+(``--proxy-sweep``) re-cuts those plans from the same base weights and adds
+the BatchNorm-recalibrated score at 2, 8, 32 and 100 recalibration batches,
+each on the score split (1,000 validation images) and on all validation
+images (columns ``bn_score_b8_s1000``, ``bn_score_b8_sall``, ...), with no
+fine-tune. :func:`proxy_table` gives Spearman's rho and its p-value per
+proxy against the converged accuracy. The rule: a proxy **ranks** where
+rho >= 0.5 and p < 0.05 (:data:`RANKS_RHO`, :data:`RANKS_P`); only then may a
+search screen candidates with it before any fine-tune
+(:func:`proxy_that_ranks` names it; nothing screens yet).
 
 Results go to ``results/benchmarks/``: ``bench.csv`` (one row per run, written
 after each run so a killed benchmark resumes; it holds each plan, so converged
-rows reuse them), ``BENCHMARKS.md`` and ``bench.png``.
+rows reuse them), ``BENCHMARKS.md``, ``bench.png`` (the rows of ``time_budget``),
+``anytime.png`` (with several time budgets) and ``proxies.csv``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import platform
@@ -55,6 +86,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Subset
 
+from autoprune.bench.anytime import anytime_lines, anytime_table, plot_anytime
 from autoprune.bench.markdown import own_sections
 from autoprune.cost.budget import Budget, check_reachable, fit_plan, fits, project
 from autoprune.cost.costmodel import CostModel
@@ -62,7 +94,7 @@ from autoprune.counting import count
 from autoprune.errors import AutopruneError
 from autoprune.export.final import finetune
 from autoprune.files import append_rows, atomic_path, fingerprint, versions, write_text
-from autoprune.inputs.data import Data, load_data
+from autoprune.inputs.data import SCORE_IMAGES, Data, load_data
 from autoprune.inputs.models import build_model, load_weights
 from autoprune.inputs.task import Task, load_task
 from autoprune.options import BASE_EPOCHS, BASE_LR, DEFAULTS, FINETUNE_LR
@@ -71,7 +103,7 @@ from autoprune.prune.plan import Plan
 from autoprune.study.halving import (CHECK_EPOCHS, MIN_RUNG_EPOCHS, SCAN_SHARE, Deadline, scoring_seconds,
                                             timed_search)
 from autoprune.study.pipeline import bounded_problem, find_groups, train_base
-from autoprune.study.sensitivity import GRID, scan
+from autoprune.study.sensitivity import GRID, coarse_to_fine, scan
 from autoprune.study.space import SearchSpace, resolve
 from autoprune.study.trials import COMPLETE, PRUNED, Problem, Settings, checkpoint, count_pruned, run, trial_plan
 from autoprune.train.distill import kd_loss
@@ -81,6 +113,7 @@ from autoprune.train.teacher import TEACHER_OUTPUTS, teacher_outputs
 CONVERGED = ("uniform-converged", "seed-converged", "autoprune-converged")
 METHODS = ("uniform", "global", "seed", "random", "autoprune", "uniform-matched", "autoprune-distill", *CONVERGED)
 DEFAULT_METHODS = METHODS[:6]  # distillation and converged rows are asked for with --methods
+METHODS += ("seed-matched",)  # the anytime curve's (ANYTIME_METHODS)
 DISTILL = {"distill": {"weight": 0.5, "temperature": 4.0}}
 COLUMNS = ["model", "budget", "seed", "method", "test_accuracy", "val_accuracy", "base_test_accuracy", "flops",
            "params", "flops_share", "params_share", "trials", "pruned", "search_seconds", "final_epochs",
@@ -109,6 +142,9 @@ class BenchConfig:
     grid: Sequence[float] = GRID
     max_ratio: float = 0.9
     rank_plans: int = 0
+    time_budgets: Sequence[float] = ()  # the anytime curve: each method at each (empty: time_budget alone)
+    random_every_time: bool = False  # with time_budgets: random at each one, not only the longest
+    proxy_sweep: bool = False  # only re-measure proxies.csv's plans (BatchNorm recalibration sweep)
     out: Path = Path("results/benchmarks")
     device: str = "auto"
     quiet: bool = False
@@ -288,6 +324,8 @@ def _plan_of(method: str, problem: Problem, config: BenchConfig) -> Plan:
 def _run_one(subject: Subject, problem: Problem, method: str, seed: int, config: BenchConfig,
              prior: dict[str, dict]) -> dict:
     """One (method, seed): its plan, its fine-tune, the numbers. ``prior``: this seed's rows so far."""
+    if method == "seed-matched":
+        return seed_matched(subject, problem, config, seed)
     kd = teacher_outputs(subject.model, subject.data, config.out / "cache" / subject.data.name / Path(subject.name).stem
                          / TEACHER_OUTPUTS, subject.device, quiet=config.quiet) if method == "autoprune-distill" else None
     problem = replace(problem, teacher_outputs=kd)  # the base's outputs, computed once per base, charged as the scan
@@ -342,45 +380,141 @@ def _overhead(study: optuna.Study) -> float:
 
 
 def benchmark(config: BenchConfig) -> pd.DataFrame:
-    """Run every (model, budget, seed, method) not yet in ``bench.csv``; write the report."""
+    """Run every (model, budget, seed, method, time budget) not yet in ``bench.csv``; write the report.
+
+    With ``config.proxy_sweep`` only the proxy sweep runs (:func:`proxy_sweep`), then the report.
+    """
     unknown = set(config.methods) - set(METHODS)
     if unknown:
         raise AutopruneError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    path = config.out / "bench.csv"
+    if config.proxy_sweep:
+        proxy_sweep(config)
+        frame = _read(path)
+        report(frame, config)
+        return frame
     device = resolve_device(config.device)
     data = bench_data(config)
-    path = config.out / "bench.csv"
+    times = time_budgets(config)
     frame = _read(path).dropna(subset=["test_accuracy"])  # runs that failed are tried again
-    done = {(r.model, float(r.budget), int(r.seed), r.method) for r in frame.itertuples()}
+    done = set(zip(frame["model"], frame["budget"].astype(float), frame["seed"].astype(int), frame["method"],
+                   row_times(frame, config)))
     for name in config.models:
-        subject = _subject(name, data, config, device)
-        for budget in config.budgets:
+        whole = _subject(name, data, replace(config, time_budget=times[-1]), device)  # the longest scan
+        for time_budget, budget in itertools.product(times, config.budgets):
+            timed, subject = replace(config, time_budget=time_budget), at_time(whole, time_budget)
+            methods = methods_at(config, time_budget, times)
             try:
-                problem = _problem(subject, budget, config)
+                problem = _problem(subject, budget, timed)
             except AutopruneError as err:
                 for seed in config.seeds:
-                    for method in config.methods:
-                        if (name, float(budget), seed, method) not in done:
+                    for method in methods:
+                        if (name, float(budget), seed, method, time_budget) not in done:
                             frame = append_rows(path, frame, [{"model": name, "budget": budget, "seed": seed,
-                                                               "method": method, "note": str(err)}])
+                                                               "method": method, "time_budget": time_budget,
+                                                               "note": str(err)}])
                 continue
             for seed in config.seeds:
-                for method in config.methods:
-                    if (name, float(budget), seed, method) in done:
+                for method in methods:
+                    if (name, float(budget), seed, method, time_budget) in done:
                         continue
-                    mine = frame[(frame.model == name) & (frame.budget == budget) & (frame.seed == seed)]
+                    mine = frame[(frame.model == name) & (frame.budget == budget) & (frame.seed == seed)
+                                 & (row_times(frame, config) == time_budget)]
                     prior = {r["method"]: r for r in mine.to_dict("records")}
                     try:
-                        row = _run_one(subject, problem, method, seed, config, prior)
+                        row = _run_one(subject, problem, method, seed, timed, prior)
                     except AutopruneError as err:
                         row = {"note": str(err)}
                     row = {"model": name, "budget": budget, "seed": seed, "method": method,
-                           "base_test_accuracy": subject.base_test, **row}
+                           "base_test_accuracy": subject.base_test, **row, "time_budget": time_budget}
                     frame = append_rows(path, frame, [row])
                     if not config.quiet:
                         print(_line(row, subject.data.task))
         _rank_once(subject, config)
     report(frame, config)
     return frame
+
+
+def time_budgets(config: BenchConfig) -> list[float]:
+    """The time budgets to run, shortest first: ``config.time_budgets``, or ``config.time_budget`` alone."""
+    if not config.time_budgets:
+        return [float(config.time_budget)]
+    times = sorted({float(t) for t in config.time_budgets})
+    if times[0] <= 0:
+        raise AutopruneError("every one of --time-budgets must be more than 0 seconds")
+    return times
+
+
+def row_times(frame: pd.DataFrame, config: BenchConfig) -> pd.Series:
+    """Each row's time budget; rows written before every row carried one (floor methods had none) count
+    as made at ``config.time_budget``."""
+    if "time_budget" not in frame:
+        return pd.Series(float(config.time_budget), index=frame.index)
+    return pd.to_numeric(frame["time_budget"], errors="coerce").fillna(float(config.time_budget)).astype(float)
+
+
+def methods_at(config: BenchConfig, time_budget: float, times: Sequence[float]) -> list[str]:
+    """The methods run at ``time_budget``: with several time budgets, random only at the longest
+    (unless ``config.random_every_time``)."""
+    if len(times) > 1 and time_budget != max(times) and not config.random_every_time:
+        return [m for m in config.methods if m != "random"]
+    return list(config.methods)
+
+
+def at_time(subject: Subject, time_budget: float) -> Subject:
+    """``subject`` as a run of ``time_budget`` seconds sees it: the sensitivity table cut to the cells a
+    scan given :data:`~autoprune.study.halving.SCAN_SHARE` of it would have measured, charged their seconds.
+
+    The scan measures coarse to fine (every group at the largest ratio, then the middle one, ...; within a
+    ratio the groups carrying most FLOPs first) and starts no cell past its share, so a run of a shorter
+    time budget sees the first cells of the longest budget's scan, in that order, for as long as they
+    started within its share. The table a scan of this very budget made is kept whole. Without a time
+    budget (the trial-count search), the whole table.
+    """
+    if not time_budget:
+        return subject
+    table, costs = subject.table, subject.costs
+    order = [round(float(r), 6) for r in coarse_to_fine(subject.space.grid)]
+    position = {gid: i for i, gid in enumerate(costs.ids)}
+
+    def key(row: tuple) -> tuple:
+        ratio, group = round(float(row[0]), 6), row[1]
+        carried = costs.carried_flops(group) if group in position else 0.0
+        return (order.index(ratio) if ratio in order else len(order), -carried, position.get(group, len(position)))
+
+    ranked = sorted(table.index, key=lambda i: key((table.at[i, "ratio"], table.at[i, "group"])))
+    seconds = table.loc[ranked, "seconds"].astype(float).fillna(0.0)
+    started = seconds.cumsum() - seconds  # when each cell started, counting only the cells' own time
+    kept = set(started.index[started <= SCAN_SHARE * time_budget + 1e-9])
+    cut = table[table.index.isin(kept)].reset_index(drop=True)
+    return replace(subject, table=cut, scan_seconds=float(cut["seconds"].sum()))
+
+
+def seed_matched(subject: Subject, problem: Problem, config: BenchConfig, seed: int) -> dict:
+    """The sensitivity seed plan, fine-tuned by the clock for all of the time budget the scan left.
+
+    Time is counted as in a search run: the scan's seconds (``subject.scan_seconds``) are charged first;
+    the clock starts before the plan is fitted; the final fine-tune trains until ``time_budget`` minus
+    the scan, minus the plan's seconds, minus the scoring reserve a search keeps back
+    (:func:`~autoprune.study.halving.scoring_seconds`). Its cut and BatchNorm recalibration come on
+    top, as in every method's final fine-tune. No race, no sampler.
+    """
+    if not config.time_budget:
+        raise AutopruneError("seed-matched needs a time budget (--time-budget or --time-budgets)")
+    start = time.perf_counter()
+    charged = subject.scan_seconds
+    deadline = Deadline(config.time_budget - charged)
+    reserve = scoring_seconds(subject.eval_seconds, problem.data)
+    plan = _seed(problem, config)
+    planned = time.perf_counter() - start
+    seconds = max(deadline.left() - reserve, 1e-3)
+    result = finish(problem, plan, 0.0, seed, None, {}, seconds)
+    wall, trained = charged + planned + result.pop("finetune_seconds"), result.pop("final_epochs")
+    return {**result, "trials": 0, "pruned": 0, "search_seconds": round(planned, 1),
+            "final_epochs": round(trained, 2), "seconds": round(time.perf_counter() - start, 1),
+            "wall_seconds": round(wall, 1), "time_budget": config.time_budget, "overhead": float("nan"),
+            "plan": json.dumps(plan.to_dict()),
+            "note": f"{seconds:.1f}s fine-tune after a {charged:.1f}s scan"}
 
 
 def _rank_once(subject: Subject, config: BenchConfig) -> None:
@@ -477,18 +611,126 @@ def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, loader, dev
 
 
 def proxy_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Spearman correlation of each proxy with the converged accuracy, per (model, budget)."""
+    """Spearman correlation of each proxy with the converged accuracy, per (model, budget): column
+    ``PROXY`` holds rho, ``PROXY_p`` its p-value (scipy.stats.spearmanr), for :data:`PROXIES` and the
+    sweep's columns (:func:`sweep_columns`) that ``table`` has. A proxy measured on fewer than three
+    plans, or constant over them, gets NaN."""
+    import warnings
+
     from scipy.stats import spearmanr
 
+    proxies = [p for p in (*PROXIES, *sweep_columns()) if p in table.columns]
     rows = []
     for (model, budget), part in table.groupby(["model", "budget"], sort=False):
         row = {"model": model, "budget": budget, "plans": len(part), "epochs": part["converged_epochs"].iloc[0],
                "spread": part["converged"].max() - part["converged"].min(), "std": part["converged"].std()}
-        for proxy in PROXIES:
+        for proxy in proxies:
             sign = -1 if proxy == "kd_loss" else 1  # a lower loss should mean a better plan
-            row[proxy] = float(spearmanr(sign * part[proxy], part["converged"]).statistic)
+            both = part[[proxy, "converged"]].apply(pd.to_numeric, errors="coerce").dropna()
+            rho = p = float("nan")
+            if len(both) >= 3 and both[proxy].nunique() > 1 and both["converged"].nunique() > 1:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    found = spearmanr(sign * both[proxy], both["converged"])
+                rho, p = float(found.statistic), float(found.pvalue)
+            row[proxy], row[f"{proxy}_p"] = rho, p
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+RANKS_RHO = 0.5  # a proxy ranks where Spearman's rho with the converged accuracy is at least this ...
+RANKS_P = 0.05  # ... and its p-value below this
+
+
+def proxy_that_ranks(proxies: pd.DataFrame, model: str, budget: float) -> str | None:
+    """The proxy that ranks plans of ``model`` at ``budget`` (rho >= :data:`RANKS_RHO`, p < :data:`RANKS_P`
+    against the converged accuracy, :func:`proxy_table` of ``proxies.csv``), the highest rho if several;
+    None where none does. Only such a proxy may screen candidates before any fine-tune (nothing does yet)."""
+    table = proxy_table(proxies)
+    rows = table[(table["model"] == model) & (table["budget"].astype(float) == float(budget))]
+    if not len(rows):
+        return None
+    row = rows.iloc[0]
+    ranking = {p: row[p] for p in (*PROXIES, *sweep_columns())
+               if p in row and row[p] >= RANKS_RHO and row[f"{p}_p"] < RANKS_P}
+    return max(ranking, key=ranking.get) if ranking else None
+
+
+SWEEP_BATCHES = (2, 8, 32, 100)  # BatchNorm recalibration batches the sweep tries
+SWEEP_SPLITS = {f"s{SCORE_IMAGES}": "score", "sall": "val"}  # scored on the score split, and on all of val
+
+
+def sweep_columns() -> list[str]:
+    """``proxies.csv``'s sweep columns: ``bn_score_b{batches}_s1000`` and ``..._sall``."""
+    return [f"bn_score_b{b}_{s}" for b in SWEEP_BATCHES for s in SWEEP_SPLITS]
+
+
+def sweep_scores(groups: ChannelGroups, plan: Plan, data: Data, device: torch.device, index: int) -> dict:
+    """One plan's BatchNorm-recalibrated scores at every :data:`SWEEP_BATCHES` on every split.
+
+    The plan is cut once from the base; each recalibration starts the statistics afresh (a plain
+    average over its batches) from the same shuffled training batches :func:`measure_proxies` used
+    for this plan (seed ``index``), so ``bn_score_b2_s1000`` repeats its ``bn_score``.
+    """
+    model = groups.apply(plan).to(device)
+    scores = {}
+    for batches in SWEEP_BATCHES:  # a fresh loader each time: the same first batches, more of them
+        loader = data.loader("train", Settings(seed=index).batch_size, shuffle=True, seed=index)
+        recalibrate_bn(model, loader, device, batches, task=data.task)
+        for label, split in SWEEP_SPLITS.items():
+            scores[f"bn_score_b{batches}_{label}"] = evaluate(model, data.loader(split, 256), device, data.task)
+    return scores
+
+
+def proxy_sweep(config: BenchConfig) -> pd.DataFrame:
+    """Add :func:`sweep_columns` to the rows of ``proxies.csv`` that lack them (``--proxy-sweep``).
+
+    Each row's stored plan is cut again from the same base weights (``out/cache/DATASET/MODEL/base.pt``,
+    checked against the plan's base-model fingerprint) and scored by :func:`sweep_scores`: no
+    fine-tune. The file is rewritten after each plan, so a killed sweep goes on and a rerun adds nothing.
+    """
+    path = config.out / "proxies.csv"
+    table = _read_any(path)
+    if not len(table):
+        raise AutopruneError(f"no {path} to sweep: measure the proxies first (--rank-plans N)")
+    columns = sweep_columns()
+    for column in columns:
+        if column not in table:
+            table[column] = float("nan")
+    todo = table.index[table[columns].isna().any(axis=1) & table["plan"].notna()]
+    if not len(todo):
+        return table
+    device = resolve_device(config.device)
+    data = bench_data(config)
+    for name in dict.fromkeys(table.loc[todo, "model"]):
+        groups = _base_groups(name, data, config, device)
+        for i in todo[table.loc[todo, "model"] == name]:
+            plan = Plan.from_dict(json.loads(table.at[i, "plan"]))
+            if plan.base_model and plan.base_model != groups.base_model:
+                raise AutopruneError(f"{path} row {i}: its plan was cut from base {plan.base_model}, not from "
+                                     f"the cached {groups.base_model}")
+            index = int(table.at[i, "plan_index"]) if "plan_index" in table else int(i)
+            for column, value in sweep_scores(groups, plan, data, device, index).items():
+                table.at[i, column] = value
+            with atomic_path(path) as tmp:
+                table.to_csv(tmp, index=False)
+            if not config.quiet:
+                print(f"{name} flops={table.at[i, 'budget']:g} plan {index}: "
+                      + ", ".join(f"{c.removeprefix('bn_score_')} {table.at[i, c]:.4f}" for c in columns))
+    return table
+
+
+def _base_groups(name: str, data: Data, config: BenchConfig, device: torch.device) -> ChannelGroups:
+    """The cached base model's channel groups (the proxies' plans were cut from it); no training, no scan."""
+    weights = config.out / "cache" / data.name / Path(name).stem / "base.pt"
+    if not weights.is_file():
+        raise AutopruneError(f"no base weights at {weights}: the sweep re-cuts plans from the base they came from")
+    model = build_model(name, data.num_classes, input_shape=data.input_shape)
+    load_weights(model, weights)
+    model = model.to(device).eval()
+    space = resolve(None, name).replace(grid=tuple(config.grid), max_ratio=config.max_ratio)
+    return find_groups(model, data.example_input(), space, data, DEFAULTS.batch_size, 0,
+                       base_model=fingerprint(model.state_dict()), device=device)
 
 
 def _read_any(path: Path) -> pd.DataFrame:
@@ -526,7 +768,9 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def report(frame: pd.DataFrame, config: BenchConfig) -> None:
-    """Write ``BENCHMARKS.md`` and ``bench.png`` from every row measured so far."""
+    """Write ``BENCHMARKS.md`` and ``bench.png`` from every row measured so far (those of
+    ``config.time_budget``), and the anytime section and ``anytime.png`` where rows span time budgets."""
+    whole, frame = frame, frame[row_times(frame, config) == float(config.time_budget)]
     table = summarise(frame)
     task = load_task(config.task)
     lines = [
@@ -556,17 +800,23 @@ def report(frame: pd.DataFrame, config: BenchConfig) -> None:
                 "and is not in the searches' seconds"
             lines.append(f"\nThe sensitivity scan ({len(scan)} cells) took {scan['seconds'].sum():.0f} s, once per "
                          f"model; seed, random and autoprune share it at every budget, {charged}.")
+            if config.time_budget and scan["seconds"].sum() > SCAN_SHARE * config.time_budget + scan["seconds"].max():
+                lines[-1] += (f" It was measured for a longer time budget: the {config.time_budget:g} s rows see and "
+                              f"are charged only the cells a {SCAN_SHARE * config.time_budget:g} s scan reaches.")
         failed = frame[(frame.model == model) & frame["test_accuracy"].isna()]
         for row in failed.drop_duplicates(["budget", "method"]).itertuples():
             lines.append(f"\n{row.method} at flops={row.budget:g}: {row.note}")
         lines.append("")
     lines += [f"![test {task.name} against FLOPs](bench.png)", ""]
+    curve = anytime_table(whole, row_times(whole, config), METHODS)
+    lines += anytime_lines(curve, task)
     proxies = _read_any(config.out / "proxies.csv")
     if len(proxies):
         lines += _proxy_lines(proxies)
     lines += own_sections(config.out / "BENCHMARKS.md")  # autoprune bench-latency's, with their commands
     write_text(config.out / "BENCHMARKS.md", "\n".join(lines))
     _plot(table, config.out / "bench.png", task)
+    plot_anytime(curve, config.out / "anytime.png", task, METHODS)
 
 
 def _proxy_lines(proxies: pd.DataFrame) -> list[str]:
@@ -579,19 +829,41 @@ def _proxy_lines(proxies: pd.DataFrame) -> list[str]:
              "test accuracy after the long fine-tune ('converged', each its own cut of the base), over random "
              "feasible plans at the model's tightest budget (random ratios per group projected onto it). "
              "'spread': best minus worst converged accuracy of those plans, 'std' their standard deviation; "
-             "a proxy can only rank what is wider than the seed-to-seed spread.", "",
+             "a proxy can only rank what is wider than the seed-to-seed spread. Each cell: rho (p-value). "
+             f"A proxy **ranks** where rho >= {RANKS_RHO:g} and p < {RANKS_P:g}; only then may a search screen "
+             "candidates with it before any fine-tune.", "",
              "| model | budget | plans | converged epochs | spread | std | " + " | ".join(names.values()) + " |",
              "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
-    for row in proxy_table(proxies).to_dict("records"):
+    table = proxy_table(proxies)
+    for row in table.to_dict("records"):
         lines.append(f"| {row['model']} | {row['budget']:g} | {row['plans']} | {row['epochs']:g} | "
                      f"{100 * row['spread']:.2f} | {100 * row['std']:.2f} | "
-                     + " | ".join(f"{row[p]:.2f}" for p in names) + " |")
+                     + " | ".join(_rho(row, p) for p in names) + " |")
+    swept = [c for c in sweep_columns() if c in table]
+    if swept:
+        lines += ["", "The score after BatchNorm recalibration, by recalibration batches (b) and scoring images "
+                  f"(s{SCORE_IMAGES}: the score split, a fixed random {SCORE_IMAGES:,} of the validation images; "
+                  "sall: all of them), each plan cut again from the same base (`autoprune bench --proxy-sweep`); "
+                  "rho (p-value) against the converged accuracy:", "",
+                  "| model | budget | plans | " + " | ".join(c.removeprefix("bn_score_") for c in swept) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in swept) + " |"]
+        for row in table.to_dict("records"):
+            lines.append(f"| {row['model']} | {row['budget']:g} | {row['plans']} | "
+                         + " | ".join(_rho(row, c) for c in swept) + " |")
+    lines += ["", "Ranks: " + "; ".join(f"{r['model']} at {r['budget']:g}: "
+                                        f"{proxy_that_ranks(proxies, r['model'], r['budget']) or 'none'}"
+                                        for r in table.to_dict("records")) + "."]
     seconds = proxies[[f"seconds_{p}" for p in PHASES]].mean()
     cut = sum(seconds[f"seconds_{p}"] for p in PHASES[:3])
     lines += ["", "Where a trial's time goes, seconds per cut (mean over those plans): "
               + ", ".join(f"{p} {seconds[f'seconds_{p}']:.3f}" for p in PHASES)
               + f"; cutting (projection, surgery, thop check) is {cut / seconds.sum():.1%} of it.", ""]
     return lines
+
+
+def _rho(row: dict, proxy: str) -> str:
+    rho, p = row.get(proxy, float("nan")), row.get(f"{proxy}_p", float("nan"))
+    return "" if rho != rho else f"{rho:.2f} ({p:.2g})"
 
 
 def _protocol(config: BenchConfig) -> str:
@@ -638,7 +910,8 @@ def _plot(table: pd.DataFrame, path: Path, task: Task) -> None:
             rows = table[(table["model"] == model) & (table["method"] == method)].sort_values("flops_share")
             if len(rows):
                 ax.errorbar(100 * rows["flops_share"], scale * rows["test_mean"], yerr=scale * rows["test_std"],
-                            marker="o", capsize=3, label=method, color=f"C{colour % 10}")
+                            marker="o", capsize=3, label=method, color=f"C{colour % 10}",
+                            linestyle="--" if colour >= 10 else "-")  # past ten methods, colours repeat
         ax.set(title=model, xlabel="FLOPs kept, % of base (thop MACs)", ylabel=f"test {task.name}{unit}")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))

@@ -109,6 +109,15 @@ class Bracket:
 def plan_bracket(seconds: float, epoch_seconds: float, overhead: float, most: int) -> Bracket:
     """The widest bracket whose first rung still trains each candidate ``MIN_RUNG_EPOCHS``.
 
+    Its width is a multiple of :data:`ETA` (at most ``most``), so more time buys
+    more candidates in steps of three rather than only at powers of three: a
+    bracket of ``n`` candidates has ``1 + floor(log_ETA n)`` rungs, each keeping
+    the best third of the last, so at a power of three (3, 9, 27) it narrows to
+    one candidate as before, and in between (6, 12, 15, ...) its last rung still
+    races two or three. A bracket twice as wide as the three-candidate one needs
+    twice its time at the shortest rung, so where three candidates were all that
+    fitted (the 120 s benchmark rows) three is still the bracket.
+
     Where not even three candidates can be told apart in ``seconds``, the
     bracket is the first two (the sensitivity seed and uniform pruning) for
     :data:`CHECK_EPOCHS` each: enough to catch a seed far worse than uniform,
@@ -121,16 +130,22 @@ def plan_bracket(seconds: float, epoch_seconds: float, overhead: float, most: in
     # No race that ranks: the seed against uniform for CHECK_EPOCHS catches a poor seed, nothing finer.
     check = most >= 2 and seconds >= 2 * (overhead + CHECK_EPOCHS * epoch_seconds)
     best = Bracket(2, 1, CHECK_EPOCHS) if check else Bracket(1, 1, 0.0)
-    for rungs in range(2, 6):
-        candidates = ETA ** (rungs - 1)
-        if candidates > most:
-            break
+    for candidates in range(ETA, min(most, ETA ** 4) + 1, ETA):  # a bracket costs more the wider it is
+        rungs = bracket_rungs(candidates)
         unit = Bracket(candidates, rungs, 1.0)
         epochs = (seconds - overhead * (candidates + rungs)) / (unit.cost() * epoch_seconds)
         if epochs < MIN_RUNG_EPOCHS:
             break
         best = Bracket(candidates, rungs, epochs)
     return best
+
+
+def bracket_rungs(candidates: int) -> int:
+    """Rungs of a bracket of ``candidates``: ``1 + floor(log_ETA candidates)`` (3: 2, 6: 2, 9: 3, 27: 4)."""
+    rungs = 1
+    while ETA ** rungs <= candidates:
+        rungs += 1
+    return rungs
 
 
 @dataclass(frozen=True)

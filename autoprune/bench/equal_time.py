@@ -56,7 +56,7 @@ import torch
 from torch.utils.data import Subset
 
 from autoprune.bench.markdown import own_sections
-from autoprune.cost.budget import Budget, check_reachable, fit_plan, fits, project
+from autoprune.cost.budget import Budget, NoFit, check_reachable, fit_plan, fits, project
 from autoprune.cost.costmodel import CostModel
 from autoprune.counting import count
 from autoprune.errors import AutopruneError
@@ -367,7 +367,7 @@ def benchmark(config: BenchConfig) -> pd.DataFrame:
                     prior = {r["method"]: r for r in mine.to_dict("records")}
                     try:
                         row = _run_one(subject, problem, method, seed, config, prior)
-                    except AutopruneError as err:
+                    except (AutopruneError, NoFit) as err:  # NoFit: uniform's or the seed's plan, as built
                         row = {"note": str(err)}
                     row = {"model": name, "budget": budget, "seed": seed, "method": method,
                            "base_test_accuracy": subject.base_test, **row}

@@ -38,7 +38,7 @@ import optuna
 import torch
 from tqdm.auto import tqdm
 
-from autoprune.cost.budget import fit_plan, project
+from autoprune.cost.budget import NoFit, fit_plan, project
 from autoprune.cost.latency import describe as describe_latency
 from autoprune.errors import AutopruneError
 from autoprune.inputs.data import Data
@@ -145,8 +145,11 @@ class Speed:
 def measure_speed(problem: Problem, settings: Settings, steps: int = 6) -> Speed:
     """Time a model at the budget (the sensitivity seed's): a few training steps, a score, a cut."""
     started = time.perf_counter()
-    _, model, _ = fit_plan(problem.groups, problem.costs, problem.seed_ratios, problem.limits, problem.low,
-                           problem.high, problem.round_to)
+    try:
+        _, model, _ = fit_plan(problem.groups, problem.costs, problem.seed_ratios, problem.limits, problem.low,
+                               problem.high, problem.round_to)
+    except NoFit as err:  # the seed itself does not fit as built: no search can start
+        raise AutopruneError(str(err)) from None
     cut = time.perf_counter() - started
     loader = problem.data.loader("train", settings.batch_size, shuffle=True, seed=settings.seed)
     train(model, loader, 2 / len(loader), problem.device, quiet=True, task=problem.data.task)  # warm-up: allocation, first calls

@@ -284,8 +284,8 @@ def _plan_of(method: str, problem: Problem, config: BenchConfig) -> Plan:
     return _seed(problem, config)
 
 
-def _run_one(subject: Subject, problem: Problem, method: str, seed: int, config: BenchConfig,
-             prior: dict[str, dict]) -> dict:
+def _measure_method(subject: Subject, problem: Problem, method: str, seed: int, config: BenchConfig,
+                    prior: dict[str, dict]) -> dict:
     """One (method, seed): its plan, its fine-tune, the numbers. ``prior``: this seed's rows so far."""
     start = time.perf_counter()
     trials = stopped = 0
@@ -366,7 +366,7 @@ def benchmark(config: BenchConfig) -> pd.DataFrame:
                     mine = frame[(frame.model == name) & (frame.budget == budget) & (frame.seed == seed)]
                     prior = {r["method"]: r for r in mine.to_dict("records")}
                     try:
-                        row = _run_one(subject, problem, method, seed, config, prior)
+                        row = _measure_method(subject, problem, method, seed, config, prior)
                     except (AutopruneError, NoFit) as err:  # NoFit: uniform's or the seed's plan, as built
                         row = {"note": str(err)}
                     row = {"model": name, "budget": budget, "seed": seed, "method": method,

@@ -418,13 +418,13 @@ def run(problem: Problem, study: optuna.Study, settings: Settings, quiet: bool =
             if done + running >= settings.trials:  # the rest is running elsewhere: wait for it
                 time.sleep(POLL_S)
                 continue
-            _run_one(study, objective, settings.trials, quiet)
+            _run_next_trial(study, objective, settings.trials, quiet)
     finally:
         bar.close()
     return study
 
 
-def _run_one(study: optuna.Study, objective: Objective, wanted: int, quiet: bool) -> None:
+def _run_next_trial(study: optuna.Study, objective: Objective, wanted: int, quiet: bool) -> None:
     """Ask for a trial, run it unless it is surplus, and tell the study how it went."""
     trial = study.ask()
     reason = surplus(study, trial.number, wanted)

@@ -1,7 +1,5 @@
-"""The Python API: ``search`` a model for a budget, ``load_pruned`` what it wrote.
-
-The CLI is a thin layer over these two functions.
-"""
+"""The Python API: ``search`` a model for a budget, ``export_trial`` a stored study's trial, ``load_pruned``
+what they wrote."""
 
 from __future__ import annotations
 
@@ -26,30 +24,29 @@ from torch.utils.data import DataLoader, Dataset
 
 from autoprune.cost.budget import STRATA, Budget, BudgetRange, check_prunes, check_reachable, parse_budget, steps
 from autoprune.cost.costmodel import CostModel
-from autoprune.cost.latency import (ATTRS as LATENCY_ATTRS, LatencySettings, Meter, Timer, check as check_latency,
-                                    latency_costs, with_device)
-from autoprune.cost.timing import latency_ms
+from autoprune.cost.latency import (ATTRS as LATENCY_ATTRS, LatencySettings, Meter, check_budget, latency_costs,
+                                    with_device)
 from autoprune.counting import Cost, human
 from autoprune.errors import AutopruneError
-from autoprune.export import formats as deploy
-from autoprune.export.final import export
+from autoprune.export.final import export, export_stored, exported_plan, warm_start
+from autoprune.export.formats import deploy
 from autoprune.files import command_line, fingerprint, save_torch, versions, write_json, write_text
 from autoprune.inputs.data import Data
 from autoprune.inputs.models import absolute_spec, build_model, read_state_dict
-from autoprune.inputs.task import SCORE, Task, input_kind, score_record, zeros_like_input
-from autoprune.options import DEFAULTS, SearchOptions
+from autoprune.inputs.task import SCORE, Task, score_record, zeros_like_input
+from autoprune.options import DEFAULTS, EXPORT_DEFAULTS, ExportOptions, SearchOptions
 from autoprune.prune.groups import ChannelGroups, apply_plan
 from autoprune.prune.plan import Plan
 from autoprune.report.pareto import best_under
 from autoprune.study.checks import claim_run
 from autoprune.study.halving import SCAN_SHARE, Deadline, parse_duration, scoring_seconds, timed_search
 from autoprune.study.pipeline import Prepared, Result, as_data, bounded_problem, find_groups, prepare
-from autoprune.study.runs import open_run, rebuild_problem, record_run
+from autoprune.study.runs import FINAL_EXTRA, LATENCY_SETTINGS, open_run, rebuild_problem, record_run
 from autoprune.study.sensitivity import scan
 from autoprune.study.space import SearchSpace, resolve
 from autoprune.study.storage import SharedTable, open_study
-from autoprune.study.trials import (ENDED, Problem, Settings, best_trial, checkpoint, config_dict, count_pruned,
-                                           enqueue_seed, run, trial_plan, trials_table)
+from autoprune.study.trials import (Problem, Settings, best_trial, config_dict, count_pruned, ended, enqueue_seed,
+                                    run, trials_table)
 from autoprune.study.weights import search_weights
 from autoprune.train.distill import Distill
 from autoprune.train.loop import evaluate
@@ -200,9 +197,9 @@ def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.Froz
             extra: dict[str, Any], time_budget: float | None = None) -> Result:
     """Export the chosen trial (once), write the trials table and the summary, and hand back the result."""
     data, out = run.data, run.out
-    plan = _exported_plan(chosen, absolute_spec(run.name), data, run.study)
+    plan = exported_plan(chosen, absolute_spec(run.name), data, run.study)
     write_text(out / "trials.csv", trials_table(the_study).to_csv(index=False))
-    start = _warm_start(problem.checkpoints, chosen.number, extra)
+    start = warm_start(problem.checkpoints, chosen.number, extra)
     record = dict(budget=str(budget), budget_flops=limits.flops, budget_params=limits.params,
                   trial=chosen.number, trial_val_accuracy=chosen.value, trials=ended(the_study),
                   pruned_trials=count_pruned(the_study),
@@ -220,8 +217,8 @@ def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.Froz
     summary = _export_once(problem, plan, out, settings, quiet, record, start)
     pruned = torch.load(out / "model.pt", weights_only=False)
     if problem.meter is not None and math.isfinite(limits.latency):  # re-timed afresh, as exported
-        summary["latency_check"] = _latency_check(problem.model, pruned, budget, problem.meter.settings,
-                                                  problem.meter.timer)
+        summary["latency_check"] = check_budget(problem.model, pruned, budget, problem.meter.settings,
+                                                problem.meter.timer)
     summary.update(seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
     write_json(out / "summary.json", summary)
     return Result(pruned, plan, summary, the_study, out)
@@ -236,25 +233,6 @@ def _latency_record(chosen: optuna.trial.FrozenTrial, limits: Cost, meter: Meter
     if math.isfinite(limits.latency):
         found["budget_ms"] = limits.latency
     return {"latency": found} if found else {}
-
-
-def ended(study: optuna.Study) -> int:
-    """Trials that count towards the trials asked for: a failed one (killed, retried) does not."""
-    return len(study.get_trials(deepcopy=False, states=ENDED))
-
-
-def _exported_plan(chosen: optuna.trial.FrozenTrial, model: str, data: Data, study: str) -> Plan:
-    """Trial ``chosen``'s plan, recording what :func:`load_pruned` needs to rebuild it."""
-    found = trial_plan(chosen)
-    meta = {"model": model, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
-            **input_kind(data.example_input()), "dataset": data.name, "study": study, "trial": chosen.number}
-    return Plan(found.kept, found.channels, found.importance, found.base_model, meta)
-
-
-def _warm_start(folder: Path, number: int, extra: dict[str, Any]) -> Path | None:
-    """The chosen trial's fine-tuned weights, if this machine ran it (and soft pruning will not redo it)."""
-    path = checkpoint(folder, number)
-    return path if path.is_file() and not extra.get("soft_epochs") else None
 
 
 def _spawn(model: nn.Module | str, data: Data, budget: Any, options: SearchOptions, index: int,
@@ -343,8 +321,6 @@ def _budget_limits(groups: ChannelGroups, budget: Budget | BudgetRange, space: S
     return costs, limits
 
 
-FINAL_EXTRA = "final_extra"  # study attribute: the optional fine-tune modes of the search's final fine-tune
-LATENCY_SETTINGS = "latency_settings"  # study attribute: what the trials' recorded latencies were measured with
 EXPORT_KEYS = ("study", "trial", "base_model", "final_epochs", "distill", "soft_epochs", "warm_start")
 
 
@@ -398,39 +374,20 @@ def load_pruned(
     return pruned.eval()
 
 
-def export_trial(
-    study: str,
-    trial: int | None = None,
-    *,
-    at: str | None = None,
-    storage: str | None = None,
-    run_dir: str | Path | None = None,
-    out: str | Path | None = None,
-    final_epochs: float = DEFAULTS.final_epochs,
-    formats: Sequence[str] = (),
-    quantize: str | None = None,
-    latency_batches: Sequence[int] = (1, 32),
-    repeats: int = 30,
-    threads: int = 1,
-    data_dir: str | Path = "data",
-    download: bool = False,
-    device: str = "auto",
-    quiet: bool = False,
-    task: Task | str | None = None,
-) -> dict[str, Any]:
-    """Rebuild trial ``trial`` (default: the best) of a stored study, fine-tune, test and write it.
-
-    ``at`` (``"flops=0.2"``, ``"params=1M"``) picks instead the most accurate trial at or
-    under that point: on a range study, any point of the trade-off.
+def export_trial(study: str, options: ExportOptions | None = None, **changes: Any) -> dict[str, Any]:
+    """Rebuild a trial of a stored study (default: the best), fine-tune, test and write it.
 
     Writes ``model.pt``, ``weights.pt``, ``plan.json`` and ``summary.json`` into
     ``out`` (default ``RUN_DIR/trial-N``); ``formats`` adds ``model.onnx``
     and/or ``model.torchscript.pt``, each checked against the PyTorch outputs;
     ``quantize="dynamic"`` adds an int8 copy (``model-int8.pt``) with its size,
-    accuracy and latency. ``task`` is the search's task where it was given as an object
-    (a ``--task`` file is found from the study). The summary holds the CPU latency (median of
-    ``repeats`` runs, ms, ``threads`` intra-op threads) of base and pruned
-    models at each of ``latency_batches``.
+    accuracy and latency. The summary holds the CPU latency (median of ``repeats`` runs, ms,
+    ``threads`` intra-op threads) of base and pruned models at each of ``latency_batches``.
+    ``at`` (``"flops=0.2"``, ``"params=1M"``) picks the most accurate trial at or under that point:
+    on a range study, any point of the trade-off.
+
+    Everything but the study is an :class:`~autoprune.options.ExportOptions` field, passed as
+    ``options``, as keywords, or both (keywords win): see it for what each does.
 
     Example:
         >>> summary = autoprune.export_trial("resnet18-digits-flops0.25", formats=["onnx"], quantize="dynamic")
@@ -439,86 +396,23 @@ def export_trial(
         >>> autoprune.export_trial("resnet18-digits-flops0.05..0.5", at="flops=0.2")["flops_share"] <= 0.2
         True
     """
-    unknown = set(formats) - set(deploy.FORMATS)
-    if unknown:
-        raise AutopruneError(f"unknown format {sorted(unknown)[0]!r}; choose from {', '.join(deploy.FORMATS)}")
-    if quantize not in (None, "dynamic"):
-        raise AutopruneError(f"unknown quantization {quantize!r}; the one supported is 'dynamic' (int8)")
-    if repeats < 1 or threads < 1 or not latency_batches or min(latency_batches) < 1:
-        raise AutopruneError("latency needs at least one repeat, one thread and batch sizes of at least 1")
+    if isinstance(options, int):  # export_trial(study, 3): the trial, the second argument before ExportOptions
+        options, changes = None, {"trial": options, **changes}
+    o = (options or EXPORT_DEFAULTS).replace(**changes)
+    o.check()
     started = time.perf_counter()
-    run = open_run(study, storage, run_dir)
-    if at is not None and trial is not None:
+    run = open_run(study, o.storage, o.run_dir)
+    if o.at is not None and o.trial is not None:
         raise AutopruneError("give a trial number or a point to export at (--flops/--params), not both")
-    if at is not None:
-        trial = best_under(run, at)
-    chosen = best_trial(run.study, trial)
-    problem = rebuild_problem(run, data_dir, download, device, task)
-    config, data = run.config, problem.data
-    extra = _final_extra(run.study)
-    stored = DEFAULTS.replace(**{k: config[k] for k in ("finetune_epochs", "lr", "batch_size", "bn_batches", "seed")
-                                 if k in config})  # as the search trained (older studies lack some)
-    settings = replace(Settings.of(stored, extra), trials=0, final_epochs=final_epochs)
-    plan = _exported_plan(chosen, run.model, data, run.name)
-    out = Path(out) if out else run.folder / f"trial-{chosen.number}"
-    start = _warm_start(run.folder / "checkpoints", chosen.number, extra)
-    record = dict(budget=config["budget"], budget_flops=problem.limits.flops, budget_params=problem.limits.params,
-                  trial=chosen.number, trial_val_accuracy=chosen.value, trials=ended(run.study),
-                  final_epochs=final_epochs, model=config["model"], base_model=config["base_model"],
-                  dataset=data.name, study=run.name, storage=run.storage, device=str(problem.device),
-                  input_shape=list(data.input_shape),
-                  warm_start=start and str(start.relative_to(run.folder)), **extra)
-    summary = export(problem, plan, out, settings, quiet, start, **record)
+    chosen = best_trial(run.study, best_under(run, o.at) if o.at is not None else o.trial)
+    problem = rebuild_problem(run, o.data_dir, o.download, o.device, o.task)
+    out = Path(o.out) if o.out else run.folder / f"trial-{chosen.number}"
+    summary = export_stored(run, problem, chosen, out, o.final_epochs, o.quiet)
     pruned = torch.load(out / "model.pt", weights_only=False).eval()
-    inputs = data.example_input(16)
-    for name in formats:  # a format that cannot take the model is said in one line; model.pt stands
-        path = out / ("model.onnx" if name == "onnx" else "model.torchscript.pt")
-        write = deploy.to_onnx if name == "onnx" else deploy.to_torchscript
-        try:
-            summary[name] = write(pruned, inputs, path)
-        except AutopruneError as err:
-            summary[name] = {"error": str(err)}
-            print(f"autoprune: {name}: {err}", file=sys.stderr)
-    models = {"base": problem.model, "pruned": pruned}
-    if quantize:
-        models["quantized"] = deploy.quantize_dynamic(pruned)
-        summary["quantized"] = _quantized(models["quantized"], out, data)
-    latency = latency_ms(models, data.input_shape, latency_batches, repeats, threads=threads,
-                                listed=isinstance(inputs, list))
-    if "latency_backend" in config:  # a latency budget: re-timed afresh with the study's own settings
-        summary["latency_check"] = _latency_check(problem.model, pruned, Budget.parse(config["budget"]),
-                                                  LatencySettings.from_config(config))
-    summary.update(out=str(out), latency_ms=latency, latency_threads=threads, latency_repeats=repeats,
-                   seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
+    summary.update(deploy(problem.model, pruned, problem.data, out, o, run.config))
+    summary.update(seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
     write_json(out / "summary.json", summary)
     return summary
-
-
-def _latency_check(base: nn.Module, pruned: nn.Module, budget: Budget, settings: LatencySettings,
-                   timer: Timer | None = None) -> dict[str, Any]:
-    """The exported model re-timed against the budget's latency cap: a relative one as a share of the
-    base timed in the same loop, not against the search's milliseconds (another loop's)."""
-    cap = {"share": budget.latency} if budget.latency_relative else {"limit": budget.latency}
-    return check_latency(base, pruned, settings, timer=timer, **cap)
-
-
-def _final_extra(study: optuna.Study) -> dict[str, Any]:
-    """The optional fine-tune modes the search's final fine-tune used (older studies: distillation only)."""
-    if FINAL_EXTRA in study.user_attrs:
-        return dict(study.user_attrs[FINAL_EXTRA])
-    return {k: v for k, v in study.user_attrs.get("config", {}).items() if k == "distill"}
-
-
-def _quantized(quantized: nn.Module, out: Path, data: Data) -> dict[str, Any]:
-    """Write the int8 copy and measure its size and accuracy beside the float model's."""
-    cpu = torch.device("cpu")
-    save_torch(quantized, out / "model-int8.pt")
-    return {"method": "dynamic int8 (torch.ao.quantization.quantize_dynamic)", "file": "model-int8.pt",
-            "quantized_layers": deploy.quantized_layers(quantized),
-            "state_dict_bytes": deploy.state_dict_bytes(quantized, out / "weights-int8.pt"),
-            "float_state_dict_bytes": (out / "weights.pt").stat().st_size,
-            "val_accuracy": evaluate(quantized, data.loader("val", 256), cpu, data.task),
-            "test_accuracy": evaluate(quantized, data.loader("test", 256), cpu, data.task)}
 
 
 def describe_groups(

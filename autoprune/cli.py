@@ -11,7 +11,7 @@ import sys
 from typing import NoReturn, Sequence
 
 from autoprune.errors import AutopruneError, one_line
-from autoprune.options import BASE_EPOCHS, BASE_LR, DEFAULTS as D, SearchOptions
+from autoprune.options import BASE_EPOCHS, BASE_LR, DEFAULTS as D, ExportOptions, SearchOptions
 
 
 def _epochs(text: str) -> float:
@@ -355,12 +355,7 @@ def _export(args: argparse.Namespace) -> None:
     from autoprune.api import export_trial
     from autoprune.counting import human
 
-    at = ",".join(f"{key}={value}" for key, value in (("flops", args.flops), ("params", args.params)) if value)
-    s = export_trial(args.study, args.trial, at=at or None, storage=args.storage, run_dir=args.run_dir, out=args.out,
-                     final_epochs=args.final_epochs, formats=args.format, quantize=args.quantize,
-                     latency_batches=(1, args.latency_batch), repeats=args.repeats,
-                     threads=args.latency_threads, data_dir=args.data_dir,
-                     download=args.download, device=args.device, quiet=args.quiet, task=args.task)
+    s = export_trial(args.study, ExportOptions.from_args(args))
     from autoprune.inputs.task import Score
 
     score = Score.of(s)

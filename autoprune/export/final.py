@@ -1,19 +1,26 @@
-"""Rebuild the chosen plan, fine-tune it longer, test it once, and write it out."""
+"""Rebuild the chosen plan, fine-tune it longer, test it once, and write it out: at the end of a
+search or later, from its stored study (:func:`export_stored`)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import optuna
 import torch
 from torch import nn
 
 from autoprune.counting import count
 from autoprune.files import save_torch, write_json
+from autoprune.inputs.data import Data
 from autoprune.inputs.models import read_state_dict
+from autoprune.inputs.task import input_kind
+from autoprune.options import DEFAULTS
 from autoprune.prune.groups import apply_plan
 from autoprune.prune.plan import Plan
-from autoprune.study.trials import Problem, Settings
+from autoprune.study.runs import Run, final_extra
+from autoprune.study.trials import Problem, Settings, checkpoint, ended, trial_plan
 from autoprune.train.distill import from_settings
 from autoprune.train.loop import evaluate, recalibrate_bn, train
 from autoprune.train.soft import soft_prune
@@ -68,7 +75,7 @@ def export(problem: Problem, plan: Plan, out: Path, settings: Settings, quiet: b
     p, data, device = problem, problem.data, problem.device
     model, plan, epochs = finetune(p, plan, settings, start, quiet)
     val_accuracy = evaluate(model, data.loader("val", 256), device, data.task)
-    # The test split is read here and nowhere else: once for the base, once for the winner.
+    # No search stage reads the test split: export reads it, once for the base, once for the winner.
     test_loader = data.loader("test", 256)
     base_test = evaluate(p.model, test_loader, device, data.task)
     test_accuracy = evaluate(model, test_loader, device, data.task)
@@ -92,3 +99,37 @@ def export(problem: Problem, plan: Plan, out: Path, settings: Settings, quiet: b
     }
     write_json(out / "summary.json", result)
     return result
+
+
+def exported_plan(chosen: optuna.trial.FrozenTrial, model: str, data: Data, study: str) -> Plan:
+    """Trial ``chosen``'s plan, recording what :func:`autoprune.load_pruned` needs to rebuild it."""
+    found = trial_plan(chosen)
+    meta = {"model": model, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+            **input_kind(data.example_input()), "dataset": data.name, "study": study, "trial": chosen.number}
+    return Plan(found.kept, found.channels, found.importance, found.base_model, meta)
+
+
+def warm_start(folder: Path, number: int, extra: dict[str, Any]) -> Path | None:
+    """The chosen trial's fine-tuned weights, if this machine ran it (and soft pruning will not redo it)."""
+    path = checkpoint(folder, number)
+    return path if path.is_file() and not extra.get("soft_epochs") else None
+
+
+def export_stored(run: Run, problem: Problem, chosen: optuna.trial.FrozenTrial, out: Path, final_epochs: float,
+                  quiet: bool = False) -> dict[str, Any]:
+    """Export trial ``chosen`` of a stored study (``problem`` rebuilt from it), fine-tuned as its search's
+    final fine-tune was but for ``final_epochs``; the summary."""
+    config, data = run.config, problem.data
+    extra = final_extra(run.study)
+    stored = DEFAULTS.replace(**{k: config[k] for k in ("finetune_epochs", "lr", "batch_size", "bn_batches", "seed")
+                                 if k in config})  # as the search trained (older studies lack some)
+    settings = replace(Settings.of(stored, extra), trials=0, final_epochs=final_epochs)
+    plan = exported_plan(chosen, run.model, data, run.name)
+    start = warm_start(run.folder / "checkpoints", chosen.number, extra)
+    record = dict(budget=config["budget"], budget_flops=problem.limits.flops, budget_params=problem.limits.params,
+                  trial=chosen.number, trial_val_accuracy=chosen.value, trials=ended(run.study),
+                  final_epochs=final_epochs, model=config["model"], base_model=config["base_model"],
+                  dataset=data.name, study=run.name, storage=run.storage, device=str(problem.device),
+                  input_shape=list(data.input_shape),
+                  warm_start=start and str(start.relative_to(run.folder)), **extra)
+    return export(problem, plan, out, settings, quiet, start, **record)

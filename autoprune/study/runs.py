@@ -36,6 +36,8 @@ from autoprune.train.loop import evaluate, resolve_device
 RESULTS = Path("results")
 RUN_FOLDER = "run_folder"  # study attribute: the run folder's absolute path, as the last search ran
 MODEL_PATH = "model_path"  # study attribute: the model spec with its file's absolute path
+FINAL_EXTRA = "final_extra"  # study attribute: the optional fine-tune modes of the search's final fine-tune
+LATENCY_SETTINGS = "latency_settings"  # study attribute: what the trials' recorded latencies were measured with
 
 
 @dataclass
@@ -116,6 +118,13 @@ def quiet_storage(url: str) -> optuna.storages.BaseStorage | str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return storage_for(url)
+
+
+def final_extra(study: optuna.Study) -> dict[str, Any]:
+    """The optional fine-tune modes the search's final fine-tune used (older studies: distillation only)."""
+    if FINAL_EXTRA in study.user_attrs:
+        return dict(study.user_attrs[FINAL_EXTRA])
+    return {k: v for k, v in study.user_attrs.get("config", {}).items() if k == "distill"}
 
 
 def record_run(study: optuna.Study, folder: Path, model: str) -> None:

@@ -179,6 +179,11 @@ def finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(COMPLETE,)))
 
 
+def ended(study: optuna.Study) -> int:
+    """Trials that count towards the trials asked for: a failed one (killed, retried) does not."""
+    return len(study.get_trials(deepcopy=False, states=ENDED))
+
+
 def count_pruned(study: optuna.Study) -> int:
     """How many trials the pruner stopped."""
     return len(study.get_trials(deepcopy=False, states=(PRUNED,)))

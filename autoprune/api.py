@@ -1,55 +1,47 @@
 """The Python API: ``search`` a model for a budget, ``export_trial`` a stored study's trial, ``load_pruned``
-what they wrote."""
+what they wrote.
+
+``search`` reads as the stages it runs, each in its subpackage: :mod:`autoprune.study.pipeline`
+prepares the base model, its groups and the budget, :mod:`autoprune.study.sensitivity` scans,
+:mod:`autoprune.study.trials` or :mod:`autoprune.study.halving` searches, :mod:`autoprune.export.final`
+writes the winner.
+"""
 
 from __future__ import annotations
 
-import json
-import math
-import multiprocessing
-import os
-import socket
-import sys
-import threading
 import time
-import zlib
-from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-import optuna
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from autoprune.cost.budget import STRATA, Budget, BudgetRange, check_prunes, check_reachable, parse_budget, steps
+from autoprune.cost.budget import Budget, BudgetRange, parse_budget, steps
 from autoprune.cost.costmodel import CostModel
-from autoprune.cost.latency import (ATTRS as LATENCY_ATTRS, LatencySettings, Meter, check_budget, latency_costs,
-                                    with_device)
-from autoprune.counting import Cost, human
+from autoprune.cost.latency import LatencySettings, Meter, with_device
 from autoprune.errors import AutopruneError
-from autoprune.export.final import export, export_stored, exported_plan, warm_start
+from autoprune.export.final import export_stored, finish_search
 from autoprune.export.formats import deploy
-from autoprune.files import command_line, fingerprint, save_torch, versions, write_json, write_text
+from autoprune.files import command_line, fingerprint, versions, write_json
 from autoprune.inputs.data import Data
-from autoprune.inputs.models import absolute_spec, build_model, read_state_dict
-from autoprune.inputs.task import SCORE, Task, score_record, zeros_like_input
+from autoprune.inputs.models import build_model, read_state_dict
+from autoprune.inputs.task import Task, zeros_like_input
 from autoprune.options import DEFAULTS, EXPORT_DEFAULTS, ExportOptions, SearchOptions
-from autoprune.prune.groups import ChannelGroups, apply_plan
+from autoprune.prune.groups import apply_plan
 from autoprune.prune.plan import Plan
 from autoprune.report.pareto import best_under
-from autoprune.study.checks import claim_run
-from autoprune.study.halving import SCAN_SHARE, Deadline, parse_duration, scoring_seconds, timed_search
-from autoprune.study.pipeline import Prepared, Result, as_data, bounded_problem, find_groups, prepare
-from autoprune.study.runs import FINAL_EXTRA, LATENCY_SETTINGS, open_run, rebuild_problem, record_run
+from autoprune.study.halving import SCAN_SHARE, Deadline, parse_duration, search_by_the_clock
+from autoprune.study.pipeline import (Prepared, Result, as_data, base_line, bounded_problem, budget_limits, find_groups,
+                                      prepare, range_targets, refuse_before_training, score_base)
+from autoprune.study.runs import open_run, rebuild_problem, start_study
 from autoprune.study.sensitivity import scan
-from autoprune.study.space import SearchSpace, resolve
-from autoprune.study.storage import SharedTable, open_study
-from autoprune.study.trials import (Problem, Settings, best_trial, config_dict, count_pruned, ended, enqueue_seed,
-                                    run, trials_table)
+from autoprune.study.space import SearchSpace, for_search, resolve
+from autoprune.study.storage import SharedTable
+from autoprune.study.trials import Settings, best_trial, counted_search, run
 from autoprune.study.weights import search_weights
+from autoprune.study.workers import sampler_stream
 from autoprune.train.distill import Distill
-from autoprune.train.loop import evaluate
 
 
 def search(
@@ -88,96 +80,66 @@ def search(
     o.check()
     torch.manual_seed(o.seed)
     extra = extra_settings(o)
-    if ".." in str(budget) and (o.granularity == "weight" or o.time_budget is not None):
-        what = "--granularity weight" if o.granularity == "weight" else "--time-budget"
-        raise AutopruneError(f"a budget range is searched by trial count on channels only; "
-                             f"leave out {what} or give one budget, e.g. flops=0.25")
+    _refuse_range(budget, o)
     if o.granularity == "weight":
         return _weight_search(model, data, budget, o, extra)
     budget = parse_budget(budget)
     latency = LatencySettings(o.latency_backend, o.latency_batch, o.latency_threads)
-    seconds = parse_duration(o.time_budget) if o.time_budget is not None else None
-    if seconds and o.workers > 1:
-        raise AutopruneError("--time-budget plans one process's time; leave out --workers (or --time-budget)")
-    space = resolve(o.space, model).replace(grid=tuple(o.grid) if o.grid else None, max_ratio=o.max_ratio,
-                                            importance=o.importance, round_to=o.round_to)
-
-    def refuse_early(base: nn.Module, data: Data) -> None:  # a bad space or budget, before training
-        groups = find_groups(base, data.example_input(), space, data, o.batch_size, o.seed, importance="l1")
-        _budget_limits(groups, budget, space)
-
-    r = prepare(model, data, budget, o, before_training=refuse_early)
-    named = data if isinstance(data, (str, Path)) else None  # workers load named data (and --task) themselves
-    data, out, base, device = r.data, r.out, r.base, r.device
+    seconds = _time_budget(o)
+    space = for_search(model, o)
+    r = prepare(model, data, budget, o, before_training=refuse_before_training(space, budget, o))
     deadline = Deadline(seconds) if seconds else None  # the time budget counts from here
     settings = Settings.of(o, extra)
-    groups = find_groups(base, data.example_input(), space, data, o.batch_size, o.seed, base_model=r.base_id,
-                         device=device)
-    latency = with_device(latency, device, data.input_shape, isinstance(data.example_input(), list))
-    meter = Meter(base, latency, o.latency_timer)
-    costs, limits = _budget_limits(groups, budget, space, meter)
-    config = config_dict(model=r.name, base_model=r.base_id, dataset=data.name, budget=str(budget),
-                         importance=space.importance, grid=[float(g) for g in space.grid],
-                         max_ratio=space.max_ratio, space=space.to_dict(),
-                         finetune_epochs=o.finetune_epochs, lr=o.lr, batch_size=o.batch_size,
-                         bn_batches=o.bn_batches, seed=o.seed, pruner=settings.pruner,
-                         **({} if data.task.is_classification else {"task": data.task.label}),  # absent: classification
-                         **(latency.config() if budget.latency is not None else {}),  # absent: older studies resume
-                         **{k: v for k, v in extra.items() if k == "distill"},  # soft pruning: export only
-                         **({"strata": STRATA} if isinstance(budget, BudgetRange) else {}))
-    claim_run(out, r.study)
-    the_study = open_study(r.study, r.storage, config, new=o.new_study)
-    the_study.set_user_attr(FINAL_EXTRA, extra)  # so `export` fine-tunes as this run's final fine-tune does
-    the_study.set_user_attr(LATENCY_SETTINGS, latency.config())  # what the trials' latencies mean
-    the_study.set_user_attr(SCORE, score_record(data.task))  # what the trials' values are, for pareto and report
-    record_run(the_study, out, r.name)
-    if not (out / "base.pt").is_file():
-        save_torch(base.state_dict(), out / "base.pt")
-    clock = time.perf_counter()
-    base_val = evaluate(base, data.loader("val", 256), device, data.task)
-    base_eval = (time.perf_counter() - clock) / len(data.val)  # seconds per image, for planning
+    groups = find_groups(r.base, r.data.example_input(), space, r.data, o.batch_size, o.seed, base_model=r.base_id,
+                         device=r.device)
+    latency = with_device(latency, r.device, r.data.input_shape, isinstance(r.data.example_input(), list))
+    meter = Meter(r.base, latency, o.latency_timer)
+    costs, limits = budget_limits(groups, budget, space, meter)
+    the_study = start_study(r, budget, space, o, settings, latency)
+    base = score_base(r.base, r.data, r.device)
     if not o.quiet:
-        caps = ", ".join(f"≤ {human(cap)} {what}" for cap, what in
-                         ((limits.flops, "FLOPs"), (limits.params, "params")) if cap < float("inf"))
-        caps += f"{', ' if caps else ''}≤ {limits.latency:.3g} ms" if limits.latency < float("inf") else ""
-        print(f"base {r.name} on {data.name}: val {data.task.name} {data.task.show(base_val)} | {costs.base} | "
-              f"{len(groups)} groups | "
-              f"budget {budget}: {caps}")
-    base_score = evaluate(base, data.loader("score", 256), device, data.task) \
-        if len(data.score) < len(data.val) else base_val
-    table = scan(groups, costs, base, data, base_score, device, out / "sensitivity.csv", space.grid,
+        print(base_line(r, base.val, costs, groups, budget, limits))
+    table = scan(groups, costs, r.base, r.data, base.score, r.device, r.out / "sensitivity.csv", space.grid,
                  o.bn_batches, o.batch_size, o.quiet, round_to=space.round_to, shared=SharedTable(the_study),
                  seconds=SCAN_SHARE * deadline.left() if deadline else None)
-    targets = [(str(b), b.limits(costs.base)) for b in budget.targets(STRATA)] \
-        if isinstance(budget, BudgetRange) else []
-    problem = bounded_problem(base, data, groups, costs, table, space, limits, base_val, device, targets,
-                              checkpoints=out / "checkpoints", meter=meter)
-    # Workers on other machines must not draw the same candidates: give each process its own stream.
-    stream = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) if r.shared else 0
+    problem = bounded_problem(r.base, r.data, groups, costs, table, space, limits, base.val, r.device,
+                              range_targets(budget, costs), checkpoints=r.out / "checkpoints", meter=meter)
+    stream = sampler_stream(r.shared)
     if _worker:
         run(problem, the_study, settings, True, stream + 100003 * _worker)
         return None
-    finish = dict(budget=budget, limits=limits, run=r, extra=extra)
     if deadline:
-        reserve = scoring_seconds(base_eval, data) + base_eval * len(data.test) + 2.0  # the base is tested too
-        chosen, seconds_left = timed_search(problem, the_study, settings, deadline, reserve, o.quiet)
-        # The final fine-tune trains by the clock (an epoch-time estimate would end early or late), or not at all.
-        settings = replace(settings, final_epochs=0.0, final_seconds=seconds_left)
-        return _finish(problem, the_study, chosen, settings, o.quiet, started, time_budget=seconds, **finish)
-    enqueue_seed(the_study, problem)
-    # Each worker runs the same search on the prepared base model and study.
-    worker = o.replace(storage=r.storage, out=out, study=r.study, new_study=False, workers=1, quiet=True,
+        chosen, settings = search_by_the_clock(problem, the_study, settings, deadline, base.per_image, o.quiet)
+    else:
+        chosen = counted_search(problem, the_study, settings, o.quiet, stream, o.workers, search,
+                                _worker_call(model, data, budget, o, r))
+    return finish_search(problem, the_study, chosen, settings, o.quiet, started, budget, limits, r, seconds)
+
+
+def _refuse_range(budget: str | Budget | BudgetRange, o: SearchOptions) -> None:
+    """A budget range is searched by trial count on channels only."""
+    if ".." in str(budget) and (o.granularity == "weight" or o.time_budget is not None):
+        what = "--granularity weight" if o.granularity == "weight" else "--time-budget"
+        raise AutopruneError(f"a budget range is searched by trial count on channels only; "
+                             f"leave out {what} or give one budget, e.g. flops=0.25")
+
+
+def _time_budget(o: SearchOptions) -> float | None:
+    """The time budget in seconds (None: none), which plans one process's time."""
+    seconds = parse_duration(o.time_budget) if o.time_budget is not None else None
+    if seconds and o.workers > 1:
+        raise AutopruneError("--time-budget plans one process's time; leave out --workers (or --time-budget)")
+    return seconds
+
+
+def _worker_call(model: nn.Module | str, data: Any, budget: Budget | BudgetRange, o: SearchOptions,
+                 r: Prepared) -> tuple:
+    """The arguments of :func:`search` in each worker process: the same search on the prepared base model
+    and study (named data, and --task, each worker loads itself)."""
+    worker = o.replace(storage=r.storage, out=r.out, study=r.study, new_study=False, workers=1, quiet=True,
                        **({} if isinstance(model, str) else {"weights": None, "train_epochs": 0.0}))
-    children = [_spawn(model if isinstance(model, str) else base, named or data, budget, worker, i, o.workers)
-                for i in range(1, o.workers)]
-    try:
-        with _threads(o.workers):
-            run(problem, the_study, settings, o.quiet, stream)
-    except BaseException:
-        _join(children, check=False)  # the error at hand is the one to report
-        raise
-    _join(children)
-    return _finish(problem, the_study, best_trial(the_study), settings, o.quiet, started, **finish)
+    return (model if isinstance(model, str) else r.base, data if isinstance(data, (str, Path)) else r.data,
+            budget, worker)
 
 
 def _weight_search(model: nn.Module | str, data: Any, budget: Any, o: SearchOptions,
@@ -192,99 +154,6 @@ def _weight_search(model: nn.Module | str, data: Any, budget: Any, o: SearchOpti
     return search_weights(model, data, budget, o, extra)
 
 
-def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.FrozenTrial, settings: Settings,
-            quiet: bool, started: float, budget: Budget | BudgetRange, limits: Cost, run: Prepared,
-            extra: dict[str, Any], time_budget: float | None = None) -> Result:
-    """Export the chosen trial (once), write the trials table and the summary, and hand back the result."""
-    data, out = run.data, run.out
-    plan = exported_plan(chosen, absolute_spec(run.name), data, run.study)
-    write_text(out / "trials.csv", trials_table(the_study).to_csv(index=False))
-    start = warm_start(problem.checkpoints, chosen.number, extra)
-    record = dict(budget=str(budget), budget_flops=limits.flops, budget_params=limits.params,
-                  trial=chosen.number, trial_val_accuracy=chosen.value, trials=ended(the_study),
-                  pruned_trials=count_pruned(the_study),
-                  final_epochs=round(settings.final_epochs, 3), model=run.name, base_model=run.base_id,
-                  dataset=data.name, study=run.study, storage=run.storage, device=str(run.device),
-                  input_shape=list(data.input_shape),
-                  warm_start=start and str(start.relative_to(out)), **extra,
-                  **_latency_record(chosen, limits, problem.meter))
-    if time_budget:  # a rerun keeps the export it planned, not one planned anew
-        record["time_budget_seconds"] = time_budget
-        previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
-        if all(previous.get(k) == record[k] for k in ("study", "trial", "time_budget_seconds")):
-            record["final_epochs"] = previous.get("final_epochs", record["final_epochs"])
-            settings = replace(settings, final_epochs=record["final_epochs"], final_seconds=0.0)
-    summary = _export_once(problem, plan, out, settings, quiet, record, start)
-    pruned = torch.load(out / "model.pt", weights_only=False)
-    if problem.meter is not None and math.isfinite(limits.latency):  # re-timed afresh, as exported
-        summary["latency_check"] = check_budget(problem.model, pruned, budget, problem.meter.settings,
-                                                problem.meter.timer)
-    summary.update(seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
-    write_json(out / "summary.json", summary)
-    return Result(pruned, plan, summary, the_study, out)
-
-
-def _latency_record(chosen: optuna.trial.FrozenTrial, limits: Cost, meter: Meter | None) -> dict[str, Any]:
-    """The chosen trial's latency for the summary, under ``latency``: as measured in the search
-    (``ms``, ``spread_ms``, ``share``, ``predicted_ms``), the base's, the cap and the settings."""
-    found = {k.removeprefix("latency_"): chosen.user_attrs[k] for k in LATENCY_ATTRS if k in chosen.user_attrs}
-    if meter is not None:
-        found.update(base_ms=meter.base_ms, base_spread_ms=meter.base_spread_ms, **meter.settings.config())
-    if math.isfinite(limits.latency):
-        found["budget_ms"] = limits.latency
-    return {"latency": found} if found else {}
-
-
-def _spawn(model: nn.Module | str, data: Data, budget: Any, options: SearchOptions, index: int,
-           workers: int) -> multiprocessing.Process:
-    """Start worker process ``index`` of ``workers``: :func:`search` with ``options`` as worker ``index``."""
-    call = (model, data, budget, options, index)
-    process = multiprocessing.get_context("spawn").Process(
-        target=_worker_main, args=(call, os.getpid(), max(1, torch.get_num_threads() // workers)),
-        name=f"autoprune-worker-{index}")
-    process.start()
-    return process
-
-
-def _worker_main(call: tuple, parent: int, threads: int) -> None:
-    """Body of a spawned worker: run trials; die with the parent rather than outlive it."""
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1)
-        os._exit(1)  # the parent was killed: its next run fails and retries this worker's trial
-
-    threading.Thread(target=watch, daemon=True).start()
-    torch.set_num_threads(threads)
-    try:
-        model, data, budget, options, index = call
-        search(model, data, budget, options, _worker=index)
-    except KeyboardInterrupt:  # Ctrl-C reaches every process; the parent says what to do
-        raise SystemExit(130) from None
-    except AutopruneError as err:
-        print(f"autoprune: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _join(children: list[multiprocessing.Process], check: bool = True) -> None:
-    for child in children:
-        child.join()
-    failed = [c.name for c in children if c.exitcode]
-    if failed and check:
-        raise AutopruneError(f"{', '.join(failed)} stopped with an error (see above); "
-                             "run the same command again to resume")
-
-
-@contextmanager
-def _threads(workers: int) -> Iterator[None]:
-    """Share the CPU cores among the worker processes while they run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before // workers))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def extra_settings(o: SearchOptions) -> dict[str, Any]:
     """The optional fine-tune modes, as stored with the study (absent when off, so older studies resume)."""
     extra: dict[str, Any] = {}
@@ -294,46 +163,6 @@ def extra_settings(o: SearchOptions) -> dict[str, Any]:
     if o.soft_epochs:
         extra["soft_epochs"] = float(o.soft_epochs)
     return extra
-
-
-def _budget_limits(groups: ChannelGroups, budget: Budget | BudgetRange, space: SearchSpace,
-                   meter: Meter | None = None) -> tuple[CostModel, Cost]:
-    """The cost predictor and the budget's absolute caps (a range's upper end); refuses a budget out of
-    reach (a range whose lower end is).
-
-    Under a latency cap, with ``meter``, the predictor predicts latency too (its table
-    measured here once per machine and setting); without one (before the base is trained)
-    only the other caps are checked, and the latency cap once there is a base to time.
-    """
-    if not len(groups):
-        raise AutopruneError("the model has no prunable channel group; nothing to search")
-    space.check_groups(groups.ids)
-    costs = CostModel(groups)
-    if budget.latency is not None and meter is not None:
-        costs = latency_costs(groups, costs, meter, space.round_to)
-    limits = budget.limits(costs.base)
-    tightest = budget.low.limits(costs.base) if isinstance(budget, BudgetRange) else limits
-    if meter is None and budget.latency is not None:  # no base timed yet: its latency cap waits for one
-        tightest = replace(tightest, latency=math.inf)
-    else:
-        check_prunes(budget, limits, costs.base)
-    check_reachable(costs, tightest, space.ratio_bounds(groups.ids)[1], space.round_to)
-    return costs, limits
-
-
-EXPORT_KEYS = ("study", "trial", "base_model", "final_epochs", "distill", "soft_epochs", "warm_start")
-
-
-def _export_once(problem: Problem, plan: Plan, out: Path, settings: Settings, quiet: bool,
-                 record: dict[str, Any], start: Path | None) -> dict[str, Any]:
-    """Export the chosen trial, unless this run directory already holds exactly that export."""
-    previous = out / "summary.json"
-    files = [out / f for f in ("model.pt", "weights.pt", "plan.json")]
-    if previous.is_file() and all(f.is_file() for f in files):
-        summary = json.loads(previous.read_text())
-        if all(summary.get(k) == record.get(k) for k in EXPORT_KEYS):
-            return {**summary, **record}
-    return export(problem, plan, out, settings, quiet, start, **record)
 
 
 def load_pruned(

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import optuna
@@ -187,6 +187,17 @@ def timed_search(problem: Problem, study: optuna.Study, settings: Settings, dead
         study.pruner = optuna.pruners.NopPruner()  # the bracket decides who goes on
         chosen = successive_halving(problem, study, settings, bracket, deadline, quiet, seed_first)
     return chosen, max(deadline.left() - reserve, 0.0)
+
+
+def search_by_the_clock(problem: Problem, study: optuna.Study, settings: Settings, deadline: Deadline,
+                        per_image: float, quiet: bool = False) -> tuple[optuna.trial.FrozenTrial, Settings]:
+    """:func:`timed_search` keeping back the export's own time (``per_image``: the base's seconds per
+    image): the winner and the settings its final fine-tune trains with, by the clock until the deadline."""
+    data = problem.data
+    reserve = scoring_seconds(per_image, data) + per_image * len(data.test) + 2.0  # the base is tested too
+    chosen, seconds_left = timed_search(problem, study, settings, deadline, reserve, quiet)
+    # The final fine-tune trains by the clock (an epoch-time estimate would end early or late), or not at all.
+    return chosen, replace(settings, final_epochs=0.0, final_seconds=seconds_left)
 
 
 def scoring_seconds(per_image: float, data: Data) -> float:

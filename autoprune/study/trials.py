@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import optuna
@@ -42,7 +42,8 @@ from autoprune.options import DEFAULTS, SearchOptions
 from autoprune.prune.groups import ChannelGroups
 from autoprune.prune.plan import Plan
 from autoprune.study.workers import (COMPLETE, ENDED, FAIL,  # noqa: F401 (states, as modules import them)
-                                            POLL_S, PRUNED, RUNNING, heartbeat, hold_for_test, recover, retry, surplus)
+                                            POLL_S, PRUNED, RUNNING, heartbeat, hold_for_test, join_workers, recover,
+                                            retry, share_cores, spawn_worker, surplus)
 from autoprune.train.distill import from_settings
 from autoprune.train.loop import evaluate, recalibrate_bn, train
 
@@ -427,6 +428,22 @@ def run(problem: Problem, study: optuna.Study, settings: Settings, quiet: bool =
     finally:
         bar.close()
     return study
+
+
+def counted_search(problem: Problem, study: optuna.Study, settings: Settings, quiet: bool, stream: int,
+                   workers: int, worker: Callable[..., object], call: tuple) -> optuna.trial.FrozenTrial:
+    """Run trials until the study holds ``settings.trials``, here and in ``workers - 1`` more processes, each
+    running ``worker(*call, _worker=i)`` (the same search, as worker ``i`` of this study); the best trial."""
+    enqueue_seed(study, problem)
+    children = [spawn_worker(worker, call, i, workers) for i in range(1, workers)]
+    try:
+        with share_cores(workers):
+            run(problem, study, settings, quiet, stream)
+    except BaseException:
+        join_workers(children, check=False)  # the error at hand is the one to report
+        raise
+    join_workers(children)
+    return best_trial(study)
 
 
 def _run_next_trial(study: optuna.Study, objective: Objective, wanted: int, quiet: bool) -> None:

@@ -17,15 +17,15 @@ from autoprune.counting import Cost, count
 from autoprune.errors import AutopruneError
 from autoprune.inputs.data import Data, load_data
 from autoprune.inputs.task import CLASSIFICATION, Task
-from autoprune.options import SearchOptions
+from autoprune.options import ExportOptions, SearchOptions
 from autoprune.prune.groups import ChannelGroups, apply_plan
 from autoprune.prune.plan import Plan
 from autoprune.report.pareto import pareto_front
 from autoprune.study.runs import open_run
 
-__all__ = ["search", "SearchOptions", "load_pruned", "export_trial", "open_run", "pareto_front", "Result", "Budget",
-           "Cost", "count", "Data", "load_data", "AutopruneError", "ChannelGroups", "apply_plan", "Plan", "Task",
-           "CLASSIFICATION"]
+__all__ = ["search", "SearchOptions", "load_pruned", "export_trial", "ExportOptions", "open_run", "pareto_front",
+           "Result", "Budget", "Cost", "count", "Data", "load_data", "AutopruneError", "ChannelGroups", "apply_plan",
+           "Plan", "Task", "CLASSIFICATION"]
 __version__ = "0.2.0"
 
 _moved.install()  # autoprune.groups and the other paths from before the subpackages, with a warning

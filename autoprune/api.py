@@ -1,59 +1,48 @@
-"""The Python API: ``search`` a model for a budget, ``load_pruned`` what it wrote.
+"""The Python API: ``search`` a model for a budget, ``export_trial`` a stored study's trial, ``load_pruned``
+what they wrote.
 
-The CLI is a thin layer over these two functions.
+``search`` reads as the stages it runs, each in its subpackage: :mod:`autoprune.study.pipeline`
+prepares the base model, its groups and the budget, :mod:`autoprune.study.sensitivity` scans,
+:mod:`autoprune.study.trials` or :mod:`autoprune.study.halving` searches, :mod:`autoprune.export.final`
+writes the winner.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import multiprocessing
-import os
-import socket
-import sys
-import threading
 import time
-import zlib
-from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-import optuna
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from autoprune.cost.budget import STRATA, Budget, BudgetRange, check_prunes, check_reachable, parse_budget, steps
+from autoprune.cost.budget import Budget, BudgetRange, parse_budget, steps
 from autoprune.cost.costmodel import CostModel
-from autoprune.cost.latency import (ATTRS as LATENCY_ATTRS, LatencySettings, Meter, Timer, check as check_latency,
-                                    latency_costs, with_device)
-from autoprune.cost.timing import latency_ms
-from autoprune.counting import Cost, human
+from autoprune.cost.latency import LatencySettings, Meter, with_device
 from autoprune.errors import AutopruneError
-from autoprune.export import formats as deploy
-from autoprune.export.final import export
-from autoprune.files import command_line, fingerprint, save_torch, versions, write_json, write_text
+from autoprune.export.final import export_stored, finish_search
+from autoprune.export.formats import deploy
+from autoprune.files import command_line, fingerprint, versions, write_json
 from autoprune.inputs.data import Data
-from autoprune.inputs.models import absolute_spec, build_model, read_state_dict
-from autoprune.inputs.task import SCORE, Task, input_kind, score_record, zeros_like_input
-from autoprune.options import DEFAULTS, SearchOptions
-from autoprune.prune.groups import ChannelGroups, apply_plan
+from autoprune.inputs.models import build_model, read_state_dict
+from autoprune.inputs.task import Task, zeros_like_input
+from autoprune.options import DEFAULTS, EXPORT_DEFAULTS, ExportOptions, SearchOptions
+from autoprune.prune.groups import apply_plan
 from autoprune.prune.plan import Plan
 from autoprune.report.pareto import best_under
-from autoprune.study.checks import claim_run
-from autoprune.study.halving import SCAN_SHARE, Deadline, parse_duration, scoring_seconds, timed_search
-from autoprune.study.pipeline import Prepared, Result, as_data, bounded_problem, find_groups, prepare
-from autoprune.study.pipeline import distill_outputs  # --distill: the teacher's outputs, computed once
-from autoprune.study.runs import open_run, rebuild_problem, record_run
+from autoprune.study.halving import SCAN_SHARE, Deadline, parse_duration, search_by_the_clock
+from autoprune.study.pipeline import (Prepared, Result, as_data, base_line, bounded_problem, budget_limits,
+                                      distill_outputs, find_groups, prepare, range_targets, refuse_before_training,
+                                      score_base)
+from autoprune.study.runs import open_run, rebuild_problem, start_study
 from autoprune.study.sensitivity import scan
-from autoprune.study.space import SearchSpace, resolve
-from autoprune.study.storage import SharedTable, open_study
-from autoprune.study.trials import (ENDED, Problem, Settings, best_trial, checkpoint, config_dict, count_pruned,
-                                           enqueue_seed, run, trial_plan, trials_table)
+from autoprune.study.space import SearchSpace, for_search, resolve
+from autoprune.study.storage import SharedTable
+from autoprune.study.trials import Settings, best_trial, counted_search, run
 from autoprune.study.weights import search_weights
+from autoprune.study.workers import sampler_stream
 from autoprune.train.distill import Distill
-from autoprune.train.loop import evaluate
 
 
 def search(
@@ -92,96 +81,67 @@ def search(
     o.check()
     torch.manual_seed(o.seed)
     extra = extra_settings(o)
-    if ".." in str(budget) and (o.granularity == "weight" or o.time_budget is not None):
-        what = "--granularity weight" if o.granularity == "weight" else "--time-budget"
-        raise AutopruneError(f"a budget range is searched by trial count on channels only; "
-                             f"leave out {what} or give one budget, e.g. flops=0.25")
+    _refuse_range(budget, o)
     if o.granularity == "weight":
         return _weight_search(model, data, budget, o, extra)
     budget = parse_budget(budget)
     latency = LatencySettings(o.latency_backend, o.latency_batch, o.latency_threads)
-    seconds = parse_duration(o.time_budget) if o.time_budget is not None else None
-    if seconds and o.workers > 1:
-        raise AutopruneError("--time-budget plans one process's time; leave out --workers (or --time-budget)")
-    space = resolve(o.space, model).replace(grid=tuple(o.grid) if o.grid else None, max_ratio=o.max_ratio,
-                                            importance=o.importance, round_to=o.round_to)
-
-    def refuse_early(base: nn.Module, data: Data) -> None:  # a bad space or budget, before training
-        groups = find_groups(base, data.example_input(), space, data, o.batch_size, o.seed, importance="l1")
-        _budget_limits(groups, budget, space)
-
-    r = prepare(model, data, budget, o, before_training=refuse_early)
-    named = data if isinstance(data, (str, Path)) else None  # workers load named data (and --task) themselves
-    data, out, base, device = r.data, r.out, r.base, r.device
+    seconds = _time_budget(o)
+    space = for_search(model, o)
+    r = prepare(model, data, budget, o, before_training=refuse_before_training(space, budget, o))
     deadline = Deadline(seconds) if seconds else None  # the time budget counts from here
     settings = Settings.of(o, extra)
-    groups = find_groups(base, data.example_input(), space, data, o.batch_size, o.seed, base_model=r.base_id,
-                         device=device)
-    latency = with_device(latency, device, data.input_shape, isinstance(data.example_input(), list))
-    meter = Meter(base, latency, o.latency_timer)
-    costs, limits = _budget_limits(groups, budget, space, meter)
-    config = config_dict(model=r.name, base_model=r.base_id, dataset=data.name, budget=str(budget),
-                         importance=space.importance, grid=[float(g) for g in space.grid],
-                         max_ratio=space.max_ratio, space=space.to_dict(),
-                         finetune_epochs=o.finetune_epochs, lr=o.lr, batch_size=o.batch_size,
-                         bn_batches=o.bn_batches, seed=o.seed, pruner=settings.pruner,
-                         **({} if data.task.is_classification else {"task": data.task.label}),  # absent: classification
-                         **(latency.config() if budget.latency is not None else {}),  # absent: older studies resume
-                         **{k: v for k, v in extra.items() if k == "distill"},  # soft pruning: export only
-                         **({"strata": STRATA} if isinstance(budget, BudgetRange) else {}))
-    claim_run(out, r.study)
-    the_study = open_study(r.study, r.storage, config, new=o.new_study)
-    the_study.set_user_attr(FINAL_EXTRA, extra)  # so `export` fine-tunes as this run's final fine-tune does
-    the_study.set_user_attr(LATENCY_SETTINGS, latency.config())  # what the trials' latencies mean
-    the_study.set_user_attr(SCORE, score_record(data.task))  # what the trials' values are, for pareto and report
-    record_run(the_study, out, r.name)
-    if not (out / "base.pt").is_file():
-        save_torch(base.state_dict(), out / "base.pt")
-    clock = time.perf_counter()
-    base_val = evaluate(base, data.loader("val", 256), device, data.task)
-    base_eval = (time.perf_counter() - clock) / len(data.val)  # seconds per image, for planning
+    groups = find_groups(r.base, r.data.example_input(), space, r.data, o.batch_size, o.seed, base_model=r.base_id,
+                         device=r.device)
+    latency = with_device(latency, r.device, r.data.input_shape, isinstance(r.data.example_input(), list))
+    meter = Meter(r.base, latency, o.latency_timer)
+    costs, limits = budget_limits(groups, budget, space, meter)
+    the_study = start_study(r, budget, space, o, settings, latency)
+    base = score_base(r.base, r.data, r.device)
     if not o.quiet:
-        caps = ", ".join(f"≤ {human(cap)} {what}" for cap, what in
-                         ((limits.flops, "FLOPs"), (limits.params, "params")) if cap < float("inf"))
-        caps += f"{', ' if caps else ''}≤ {limits.latency:.3g} ms" if limits.latency < float("inf") else ""
-        print(f"base {r.name} on {data.name}: val {data.task.name} {data.task.show(base_val)} | {costs.base} | "
-              f"{len(groups)} groups | "
-              f"budget {budget}: {caps}")
-    base_score = evaluate(base, data.loader("score", 256), device, data.task) \
-        if len(data.score) < len(data.val) else base_val
-    table = scan(groups, costs, base, data, base_score, device, out / "sensitivity.csv", space.grid,
+        print(base_line(r, base.val, costs, groups, budget, limits))
+    table = scan(groups, costs, r.base, r.data, base.score, r.device, r.out / "sensitivity.csv", space.grid,
                  o.bn_batches, o.batch_size, o.quiet, round_to=space.round_to, shared=SharedTable(the_study),
                  seconds=SCAN_SHARE * deadline.left() if deadline else None)
-    targets = [(str(b), b.limits(costs.base)) for b in budget.targets(STRATA)] \
-        if isinstance(budget, BudgetRange) else []
-    problem = bounded_problem(base, data, groups, costs, table, space, limits, base_val, device, targets,
-                              checkpoints=out / "checkpoints", meter=meter, teacher_outputs=distill_outputs(r, o))
-    # Workers on other machines must not draw the same candidates: give each process its own stream.
-    stream = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) if r.shared else 0
+    problem = bounded_problem(r.base, r.data, groups, costs, table, space, limits, base.val, r.device,
+                              range_targets(budget, costs), checkpoints=r.out / "checkpoints", meter=meter,
+                              teacher_outputs=distill_outputs(r, o))
+    stream = sampler_stream(r.shared)
     if _worker:
         run(problem, the_study, settings, True, stream + 100003 * _worker)
         return None
-    finish = dict(budget=budget, limits=limits, run=r, extra=extra)
     if deadline:
-        reserve = scoring_seconds(base_eval, data) + base_eval * len(data.test) + 2.0  # the base is tested too
-        chosen, seconds_left = timed_search(problem, the_study, settings, deadline, reserve, o.quiet)
-        # The final fine-tune trains by the clock (an epoch-time estimate would end early or late), or not at all.
-        settings = replace(settings, final_epochs=0.0, final_seconds=seconds_left)
-        return _finish(problem, the_study, chosen, settings, o.quiet, started, time_budget=seconds, **finish)
-    enqueue_seed(the_study, problem)
-    # Each worker runs the same search on the prepared base model and study.
-    worker = o.replace(storage=r.storage, out=out, study=r.study, new_study=False, workers=1, quiet=True,
+        chosen, settings = search_by_the_clock(problem, the_study, settings, deadline, base.per_image, o.quiet)
+    else:
+        chosen = counted_search(problem, the_study, settings, o.quiet, stream, o.workers, search,
+                                _worker_call(model, data, budget, o, r))
+    return finish_search(problem, the_study, chosen, settings, o.quiet, started, budget, limits, r, seconds)
+
+
+def _refuse_range(budget: str | Budget | BudgetRange, o: SearchOptions) -> None:
+    """A budget range is searched by trial count on channels only."""
+    if ".." in str(budget) and (o.granularity == "weight" or o.time_budget is not None):
+        what = "--granularity weight" if o.granularity == "weight" else "--time-budget"
+        raise AutopruneError(f"a budget range is searched by trial count on channels only; "
+                             f"leave out {what} or give one budget, e.g. flops=0.25")
+
+
+def _time_budget(o: SearchOptions) -> float | None:
+    """The time budget in seconds (None: none), which plans one process's time."""
+    seconds = parse_duration(o.time_budget) if o.time_budget is not None else None
+    if seconds and o.workers > 1:
+        raise AutopruneError("--time-budget plans one process's time; leave out --workers (or --time-budget)")
+    return seconds
+
+
+def _worker_call(model: nn.Module | str, data: Any, budget: Budget | BudgetRange, o: SearchOptions,
+                 r: Prepared) -> tuple:
+    """The arguments of :func:`search` in each worker process: the same search on the prepared base model
+    and study (named data, and --task, each worker loads itself)."""
+    worker = o.replace(storage=r.storage, out=r.out, study=r.study, new_study=False, workers=1, quiet=True,
                        **({} if isinstance(model, str) else {"weights": None, "train_epochs": 0.0}))
-    children = [_spawn(model if isinstance(model, str) else base, named or data, budget, worker, i, o.workers)
-                for i in range(1, o.workers)]
-    try:
-        with _threads(o.workers):
-            run(problem, the_study, settings, o.quiet, stream)
-    except BaseException:
-        _join(children, check=False)  # the error at hand is the one to report
-        raise
-    _join(children)
-    return _finish(problem, the_study, best_trial(the_study), settings, o.quiet, started, **finish)
+    return (model if isinstance(model, str) else r.base, data if isinstance(data, (str, Path)) else r.data,
+            budget, worker)
 
 
 def _weight_search(model: nn.Module | str, data: Any, budget: Any, o: SearchOptions,
@@ -196,118 +156,6 @@ def _weight_search(model: nn.Module | str, data: Any, budget: Any, o: SearchOpti
     return search_weights(model, data, budget, o, extra)
 
 
-def _finish(problem: Problem, the_study: optuna.Study, chosen: optuna.trial.FrozenTrial, settings: Settings,
-            quiet: bool, started: float, budget: Budget | BudgetRange, limits: Cost, run: Prepared,
-            extra: dict[str, Any], time_budget: float | None = None) -> Result:
-    """Export the chosen trial (once), write the trials table and the summary, and hand back the result."""
-    data, out = run.data, run.out
-    plan = _exported_plan(chosen, absolute_spec(run.name), data, run.study)
-    write_text(out / "trials.csv", trials_table(the_study).to_csv(index=False))
-    start = _warm_start(problem.checkpoints, chosen.number, extra)
-    record = dict(budget=str(budget), budget_flops=limits.flops, budget_params=limits.params,
-                  trial=chosen.number, trial_val_accuracy=chosen.value, trials=ended(the_study),
-                  pruned_trials=count_pruned(the_study),
-                  final_epochs=round(settings.final_epochs, 3), model=run.name, base_model=run.base_id,
-                  dataset=data.name, study=run.study, storage=run.storage, device=str(run.device),
-                  input_shape=list(data.input_shape),
-                  warm_start=start and str(start.relative_to(out)), **extra,
-                  **_latency_record(chosen, limits, problem.meter))
-    if time_budget:  # a rerun keeps the export it planned, not one planned anew
-        record["time_budget_seconds"] = time_budget
-        previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
-        if all(previous.get(k) == record[k] for k in ("study", "trial", "time_budget_seconds")):
-            record["final_epochs"] = previous.get("final_epochs", record["final_epochs"])
-            settings = replace(settings, final_epochs=record["final_epochs"], final_seconds=0.0)
-    summary = _export_once(problem, plan, out, settings, quiet, record, start)
-    pruned = torch.load(out / "model.pt", weights_only=False)
-    if problem.meter is not None and math.isfinite(limits.latency):  # re-timed afresh, as exported
-        summary["latency_check"] = _latency_check(problem.model, pruned, budget, problem.meter.settings,
-                                                  problem.meter.timer)
-    summary.update(seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
-    write_json(out / "summary.json", summary)
-    return Result(pruned, plan, summary, the_study, out)
-
-
-def _latency_record(chosen: optuna.trial.FrozenTrial, limits: Cost, meter: Meter | None) -> dict[str, Any]:
-    """The chosen trial's latency for the summary, under ``latency``: as measured in the search
-    (``ms``, ``spread_ms``, ``share``, ``predicted_ms``), the base's, the cap and the settings."""
-    found = {k.removeprefix("latency_"): chosen.user_attrs[k] for k in LATENCY_ATTRS if k in chosen.user_attrs}
-    if meter is not None:
-        found.update(base_ms=meter.base_ms, base_spread_ms=meter.base_spread_ms, **meter.settings.config())
-    if math.isfinite(limits.latency):
-        found["budget_ms"] = limits.latency
-    return {"latency": found} if found else {}
-
-
-def ended(study: optuna.Study) -> int:
-    """Trials that count towards the trials asked for: a failed one (killed, retried) does not."""
-    return len(study.get_trials(deepcopy=False, states=ENDED))
-
-
-def _exported_plan(chosen: optuna.trial.FrozenTrial, model: str, data: Data, study: str) -> Plan:
-    """Trial ``chosen``'s plan, recording what :func:`load_pruned` needs to rebuild it."""
-    found = trial_plan(chosen)
-    meta = {"model": model, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
-            **input_kind(data.example_input()), "dataset": data.name, "study": study, "trial": chosen.number}
-    return Plan(found.kept, found.channels, found.importance, found.base_model, meta)
-
-
-def _warm_start(folder: Path, number: int, extra: dict[str, Any]) -> Path | None:
-    """The chosen trial's fine-tuned weights, if this machine ran it (and soft pruning will not redo it)."""
-    path = checkpoint(folder, number)
-    return path if path.is_file() and not extra.get("soft_epochs") else None
-
-
-def _spawn(model: nn.Module | str, data: Data, budget: Any, options: SearchOptions, index: int,
-           workers: int) -> multiprocessing.Process:
-    """Start worker process ``index`` of ``workers``: :func:`search` with ``options`` as worker ``index``."""
-    call = (model, data, budget, options, index)
-    process = multiprocessing.get_context("spawn").Process(
-        target=_worker_main, args=(call, os.getpid(), max(1, torch.get_num_threads() // workers)),
-        name=f"autoprune-worker-{index}")
-    process.start()
-    return process
-
-
-def _worker_main(call: tuple, parent: int, threads: int) -> None:
-    """Body of a spawned worker: run trials; die with the parent rather than outlive it."""
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1)
-        os._exit(1)  # the parent was killed: its next run fails and retries this worker's trial
-
-    threading.Thread(target=watch, daemon=True).start()
-    torch.set_num_threads(threads)
-    try:
-        model, data, budget, options, index = call
-        search(model, data, budget, options, _worker=index)
-    except KeyboardInterrupt:  # Ctrl-C reaches every process; the parent says what to do
-        raise SystemExit(130) from None
-    except AutopruneError as err:
-        print(f"autoprune: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _join(children: list[multiprocessing.Process], check: bool = True) -> None:
-    for child in children:
-        child.join()
-    failed = [c.name for c in children if c.exitcode]
-    if failed and check:
-        raise AutopruneError(f"{', '.join(failed)} stopped with an error (see above); "
-                             "run the same command again to resume")
-
-
-@contextmanager
-def _threads(workers: int) -> Iterator[None]:
-    """Share the CPU cores among the worker processes while they run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before // workers))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def extra_settings(o: SearchOptions) -> dict[str, Any]:
     """The optional fine-tune modes, as stored with the study (absent when off, so older studies resume)."""
     extra: dict[str, Any] = {}
@@ -317,48 +165,6 @@ def extra_settings(o: SearchOptions) -> dict[str, Any]:
     if o.soft_epochs:
         extra["soft_epochs"] = float(o.soft_epochs)
     return extra
-
-
-def _budget_limits(groups: ChannelGroups, budget: Budget | BudgetRange, space: SearchSpace,
-                   meter: Meter | None = None) -> tuple[CostModel, Cost]:
-    """The cost predictor and the budget's absolute caps (a range's upper end); refuses a budget out of
-    reach (a range whose lower end is).
-
-    Under a latency cap, with ``meter``, the predictor predicts latency too (its table
-    measured here once per machine and setting); without one (before the base is trained)
-    only the other caps are checked, and the latency cap once there is a base to time.
-    """
-    if not len(groups):
-        raise AutopruneError("the model has no prunable channel group; nothing to search")
-    space.check_groups(groups.ids)
-    costs = CostModel(groups)
-    if budget.latency is not None and meter is not None:
-        costs = latency_costs(groups, costs, meter, space.round_to)
-    limits = budget.limits(costs.base)
-    tightest = budget.low.limits(costs.base) if isinstance(budget, BudgetRange) else limits
-    if meter is None and budget.latency is not None:  # no base timed yet: its latency cap waits for one
-        tightest = replace(tightest, latency=math.inf)
-    else:
-        check_prunes(budget, limits, costs.base)
-    check_reachable(costs, tightest, space.ratio_bounds(groups.ids)[1], space.round_to)
-    return costs, limits
-
-
-FINAL_EXTRA = "final_extra"  # study attribute: the optional fine-tune modes of the search's final fine-tune
-LATENCY_SETTINGS = "latency_settings"  # study attribute: what the trials' recorded latencies were measured with
-EXPORT_KEYS = ("study", "trial", "base_model", "final_epochs", "distill", "soft_epochs", "warm_start")
-
-
-def _export_once(problem: Problem, plan: Plan, out: Path, settings: Settings, quiet: bool,
-                 record: dict[str, Any], start: Path | None) -> dict[str, Any]:
-    """Export the chosen trial, unless this run directory already holds exactly that export."""
-    previous = out / "summary.json"
-    files = [out / f for f in ("model.pt", "weights.pt", "plan.json")]
-    if previous.is_file() and all(f.is_file() for f in files):
-        summary = json.loads(previous.read_text())
-        if all(summary.get(k) == record.get(k) for k in EXPORT_KEYS):
-            return {**summary, **record}
-    return export(problem, plan, out, settings, quiet, start, **record)
 
 
 def load_pruned(
@@ -399,39 +205,20 @@ def load_pruned(
     return pruned.eval()
 
 
-def export_trial(
-    study: str,
-    trial: int | None = None,
-    *,
-    at: str | None = None,
-    storage: str | None = None,
-    run_dir: str | Path | None = None,
-    out: str | Path | None = None,
-    final_epochs: float = DEFAULTS.final_epochs,
-    formats: Sequence[str] = (),
-    quantize: str | None = None,
-    latency_batches: Sequence[int] = (1, 32),
-    repeats: int = 30,
-    threads: int = 1,
-    data_dir: str | Path = "data",
-    download: bool = False,
-    device: str = "auto",
-    quiet: bool = False,
-    task: Task | str | None = None,
-) -> dict[str, Any]:
-    """Rebuild trial ``trial`` (default: the best) of a stored study, fine-tune, test and write it.
-
-    ``at`` (``"flops=0.2"``, ``"params=1M"``) picks instead the most accurate trial at or
-    under that point: on a range study, any point of the trade-off.
+def export_trial(study: str, options: ExportOptions | None = None, **changes: Any) -> dict[str, Any]:
+    """Rebuild a trial of a stored study (default: the best), fine-tune, test and write it.
 
     Writes ``model.pt``, ``weights.pt``, ``plan.json`` and ``summary.json`` into
     ``out`` (default ``RUN_DIR/trial-N``); ``formats`` adds ``model.onnx``
     and/or ``model.torchscript.pt``, each checked against the PyTorch outputs;
     ``quantize="dynamic"`` adds an int8 copy (``model-int8.pt``) with its size,
-    accuracy and latency. ``task`` is the search's task where it was given as an object
-    (a ``--task`` file is found from the study). The summary holds the CPU latency (median of
-    ``repeats`` runs, ms, ``threads`` intra-op threads) of base and pruned
-    models at each of ``latency_batches``.
+    accuracy and latency. The summary holds the CPU latency (median of ``repeats`` runs, ms,
+    ``threads`` intra-op threads) of base and pruned models at each of ``latency_batches``.
+    ``at`` (``"flops=0.2"``, ``"params=1M"``) picks the most accurate trial at or under that point:
+    on a range study, any point of the trade-off.
+
+    Everything but the study is an :class:`~autoprune.options.ExportOptions` field, passed as
+    ``options``, as keywords, or both (keywords win): see it for what each does.
 
     Example:
         >>> summary = autoprune.export_trial("resnet18-digits-flops0.25", formats=["onnx"], quantize="dynamic")
@@ -440,86 +227,23 @@ def export_trial(
         >>> autoprune.export_trial("resnet18-digits-flops0.05..0.5", at="flops=0.2")["flops_share"] <= 0.2
         True
     """
-    unknown = set(formats) - set(deploy.FORMATS)
-    if unknown:
-        raise AutopruneError(f"unknown format {sorted(unknown)[0]!r}; choose from {', '.join(deploy.FORMATS)}")
-    if quantize not in (None, "dynamic"):
-        raise AutopruneError(f"unknown quantization {quantize!r}; the one supported is 'dynamic' (int8)")
-    if repeats < 1 or threads < 1 or not latency_batches or min(latency_batches) < 1:
-        raise AutopruneError("latency needs at least one repeat, one thread and batch sizes of at least 1")
+    if isinstance(options, int):  # export_trial(study, 3): the trial, the second argument before ExportOptions
+        options, changes = None, {"trial": options, **changes}
+    o = (options or EXPORT_DEFAULTS).replace(**changes)
+    o.check()
     started = time.perf_counter()
-    run = open_run(study, storage, run_dir)
-    if at is not None and trial is not None:
+    run = open_run(study, o.storage, o.run_dir)
+    if o.at is not None and o.trial is not None:
         raise AutopruneError("give a trial number or a point to export at (--flops/--params), not both")
-    if at is not None:
-        trial = best_under(run, at)
-    chosen = best_trial(run.study, trial)
-    problem = rebuild_problem(run, data_dir, download, device, task)
-    config, data = run.config, problem.data
-    extra = _final_extra(run.study)
-    stored = DEFAULTS.replace(**{k: config[k] for k in ("finetune_epochs", "lr", "batch_size", "bn_batches", "seed")
-                                 if k in config})  # as the search trained (older studies lack some)
-    settings = replace(Settings.of(stored, extra), trials=0, final_epochs=final_epochs)
-    plan = _exported_plan(chosen, run.model, data, run.name)
-    out = Path(out) if out else run.folder / f"trial-{chosen.number}"
-    start = _warm_start(run.folder / "checkpoints", chosen.number, extra)
-    record = dict(budget=config["budget"], budget_flops=problem.limits.flops, budget_params=problem.limits.params,
-                  trial=chosen.number, trial_val_accuracy=chosen.value, trials=ended(run.study),
-                  final_epochs=final_epochs, model=config["model"], base_model=config["base_model"],
-                  dataset=data.name, study=run.name, storage=run.storage, device=str(problem.device),
-                  input_shape=list(data.input_shape),
-                  warm_start=start and str(start.relative_to(run.folder)), **extra)
-    summary = export(problem, plan, out, settings, quiet, start, **record)
+    chosen = best_trial(run.study, best_under(run, o.at) if o.at is not None else o.trial)
+    problem = rebuild_problem(run, o.data_dir, o.download, o.device, o.task)
+    out = Path(o.out) if o.out else run.folder / f"trial-{chosen.number}"
+    summary = export_stored(run, problem, chosen, out, o.final_epochs, o.quiet)
     pruned = torch.load(out / "model.pt", weights_only=False).eval()
-    inputs = data.example_input(16)
-    for name in formats:  # a format that cannot take the model is said in one line; model.pt stands
-        path = out / ("model.onnx" if name == "onnx" else "model.torchscript.pt")
-        write = deploy.to_onnx if name == "onnx" else deploy.to_torchscript
-        try:
-            summary[name] = write(pruned, inputs, path)
-        except AutopruneError as err:
-            summary[name] = {"error": str(err)}
-            print(f"autoprune: {name}: {err}", file=sys.stderr)
-    models = {"base": problem.model, "pruned": pruned}
-    if quantize:
-        models["quantized"] = deploy.quantize_dynamic(pruned)
-        summary["quantized"] = _quantized(models["quantized"], out, data)
-    latency = latency_ms(models, data.input_shape, latency_batches, repeats, threads=threads,
-                                listed=isinstance(inputs, list))
-    if "latency_backend" in config:  # a latency budget: re-timed afresh with the study's own settings
-        summary["latency_check"] = _latency_check(problem.model, pruned, Budget.parse(config["budget"]),
-                                                  LatencySettings.from_config(config))
-    summary.update(out=str(out), latency_ms=latency, latency_threads=threads, latency_repeats=repeats,
-                   seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
+    summary.update(deploy(problem.model, pruned, problem.data, out, o, run.config))
+    summary.update(seconds=round(time.perf_counter() - started, 1), command=command_line(), versions=versions())
     write_json(out / "summary.json", summary)
     return summary
-
-
-def _latency_check(base: nn.Module, pruned: nn.Module, budget: Budget, settings: LatencySettings,
-                   timer: Timer | None = None) -> dict[str, Any]:
-    """The exported model re-timed against the budget's latency cap: a relative one as a share of the
-    base timed in the same loop, not against the search's milliseconds (another loop's)."""
-    cap = {"share": budget.latency} if budget.latency_relative else {"limit": budget.latency}
-    return check_latency(base, pruned, settings, timer=timer, **cap)
-
-
-def _final_extra(study: optuna.Study) -> dict[str, Any]:
-    """The optional fine-tune modes the search's final fine-tune used (older studies: distillation only)."""
-    if FINAL_EXTRA in study.user_attrs:
-        return dict(study.user_attrs[FINAL_EXTRA])
-    return {k: v for k, v in study.user_attrs.get("config", {}).items() if k == "distill"}
-
-
-def _quantized(quantized: nn.Module, out: Path, data: Data) -> dict[str, Any]:
-    """Write the int8 copy and measure its size and accuracy beside the float model's."""
-    cpu = torch.device("cpu")
-    save_torch(quantized, out / "model-int8.pt")
-    return {"method": "dynamic int8 (torch.ao.quantization.quantize_dynamic)", "file": "model-int8.pt",
-            "quantized_layers": deploy.quantized_layers(quantized),
-            "state_dict_bytes": deploy.state_dict_bytes(quantized, out / "weights-int8.pt"),
-            "float_state_dict_bytes": (out / "weights.pt").stat().st_size,
-            "val_accuracy": evaluate(quantized, data.loader("val", 256), cpu, data.task),
-            "test_accuracy": evaluate(quantized, data.loader("test", 256), cpu, data.task)}
 
 
 def describe_groups(

@@ -1,6 +1,7 @@
 """The ``autoprune`` command: parses arguments, calls the Python API, prints results.
 
-It holds no logic of its own; errors a user can cause come back as one line.
+A subcommand's flags are its options object's fields (:class:`~autoprune.options.SearchOptions`,
+:class:`~autoprune.options.ExportOptions`) where it has one; errors a user can cause come back as one line.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import sys
 from typing import NoReturn, Sequence
 
 from autoprune.errors import AutopruneError, one_line
-from autoprune.options import BASE_EPOCHS, BASE_LR, DEFAULTS as D, SearchOptions
+from autoprune.options import (BASE_EPOCHS, BASE_LR, DEFAULTS as D, EXPORT_DEFAULTS as E, FORMATS, ExportOptions,
+                               SearchOptions)
 
 
 def _epochs(text: str) -> float:
@@ -53,13 +55,27 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``autoprune`` command line: each subcommand's flags are added by its own function below."""
     parser = _Parser(prog="autoprune", description=
                                      "Budgeted structured pruning: sensitivity scan, Optuna search, export.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_search, _add_groups, _add_pareto, _add_report, _add_export, _add_dashboard, _add_studies,
+                _add_bench, _add_bench_latency, _add_mlp_sweep):
+        add(commands)
+    return parser
 
+
+def _add_search(commands: argparse._SubParsersAction) -> None:
+    """``search``: its flags are the :class:`~autoprune.options.SearchOptions` fields, with their defaults."""
     search = commands.add_parser("search", help="search per-group pruning ratios under a budget "
                                  "(no arguments: an offline demo on digits)")
     _common(search)
+    _base_budget_and_study(search)
+    _finetune_and_space(search)
+    _modes_latency_and_device(search)
+
+
+def _base_budget_and_study(search: argparse.ArgumentParser) -> None:
     search.add_argument("--weights", help="state dict or checkpoint of the trained model; DEFAULT for "
                         "torchvision's pretrained weights; omitted: train the base model first")
     search.add_argument("--budget", default="flops=0.3",
@@ -84,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--train-epochs", type=_epochs, help=f"epochs to train the base model (default {BASE_EPOCHS:g})")
     search.add_argument("--base-lr", type=float, default=D.base_lr,
                         help="learning rate for training the base model (default: %(default)s; 0.01 for VGG)")
+
+
+def _finetune_and_space(search: argparse.ArgumentParser) -> None:
     search.add_argument("--finetune-epochs", type=_epochs, default=D.finetune_epochs,
                         help="fine-tune epochs per trial, fractions allowed (default: %(default)g)")
     search.add_argument("--final-epochs", type=_epochs, default=D.final_epochs,
@@ -106,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--granularity", choices=("channel", "weight"), default=D.granularity,
                         help="channel: remove channels (default); weight: per-layer magnitude sparsity under a "
                              "nonzero-params budget (--budget params=0.2)")
+
+
+def _modes_latency_and_device(search: argparse.ArgumentParser) -> None:
     search.add_argument("--distill", action="store_true",
                         help="fine-tune against the unpruned model's softened outputs (knowledge distillation)")
     search.add_argument("--distill-weight", type=float, default=D.distill_weight,
@@ -126,10 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seed", type=int, default=D.seed)
     search.add_argument("--quiet", action="store_true", help="no progress bars or per-trial lines")
 
+
+def _add_groups(commands: argparse._SubParsersAction) -> None:
     groups = commands.add_parser("groups", help="list the prunable channel groups of a model")
     _common(groups)
-    _inspect_commands(commands)
 
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="benchmark autoprune against uniform, global, seed-only and "
                                 "random pruning at the same budgets (writes results/benchmarks/)")
     bench.add_argument("--models", type=_names, help="comma-separated models (default: resnet18,mobilenet_v2)")
@@ -165,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--quiet", action="store_true")
 
+
+def _add_bench_latency(commands: argparse._SubParsersAction) -> None:
     latency = commands.add_parser("bench-latency", help="how well the latency predictor predicts: random plans, "
                                   "predicted against timed, per model, backend and batch")
     latency.add_argument("--models", type=_names, default=["resnet18", "mobilenet_v2"],
@@ -188,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--out", default="results/benchmarks", help="output folder (default: results/benchmarks)")
     latency.add_argument("--quiet", action="store_true")
 
+
+def _add_mlp_sweep(commands: argparse._SubParsersAction) -> None:
     sweep = commands.add_parser("mlp-sweep", help="the MLP experiment: uniform weight pruning 10-60 %% before "
                                 "and after fine-tuning, then the weight-level search at the same budgets")
     sweep.add_argument("--dataset", default="digits", help="digits (offline, default) or mnist (with --data-dir)")
@@ -201,7 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--device", default="auto")
     sweep.add_argument("--seed", type=int, default=0)
     sweep.add_argument("--quiet", action="store_true")
-    return parser
 
 
 def _names(text: str) -> list[str]:
@@ -222,7 +250,7 @@ def _stored(parser: argparse.ArgumentParser) -> None:
                         "(default: with --storage, the folder the study recorded; else results/STUDY)")
 
 
-def _inspect_commands(commands: argparse._SubParsersAction) -> None:
+def _add_pareto(commands: argparse._SubParsersAction) -> None:
     pareto = commands.add_parser("pareto", help="the non-dominated trials: accuracy against FLOPs and params")
     _stored(pareto)
     pareto.add_argument("--csv", help="also save the front as CSV here")
@@ -231,11 +259,16 @@ def _inspect_commands(commands: argparse._SubParsersAction) -> None:
                         help="also copy the trials into a 3-objective study STUDY-front in the same storage, "
                              "so `optuna best-trials --study-name STUDY-front` shows this front")
 
+
+def _add_report(commands: argparse._SubParsersAction) -> None:
     report = commands.add_parser("report", help="PNG plots and report.md for a study")
     _stored(report)
     report.add_argument("--trial", type=int, help="trial whose channels to show (default: the best)")
     report.add_argument("--out", help="report folder (default: RUN_DIR/report)")
 
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    """``export``: its flags are the :class:`~autoprune.options.ExportOptions` fields, with their defaults."""
     export = commands.add_parser("export", help="rebuild a trial, fine-tune, test and write it out")
     _stored(export)
     export.add_argument("--trial", type=int, help="trial number (default: the best)")
@@ -243,28 +276,34 @@ def _inspect_commands(commands: argparse._SubParsersAction) -> None:
                         "a share of the base (0.2, 20%%) or a count (8M); picks a point of a range study")
     export.add_argument("--params", help="likewise for params (0.1, 1.5M); with --flops, both must hold")
     export.add_argument("--out", help="output folder (default: RUN_DIR/trial-N)")
-    export.add_argument("--final-epochs", type=_epochs, default=D.final_epochs,
+    export.add_argument("--final-epochs", type=_epochs, default=E.final_epochs,
                         help="fine-tune epochs (default: %(default)g)")
-    export.add_argument("--format", action="append", default=[], choices=["onnx", "torchscript"],
+    export.add_argument("--format", action="append", default=[], choices=FORMATS,
                         help="also write this format, checked against PyTorch (repeatable)")
     export.add_argument("--quantize", choices=["dynamic"], help="also write an int8 dynamically quantized copy")
-    export.add_argument("--latency-batch", type=int, default=32,
-                        help="the larger batch for CPU latency, besides batch 1 (default: 32)")
-    export.add_argument("--repeats", type=int, default=30, help="timed runs per latency (median; default: 30)")
-    export.add_argument("--latency-threads", type=int, default=1,
-                        help="CPU threads while timing (default: 1, steady on a busy machine)")
-    export.add_argument("--data-dir", default="data", help="where torchvision data sets live (default: data)")
+    export.add_argument("--latency-batch", type=int, default=E.latency_batches[-1],
+                        help="the larger batch for CPU latency, besides batch 1 (default: %(default)s)")
+    export.add_argument("--repeats", type=int, default=E.repeats,
+                        help="timed runs per latency (median; default: %(default)s)")
+    export.add_argument("--latency-threads", type=int, default=E.threads,
+                        help="CPU threads while timing (default: %(default)s, steady on a busy machine)")
+    export.add_argument("--data-dir", default=E.data_dir,
+                        help="where torchvision data sets live (default: %(default)s)")
     export.add_argument("--download", action="store_true", help="download the torchvision data set if missing")
     export.add_argument("--task", help="the search's --task (default: the one the study records)")
-    export.add_argument("--device", default="auto", help="for the fine-tune: auto, cpu, cuda, cuda:N")
+    export.add_argument("--device", default=E.device, help="for the fine-tune: auto, cpu, cuda, cuda:N")
     export.add_argument("--quiet", action="store_true", help="no progress bars")
 
+
+def _add_dashboard(commands: argparse._SubParsersAction) -> None:
     dashboard = commands.add_parser("dashboard", help="serve optuna-dashboard on the study's storage "
                                     "(the search and its front copy) on localhost; Ctrl-C stops it")
     _stored(dashboard)
     dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     dashboard.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0: a free one)")
 
+
+def _add_studies(commands: argparse._SubParsersAction) -> None:
     studies = commands.add_parser("studies", help="list studies with trial counts, budget and best accuracy")
     studies.add_argument("--storage", help="Optuna storage URL (default: every results/*/study.db)")
 
@@ -361,12 +400,7 @@ def _export(args: argparse.Namespace) -> None:
     from autoprune.api import export_trial
     from autoprune.counting import human
 
-    at = ",".join(f"{key}={value}" for key, value in (("flops", args.flops), ("params", args.params)) if value)
-    s = export_trial(args.study, args.trial, at=at or None, storage=args.storage, run_dir=args.run_dir, out=args.out,
-                     final_epochs=args.final_epochs, formats=args.format, quantize=args.quantize,
-                     latency_batches=(1, args.latency_batch), repeats=args.repeats,
-                     threads=args.latency_threads, data_dir=args.data_dir,
-                     download=args.download, device=args.device, quiet=args.quiet, task=args.task)
+    s = export_trial(args.study, ExportOptions.from_args(args))
     from autoprune.inputs.task import Score
 
     score = Score.of(s)

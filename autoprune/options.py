@@ -1,9 +1,11 @@
-"""What a search can be told besides its model, data and budget, with every default spelled once.
+"""What a search (or an export) can be told besides its model, data and budget (or study), with every
+default spelled once.
 
-:class:`SearchOptions` is the one settings object: :func:`autoprune.search` takes it
+:class:`SearchOptions` is the one settings object of a search: :func:`autoprune.search` takes it
 (or its fields as keywords), the CLI's ``search`` flags are its fields with their
-defaults, and export and the benchmark read their defaults here. This module
-imports nothing heavy, so ``autoprune --help`` can show the defaults without loading torch.
+defaults, and the benchmark reads its defaults here. :class:`ExportOptions` is the same for
+:func:`autoprune.export_trial` and ``autoprune export``. This module imports nothing heavy, so
+``autoprune --help`` can show the defaults without loading torch.
 
 Example:
     >>> fast = SearchOptions(trials=24, finetune_epochs=0.5, final_epochs=3)
@@ -99,10 +101,7 @@ class SearchOptions:
 
     def replace(self, **changes: Any) -> SearchOptions:
         """These options with ``changes``; an unknown name is refused, naming the known ones."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise TypeError(f"unknown search option {unknown[0]!r}; known: {', '.join(OPTION_NAMES)}")
-        return dataclasses.replace(self, **changes)
+        return _replace(self, "search", changes)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SearchOptions:
@@ -138,3 +137,79 @@ class SearchOptions:
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(SearchOptions))
 DEFAULTS = SearchOptions()
+
+
+FORMATS = ("onnx", "torchscript")  # what export writes besides model.pt (autoprune.export.formats)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Every knob of :func:`autoprune.export_trial` but the study, with its default.
+
+    The CLI's ``export`` flag of a field is its name with dashes, but for ``at`` (``--flops``,
+    ``--params``), ``formats`` (``--format``), ``latency_batches`` (``--latency-batch``, the one
+    besides batch 1) and ``threads`` (``--latency-threads``).
+
+    Example:
+        >>> autoprune.export_trial("resnet18-digits-flops0.25", ExportOptions(formats=("onnx",)), repeats=5)
+    """
+
+    # Which trial: its number (default: the best), or the most accurate at or under a point
+    # ("flops=0.2", "params=1M"): on a range study, any point of the trade-off.
+    trial: int | None = None
+    at: str | None = None
+    # Where the study is: its Optuna storage (default: the run folder's) and run folder (default: the
+    # folder the study recorded, else results/STUDY); where the export goes (default: RUN_DIR/trial-N).
+    storage: str | None = None
+    run_dir: str | Path | None = None
+    out: str | Path | None = None
+    # The final fine-tune's epochs, as the search's.
+    final_epochs: float = SearchOptions.final_epochs
+    # Deployment copies ("onnx", "torchscript"), each checked against PyTorch, and an int8 copy ("dynamic").
+    formats: Sequence[str] = ()
+    quantize: str | None = None
+    # The CPU latency table: batch sizes, timed runs per latency (the median) and intra-op threads.
+    latency_batches: Sequence[int] = (1, 32)
+    repeats: int = 30
+    threads: int = 1
+    # The data as for search; the device of the fine-tune; no progress bars; the search's task
+    # where it was given as an object (a --task file is found from the study).
+    data_dir: str | Path = SearchOptions.data_dir
+    download: bool = False
+    device: str = SearchOptions.device
+    quiet: bool = False
+    task: Task | str | None = None
+
+    def replace(self, **changes: Any) -> ExportOptions:
+        """These options with ``changes``; an unknown name is refused, naming the known ones."""
+        return _replace(self, "export", changes)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ExportOptions:
+        """The options the CLI's parsed ``export`` flags give."""
+        at = ",".join(f"{key}={value}" for key, value in (("flops", args.flops), ("params", args.params)) if value)
+        same = {name: getattr(args, name) for name in EXPORT_NAMES if hasattr(args, name)}
+        return cls(**same, at=at or None, formats=args.format, latency_batches=(1, args.latency_batch),
+                   threads=args.latency_threads)
+
+    def check(self) -> None:
+        """Refuse a format, quantization or latency setting no export can use, before anything is read."""
+        unknown = set(self.formats) - set(FORMATS)
+        if unknown:
+            raise AutopruneError(f"unknown format {sorted(unknown)[0]!r}; choose from {', '.join(FORMATS)}")
+        if self.quantize not in (None, "dynamic"):
+            raise AutopruneError(f"unknown quantization {self.quantize!r}; the one supported is 'dynamic' (int8)")
+        if self.repeats < 1 or self.threads < 1 or not self.latency_batches or min(self.latency_batches) < 1:
+            raise AutopruneError("latency needs at least one repeat, one thread and batch sizes of at least 1")
+
+
+EXPORT_NAMES = tuple(f.name for f in dataclasses.fields(ExportOptions))
+EXPORT_DEFAULTS = ExportOptions()
+
+
+def _replace(options: Any, what: str, changes: dict[str, Any]) -> Any:
+    names = [f.name for f in dataclasses.fields(options)]
+    unknown = sorted(set(changes) - set(names))
+    if unknown:
+        raise TypeError(f"unknown {what} option {unknown[0]!r}; known: {', '.join(names)}")
+    return dataclasses.replace(options, **changes)

@@ -88,7 +88,7 @@ from torch.utils.data import Subset
 
 from autoprune.bench.anytime import anytime_lines, anytime_table, plot_anytime
 from autoprune.bench.markdown import own_sections
-from autoprune.cost.budget import Budget, check_reachable, fit_plan, fits, project
+from autoprune.cost.budget import Budget, NoFit, check_reachable, fit_plan, fits, project
 from autoprune.cost.costmodel import CostModel
 from autoprune.counting import count
 from autoprune.errors import AutopruneError
@@ -321,8 +321,8 @@ def _plan_of(method: str, problem: Problem, config: BenchConfig) -> Plan:
     return _seed(problem, config)
 
 
-def _run_one(subject: Subject, problem: Problem, method: str, seed: int, config: BenchConfig,
-             prior: dict[str, dict]) -> dict:
+def _measure_method(subject: Subject, problem: Problem, method: str, seed: int, config: BenchConfig,
+                    prior: dict[str, dict]) -> dict:
     """One (method, seed): its plan, its fine-tune, the numbers. ``prior``: this seed's rows so far."""
     if method == "seed-matched":
         return seed_matched(subject, problem, config, seed)
@@ -422,8 +422,8 @@ def benchmark(config: BenchConfig) -> pd.DataFrame:
                                  & (row_times(frame, config) == time_budget)]
                     prior = {r["method"]: r for r in mine.to_dict("records")}
                     try:
-                        row = _run_one(subject, problem, method, seed, timed, prior)
-                    except AutopruneError as err:
+                        row = _measure_method(subject, problem, method, seed, timed, prior)
+                    except (AutopruneError, NoFit) as err:  # NoFit: uniform's or the seed's plan, as built
                         row = {"note": str(err)}
                     row = {"model": name, "budget": budget, "seed": seed, "method": method,
                            "base_test_accuracy": subject.base_test, **row, "time_budget": time_budget}

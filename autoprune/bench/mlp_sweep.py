@@ -22,8 +22,8 @@ from autoprune.inputs.data import Data, load_data
 from autoprune.inputs.models import build_model
 from autoprune.options import BASE_LR, FINETUNE_LR
 from autoprune.study.trials import Settings
-from autoprune.study.weights import (LABEL, WeightCosts, WeightProblem, count_nonzero, equal_drop, finetune,
-                                            run_trials, scan)
+from autoprune.study.weights import (LABEL, WeightCosts, WeightProblem, count_nonzero, equal_drop_sparsities,
+                                            finetune_sparse, run_trials, scan_sparsities)
 from autoprune.train.loop import evaluate, resolve_device, train
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
@@ -74,20 +74,23 @@ def mlp_sweep(data: Data | str = "digits", levels: Sequence[float] = LEVELS, tra
     test_loader = data.loader("test", 256)
     base_test = evaluate(base, test_loader, dev, data.task)
     settings = Settings(trials, finetune_epochs, finetune_epochs, lr, batch_size, 8, seed)
-    table = scan(base, costs, data, val_acc, dev, None, quiet=quiet)
+    table = scan_sparsities(base, costs, data, val_acc, dev, None, quiet=quiet)
     rows = []
     for level in levels:
         uniform = np.full(len(costs.names), level)
         limit = costs.nonzero(uniform)
         high = max(0.95, 1 - (1 - level) / 2)  # a layer may go twice as sparse as the uniform level
-        problem = WeightProblem(base, data, costs, limit, high, equal_drop(table, costs, limit, high), val_acc, dev)
-        pruned_model, _, _ = finetune(problem, uniform, settings, 0, seed, True, "")
+        seeded = equal_drop_sparsities(table, costs, limit, high)
+        problem = WeightProblem(base, data, costs, limit, high, seeded, val_acc, dev)
+        pruned_model, _, _ = finetune_sparse(problem, uniform, settings, 0, seed, True, "")
         pruned = evaluate(pruned_model, test_loader, dev, data.task)
-        tuned, _, _ = finetune(problem, uniform, settings, finetune_epochs, seed, quiet, f"uniform {level:.0%}")
+        tuned, _, _ = finetune_sparse(problem, uniform, settings, finetune_epochs, seed, quiet,
+                                      f"uniform {level:.0%}")
         study = optuna.create_study(direction="maximize")
         run_trials(problem, study, settings, quiet=True)
         chosen = np.array([study.best_trial.user_attrs["sparsities"][n] for n in costs.names])
-        searched, _, _ = finetune(problem, chosen, settings, finetune_epochs, seed, quiet, f"search {level:.0%}")
+        searched, _, _ = finetune_sparse(problem, chosen, settings, finetune_epochs, seed, quiet,
+                                         f"search {level:.0%}")
         rows.append(SweepRow(level, count_nonzero(tuned) / costs.base, base_test, pruned,
                              evaluate(tuned, test_loader, dev, data.task), evaluate(searched, test_loader, dev, data.task),
                              count_nonzero(searched) / costs.base))

@@ -340,9 +340,12 @@ def fit_plan(groups: ChannelGroups, costs: CostModel, ratios: np.ndarray, limits
     raise NoFit(f"could not fit a plan into the budget ({cost} measured); loosen the budget or the ratio bounds")
 
 
-class NoFit(AutopruneError):
+class NoFit(Exception):
     """No plan within the bounds fits the budget as built and measured (the predictor promised one):
-    a search drops that candidate, where a budget no plan reaches by prediction is refused up front."""
+    a search drops that candidate, where a budget no plan reaches by prediction is refused up front.
+
+    A signal between stages, not a user's mistake (not an :class:`AutopruneError`): a caller that
+    cannot drop the candidate says so to the user as one."""
 
 
 def _tightened(target: Cost, predicted: Cost, built: Cost, limits: Cost) -> Cost:

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoprune.cost.budget import keep_counts
+from autoprune.cost.budget import Budget, keep_counts
 from autoprune.cost.costmodel import CostModel
 from autoprune.cost.timing import interleaved, onnx_runner
 from autoprune.counting import Cost
@@ -515,6 +515,14 @@ def check(base: nn.Module, pruned: nn.Module, settings: LatencySettings, limit: 
     except (OSError, subprocess.SubprocessError, ValueError) as err:  # it is a check: time it here rather than fail
         why = " ".join(str(err).split())[-200:]
         return {**_check(base, pruned, settings, limit, share), "timed_in": f"this process (a fresh one failed: {why})"}
+
+
+def check_budget(base: nn.Module, pruned: nn.Module, budget: Budget, settings: LatencySettings,
+                 timer: Timer | None = None) -> dict[str, Any]:
+    """:func:`check` against ``budget``'s latency cap: a relative one as a share of the base timed in the
+    same loop, not against the search's milliseconds (another loop's)."""
+    cap = {"share": budget.latency} if budget.latency_relative else {"limit": budget.latency}
+    return check(base, pruned, settings, timer=timer, **cap)
 
 
 def _check(base: nn.Module, pruned: nn.Module, settings: LatencySettings, limit: float | None,

@@ -1,4 +1,4 @@
-"""Deployment copies of a pruned model: ONNX, TorchScript, int8 (their CPU latency: :mod:`autoprune.cost.timing`).
+"""Deployment copies of a pruned model: ONNX, TorchScript, int8, and their CPU latency (:func:`deploy`).
 
 Each file is checked against the PyTorch model it came from (same inputs, the
 largest output difference recorded); a copy that disagrees is an error, not a file.
@@ -9,19 +9,27 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from autoprune.cost.budget import Budget
+from autoprune.cost.latency import LatencySettings, check_budget
+from autoprune.cost.timing import latency_ms
 from autoprune.errors import AutopruneError
 from autoprune.files import atomic_path, save_torch
+from autoprune.inputs.data import Data
+from autoprune.options import FORMATS, ExportOptions
+from autoprune.train.loop import evaluate
 
-FORMATS = ("onnx", "torchscript")
+__all__ = ["FORMATS", "deploy", "quantize_dynamic", "quantized_layers", "state_dict_bytes", "to_onnx",
+           "to_torchscript", "write_formats", "write_int8"]
 # float32 through another runtime: differences of ~1e-6 are normal, 1e-3 of the output scale is not.
 RELATIVE_TOLERANCE = 1e-3
 
@@ -110,3 +118,50 @@ def state_dict_bytes(model: nn.Module, path: Path) -> int:
     """Save ``model``'s state dict to ``path``; its size on disk."""
     save_torch(model.state_dict(), path)
     return path.stat().st_size
+
+
+def write_formats(pruned: nn.Module, inputs: Any, out: Path, formats: Sequence[str]) -> dict[str, Any]:
+    """Write ``pruned`` in each of ``formats`` into ``out``, each checked on ``inputs``: per format its file
+    entry, or an ``error`` entry where the model cannot take that format (said on one line; model.pt stands)."""
+    written: dict[str, Any] = {}
+    for name in formats:
+        path = out / ("model.onnx" if name == "onnx" else "model.torchscript.pt")
+        write = to_onnx if name == "onnx" else to_torchscript
+        try:
+            written[name] = write(pruned, inputs, path)
+        except AutopruneError as err:
+            written[name] = {"error": str(err)}
+            print(f"autoprune: {name}: {err}", file=sys.stderr)
+    return written
+
+
+def write_int8(quantized: nn.Module, out: Path, data: Data) -> dict[str, Any]:
+    """Write the int8 copy and measure its size and accuracy beside the float model's."""
+    cpu = torch.device("cpu")
+    save_torch(quantized, out / "model-int8.pt")
+    return {"method": "dynamic int8 (torch.ao.quantization.quantize_dynamic)", "file": "model-int8.pt",
+            "quantized_layers": quantized_layers(quantized),
+            "state_dict_bytes": state_dict_bytes(quantized, out / "weights-int8.pt"),
+            "float_state_dict_bytes": (out / "weights.pt").stat().st_size,
+            "val_accuracy": evaluate(quantized, data.loader("val", 256), cpu, data.task),
+            "test_accuracy": evaluate(quantized, data.loader("test", 256), cpu, data.task)}
+
+
+def deploy(base: nn.Module, pruned: nn.Module, data: Data, out: Path, options: ExportOptions,
+           config: Mapping[str, Any]) -> dict[str, Any]:
+    """What an export writes into ``out`` beside ``model.pt``, as its summary's entries: the copies in
+    ``options.formats``, an int8 copy with ``options.quantize``, the re-timing a latency budget asks
+    for (``config``: the study's) and the CPU latency of the base, pruned (and int8) models."""
+    inputs = data.example_input(16)
+    found = write_formats(pruned, inputs, out, options.formats)
+    models = {"base": base, "pruned": pruned}
+    if options.quantize:
+        models["quantized"] = quantize_dynamic(pruned)
+        found["quantized"] = write_int8(models["quantized"], out, data)
+    latency = latency_ms(models, data.input_shape, options.latency_batches, options.repeats, threads=options.threads,
+                         listed=isinstance(inputs, list))
+    if "latency_backend" in config:  # a latency budget: re-timed afresh with the study's own settings
+        found["latency_check"] = check_budget(base, pruned, Budget.parse(config["budget"]),
+                                              LatencySettings.from_config(config))
+    return {**found, "out": str(out), "latency_ms": latency, "latency_threads": options.threads,
+            "latency_repeats": options.repeats}

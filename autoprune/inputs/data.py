@@ -376,6 +376,3 @@ def load_data(spec: str, data_dir: str | Path = "data", download: bool = False,
                          "or path/to/file.py:factory returning (train, val, test)")
     return data if task.is_classification else data.with_task(task)
 
-
-def batches_per_epoch(dataset: Dataset, batch_size: int) -> int:
-    return max(1, math.ceil(len(dataset) / batch_size))

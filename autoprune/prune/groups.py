@@ -482,8 +482,3 @@ def _sync_widths(model: nn.Module) -> None:
         if isinstance(module, VisionTransformer):
             module.hidden_dim = module.conv_proj.out_channels
 
-
-def matching_layers(model: nn.Module, patterns: Iterable[str]) -> dict[str, list[str]]:
-    """For each name pattern (fnmatch style), the model's layers it matches."""
-    names = [n for n, _ in model.named_modules() if n]
-    return {p: [n for n in names if fnmatch.fnmatchcase(n, p)] for p in patterns}

@@ -31,14 +31,14 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import optuna
 import torch
 from tqdm.auto import tqdm
 
-from autoprune.cost.budget import fit_plan, project
+from autoprune.cost.budget import NoFit, fit_plan, project
 from autoprune.cost.latency import describe as describe_latency
 from autoprune.errors import AutopruneError
 from autoprune.inputs.data import Data
@@ -160,8 +160,11 @@ class Speed:
 def measure_speed(problem: Problem, settings: Settings, steps: int = 6) -> Speed:
     """Time a model at the budget (the sensitivity seed's): a few training steps, a score, a cut."""
     started = time.perf_counter()
-    _, model, _ = fit_plan(problem.groups, problem.costs, problem.seed_ratios, problem.limits, problem.low,
-                           problem.high, problem.round_to)
+    try:
+        _, model, _ = fit_plan(problem.groups, problem.costs, problem.seed_ratios, problem.limits, problem.low,
+                               problem.high, problem.round_to)
+    except NoFit as err:  # the seed itself does not fit as built: no search can start
+        raise AutopruneError(str(err)) from None
     cut = time.perf_counter() - started
     loader = problem.data.loader("train", settings.batch_size, shuffle=True, seed=settings.seed)
     train(model, loader, 2 / len(loader), problem.device, quiet=True, task=problem.data.task)  # warm-up: allocation, first calls
@@ -199,6 +202,17 @@ def timed_search(problem: Problem, study: optuna.Study, settings: Settings, dead
         study.pruner = optuna.pruners.NopPruner()  # the bracket decides who goes on
         chosen = successive_halving(problem, study, settings, bracket, deadline, quiet, seed_first)
     return chosen, max(deadline.left() - reserve, 0.0)
+
+
+def search_by_the_clock(problem: Problem, study: optuna.Study, settings: Settings, deadline: Deadline,
+                        per_image: float, quiet: bool = False) -> tuple[optuna.trial.FrozenTrial, Settings]:
+    """:func:`timed_search` keeping back the export's own time (``per_image``: the base's seconds per
+    image): the winner and the settings its final fine-tune trains with, by the clock until the deadline."""
+    data = problem.data
+    reserve = scoring_seconds(per_image, data) + per_image * len(data.test) + 2.0  # the base is tested too
+    chosen, seconds_left = timed_search(problem, study, settings, deadline, reserve, quiet)
+    # The final fine-tune trains by the clock (an epoch-time estimate would end early or late), or not at all.
+    return chosen, replace(settings, final_epochs=0.0, final_seconds=seconds_left)
 
 
 def scoring_seconds(per_image: float, data: Data) -> float:

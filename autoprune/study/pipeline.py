@@ -1,9 +1,10 @@
 """The stages every search shares, channel or weight, and the benchmark.
 
 A search is: :func:`prepare` (the data, the run folder and its storage, the trained
-base model) → :func:`find_groups` (:mod:`autoprune.prune.groups`) → sensitivity
-(:mod:`autoprune.study.sensitivity`) → :func:`bounded_problem` → search (:mod:`autoprune.study.trials`,
-:mod:`autoprune.study.halving`) → export (:mod:`autoprune.export.final`). :func:`autoprune.api.search`,
+base model) → :func:`find_groups` (:mod:`autoprune.prune.groups`) and :func:`budget_limits` →
+:func:`score_base` → sensitivity (:mod:`autoprune.study.sensitivity`) → :func:`bounded_problem` →
+search (:mod:`autoprune.study.trials`, :mod:`autoprune.study.halving`) → export
+(:mod:`autoprune.export.final`). :func:`autoprune.api.search`,
 :func:`autoprune.study.weights.search_weights` and :mod:`autoprune.bench.equal_time` run these stages;
 what differs between them is which ones and with what.
 """
@@ -11,8 +12,10 @@ what differs between them is which ones and with what.
 from __future__ import annotations
 
 import itertools
+import math
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -23,8 +26,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from autoprune.cost.budget import STRATA, Budget, BudgetRange, check_prunes, check_reachable
 from autoprune.cost.costmodel import CostModel
-from autoprune.counting import Cost
+from autoprune.cost.latency import Meter, latency_costs
+from autoprune.counting import Cost, human
 from autoprune.errors import AutopruneError
 from autoprune.files import fingerprint, save_torch
 from autoprune.inputs.data import Data, from_splits, load_data
@@ -205,6 +210,79 @@ def find_groups(model: nn.Module, example: Any, space: SearchSpace, data: Data, 
         rerank(groups, model, data.loader("train", batch_size, shuffle=True, seed=seed),
                device or torch.device("cpu"), seed=seed, task=data.task)
     return groups
+
+
+def budget_limits(groups: ChannelGroups, budget: Budget | BudgetRange, space: SearchSpace,
+                  meter: Meter | None = None) -> tuple[CostModel, Cost]:
+    """The cost predictor and the budget's absolute caps (a range's upper end); refuses a budget out of
+    reach (a range whose lower end is).
+
+    Under a latency cap, with ``meter``, the predictor predicts latency too (its table
+    measured here once per machine and setting); without one (before the base is trained)
+    only the other caps are checked, and the latency cap once there is a base to time.
+    """
+    if not len(groups):
+        raise AutopruneError("the model has no prunable channel group; nothing to search")
+    space.check_groups(groups.ids)
+    costs = CostModel(groups)
+    if budget.latency is not None and meter is not None:
+        costs = latency_costs(groups, costs, meter, space.round_to)
+    limits = budget.limits(costs.base)
+    tightest = budget.low.limits(costs.base) if isinstance(budget, BudgetRange) else limits
+    if meter is None and budget.latency is not None:  # no base timed yet: its latency cap waits for one
+        tightest = replace(tightest, latency=math.inf)
+    else:
+        check_prunes(budget, limits, costs.base)
+    check_reachable(costs, tightest, space.ratio_bounds(groups.ids)[1], space.round_to)
+    return costs, limits
+
+
+def refuse_before_training(space: SearchSpace, budget: Budget | BudgetRange,
+                           options: SearchOptions) -> Callable[[nn.Module, Data], None]:
+    """A ``before_training`` for :func:`prepare`: a bad space or budget is refused before the base trains."""
+    def refuse(base: nn.Module, data: Data) -> None:
+        groups = find_groups(base, data.example_input(), space, data, options.batch_size, options.seed,
+                             importance="l1")
+        budget_limits(groups, budget, space)
+
+    return refuse
+
+
+@dataclass(frozen=True)
+class BaseScore:
+    """The unpruned model's scores, which every candidate is measured against."""
+
+    val: float  # on the validation split
+    score: float  # on the scoring split (the scan's and the trials' cheap scores): val where it is no smaller
+    per_image: float  # seconds to score one validation image, for planning a time budget
+
+
+def score_base(base: nn.Module, data: Data, device: torch.device) -> BaseScore:
+    """Score the base model on validation (timed) and on the scoring split."""
+    clock = time.perf_counter()
+    val = evaluate(base, data.loader("val", 256), device, data.task)
+    per_image = (time.perf_counter() - clock) / len(data.val)
+    score = evaluate(base, data.loader("score", 256), device, data.task) if len(data.score) < len(data.val) else val
+    return BaseScore(val, score, per_image)
+
+
+def base_line(run: Prepared, val: float, costs: CostModel, groups: ChannelGroups, budget: Budget | BudgetRange,
+              limits: Cost) -> str:
+    """The line a search starts with: the base model's score and cost, its groups, the budget's caps."""
+    caps = ", ".join(f"≤ {human(cap)} {what}" for cap, what in
+                     ((limits.flops, "FLOPs"), (limits.params, "params")) if cap < float("inf"))
+    caps += f"{', ' if caps else ''}≤ {limits.latency:.3g} ms" if limits.latency < float("inf") else ""
+    data = run.data
+    return (f"base {run.name} on {data.name}: val {data.task.name} {data.task.show(val)} | {costs.base} | "
+            f"{len(groups)} groups | budget {budget}: {caps}")
+
+
+def range_targets(budget: Budget | BudgetRange, costs: CostModel) -> list[tuple[str, Cost]]:
+    """A range budget's :data:`~autoprune.cost.budget.STRATA` targets (name, caps), tightest first; none
+    for one budget."""
+    if not isinstance(budget, BudgetRange):
+        return []
+    return [(str(b), b.limits(costs.base)) for b in budget.targets(STRATA)]
 
 
 def bounded_problem(base: nn.Module, data: Data, groups: ChannelGroups, costs: CostModel, table: pd.DataFrame,

@@ -1,9 +1,10 @@
-"""Open a finished (or running) search again: its study, its run directory, its problem.
+"""A search's run: its study and run directory, set up by ``search`` (:func:`start_study`) and opened
+again by ``pareto``, ``report``, ``export`` and ``studies``.
 
-``pareto``, ``report``, ``export`` and ``studies`` read what ``search`` left:
-the Optuna study (plans, costs and accuracies live on the trials, the
-configuration on the study) and the run directory (``base.pt``,
-``sensitivity.csv``). Nothing here trains or changes the study.
+These read what ``search`` left: the Optuna study (plans, costs and accuracies live on the trials,
+the configuration and what export needs on the study) and the run directory (``base.pt``,
+``sensitivity.csv``). Nothing here trains, and nothing but :func:`start_study` and
+:func:`record_run` writes to the study.
 """
 
 from __future__ import annotations
@@ -18,25 +19,30 @@ import optuna
 import pandas as pd
 import torch
 
-from autoprune.cost.budget import Budget, BudgetRange, parse_budget
+from autoprune.cost.budget import STRATA, Budget, BudgetRange, parse_budget
 from autoprune.cost.costmodel import CostModel
+from autoprune.cost.latency import LatencySettings
 from autoprune.counting import Cost
 from autoprune.errors import AutopruneError
-from autoprune.files import fingerprint
+from autoprune.files import fingerprint, save_torch
 from autoprune.inputs.data import Data, load_data
 from autoprune.inputs.models import absolute_spec, build_model, load_weights
-from autoprune.inputs.task import Score, Task, load_task
+from autoprune.inputs.task import SCORE, Score, Task, load_task, score_record
+from autoprune.options import SearchOptions
 from autoprune.prune.groups import ChannelGroups
-from autoprune.study.checks import run_owner
-from autoprune.study.pipeline import default_storage
-from autoprune.study.storage import storage_for
-from autoprune.study.trials import Problem, finished
+from autoprune.study.checks import claim_run, run_owner
+from autoprune.study.pipeline import Prepared, default_storage
+from autoprune.study.space import SearchSpace
+from autoprune.study.storage import open_study, storage_for
+from autoprune.study.trials import Problem, Settings, config_dict, finished
 from autoprune.train.loop import evaluate, resolve_device
 from autoprune.train.teacher import TEACHER_OUTPUTS, teacher_outputs
 
 RESULTS = Path("results")
 RUN_FOLDER = "run_folder"  # study attribute: the run folder's absolute path, as the last search ran
 MODEL_PATH = "model_path"  # study attribute: the model spec with its file's absolute path
+FINAL_EXTRA = "final_extra"  # study attribute: the optional fine-tune modes of the search's final fine-tune
+LATENCY_SETTINGS = "latency_settings"  # study attribute: what the trials' recorded latencies were measured with
 
 
 @dataclass
@@ -117,6 +123,38 @@ def quiet_storage(url: str) -> optuna.storages.BaseStorage | str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return storage_for(url)
+
+
+def start_study(run: Prepared, budget: Budget | BudgetRange, space: SearchSpace, options: SearchOptions,
+                settings: Settings, latency: LatencySettings) -> optuna.Study:
+    """Open (or resume) the channel search's study in ``run``'s folder with its configuration (a resume
+    with another is refused) and what export, pareto and report read back; keep the base model beside it."""
+    o, data, extra = options, run.data, settings.extra
+    config = config_dict(model=run.name, base_model=run.base_id, dataset=data.name, budget=str(budget),
+                         importance=space.importance, grid=[float(g) for g in space.grid],
+                         max_ratio=space.max_ratio, space=space.to_dict(),
+                         finetune_epochs=o.finetune_epochs, lr=o.lr, batch_size=o.batch_size,
+                         bn_batches=o.bn_batches, seed=o.seed, pruner=settings.pruner,
+                         **({} if data.task.is_classification else {"task": data.task.label}),  # absent: classification
+                         **(latency.config() if budget.latency is not None else {}),  # absent: older studies resume
+                         **{k: v for k, v in extra.items() if k == "distill"},  # soft pruning: export only
+                         **({"strata": STRATA} if isinstance(budget, BudgetRange) else {}))
+    claim_run(run.out, run.study)
+    study = open_study(run.study, run.storage, config, new=o.new_study)
+    study.set_user_attr(FINAL_EXTRA, extra)  # so `export` fine-tunes as this run's final fine-tune does
+    study.set_user_attr(LATENCY_SETTINGS, latency.config())  # what the trials' latencies mean
+    study.set_user_attr(SCORE, score_record(data.task))  # what the trials' values are, for pareto and report
+    record_run(study, run.out, run.name)
+    if not (run.out / "base.pt").is_file():
+        save_torch(run.base.state_dict(), run.out / "base.pt")
+    return study
+
+
+def final_extra(study: optuna.Study) -> dict[str, Any]:
+    """The optional fine-tune modes the search's final fine-tune used (older studies: distillation only)."""
+    if FINAL_EXTRA in study.user_attrs:
+        return dict(study.user_attrs[FINAL_EXTRA])
+    return {k: v for k, v in study.user_attrs.get("config", {}).items() if k == "distill"}
 
 
 def record_run(study: optuna.Study, folder: Path, model: str) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import yaml
@@ -31,6 +31,9 @@ from torch import nn
 
 from autoprune.errors import AutopruneError
 from autoprune.prune.importance import CRITERIA
+
+if TYPE_CHECKING:
+    from autoprune.options import SearchOptions
 
 SPACES_DIR = Path(__file__).parents[1] / "search_spaces"
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -207,3 +210,11 @@ def resolve(space: SearchSpace | str | Path | None, model: nn.Module | str) -> S
     if isinstance(space, SearchSpace):
         return space
     return for_model(model) if space is None else load_space(space)
+
+
+def for_search(model: nn.Module | str, options: SearchOptions) -> SearchSpace:
+    """The space a search runs in: ``options.space`` (or ``model``'s) with the options' overrides of its
+    grid, largest ratio, importance and rounding."""
+    o = options
+    return resolve(o.space, model).replace(grid=tuple(o.grid) if o.grid else None, max_ratio=o.max_ratio,
+                                           importance=o.importance, round_to=o.round_to)

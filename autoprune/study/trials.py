@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import optuna
@@ -42,7 +42,8 @@ from autoprune.options import DEFAULTS, SearchOptions
 from autoprune.prune.groups import ChannelGroups
 from autoprune.prune.plan import Plan
 from autoprune.study.workers import (COMPLETE, ENDED, FAIL,  # noqa: F401 (states, as modules import them)
-                                            POLL_S, PRUNED, RUNNING, heartbeat, hold_for_test, recover, retry, surplus)
+                                            POLL_S, PRUNED, RUNNING, heartbeat, hold_for_test, join_workers, recover,
+                                            retry, share_cores, spawn_worker, surplus)
 from autoprune.train.distill import from_settings
 from autoprune.train.loop import evaluate, recalibrate_bn, train
 from autoprune.train.teacher import TeacherOutputs
@@ -179,6 +180,11 @@ def pruner_for(settings: Settings) -> optuna.pruners.BasePruner:
 def finished(study: optuna.Study) -> int:
     """How many trials finished (fine-tuned and scored; pruned ones not counted)."""
     return len(study.get_trials(deepcopy=False, states=(COMPLETE,)))
+
+
+def ended(study: optuna.Study) -> int:
+    """Trials that count towards the trials asked for: a failed one (killed, retried) does not."""
+    return len(study.get_trials(deepcopy=False, states=ENDED))
 
 
 def count_pruned(study: optuna.Study) -> int:
@@ -420,13 +426,29 @@ def run(problem: Problem, study: optuna.Study, settings: Settings, quiet: bool =
             if done + running >= settings.trials:  # the rest is running elsewhere: wait for it
                 time.sleep(POLL_S)
                 continue
-            _run_one(study, objective, settings.trials, quiet)
+            _run_next_trial(study, objective, settings.trials, quiet)
     finally:
         bar.close()
     return study
 
 
-def _run_one(study: optuna.Study, objective: Objective, wanted: int, quiet: bool) -> None:
+def counted_search(problem: Problem, study: optuna.Study, settings: Settings, quiet: bool, stream: int,
+                   workers: int, worker: Callable[..., object], call: tuple) -> optuna.trial.FrozenTrial:
+    """Run trials until the study holds ``settings.trials``, here and in ``workers - 1`` more processes, each
+    running ``worker(*call, _worker=i)`` (the same search, as worker ``i`` of this study); the best trial."""
+    enqueue_seed(study, problem)
+    children = [spawn_worker(worker, call, i, workers) for i in range(1, workers)]
+    try:
+        with share_cores(workers):
+            run(problem, study, settings, quiet, stream)
+    except BaseException:
+        join_workers(children, check=False)  # the error at hand is the one to report
+        raise
+    join_workers(children)
+    return best_trial(study)
+
+
+def _run_next_trial(study: optuna.Study, objective: Objective, wanted: int, quiet: bool) -> None:
     """Ask for a trial, run it unless it is surplus, and tell the study how it went."""
     trial = study.ask()
     reason = surplus(study, trial.number, wanted)

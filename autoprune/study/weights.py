@@ -208,9 +208,9 @@ def sizes(model: nn.Module) -> dict[str, int]:
 SCAN_COLUMNS = ["base_model", "group", "ratio", "weights", "val_accuracy", "drop"]
 
 
-def scan(model: nn.Module, costs: WeightCosts, data: Data, base_accuracy: float, device: torch.device,
-         path: Path | None, grid: Sequence[float] = GRID, bn_batches: int = 8, quiet: bool = False,
-         base_id: str = "") -> pd.DataFrame:
+def scan_sparsities(model: nn.Module, costs: WeightCosts, data: Data, base_accuracy: float, device: torch.device,
+                    path: Path | None, grid: Sequence[float] = GRID, bn_batches: int = 8, quiet: bool = False,
+                    base_id: str = "") -> pd.DataFrame:
     """Per layer and grid sparsity, validation accuracy with only that layer pruned.
 
     Rows are written to ``path`` (``sensitivity.csv``) after each cell and reused on a rerun;
@@ -237,7 +237,7 @@ def scan(model: nn.Module, costs: WeightCosts, data: Data, base_accuracy: float,
     return table[table["base_model"].astype(str) == base_id].reset_index(drop=True)
 
 
-def equal_drop(table: pd.DataFrame, costs: WeightCosts, limit: float, high: float) -> np.ndarray:
+def equal_drop_sparsities(table: pd.DataFrame, costs: WeightCosts, limit: float, high: float) -> np.ndarray:
     """Sparsities that give every layer the same accuracy drop and just meet ``limit``."""
     found = curves(table, list(costs.names))
 
@@ -270,8 +270,8 @@ def _param(name: str) -> str:
     return f"sparsity:{name}"
 
 
-def finetune(problem: WeightProblem, sparsities: np.ndarray, settings: Settings, epochs: float, seed: int,
-             quiet: bool, desc: str) -> tuple[nn.Module, float, float]:
+def finetune_sparse(problem: WeightProblem, sparsities: np.ndarray, settings: Settings, epochs: float, seed: int,
+                    quiet: bool, desc: str) -> tuple[nn.Module, float, float]:
     """Prune the base to ``sparsities``, recalibrate, fine-tune with masks held; (model, acc before, after)."""
     p, s = problem, settings
     model, masks = prune_weights(p.model, dict(zip(p.costs.names, sparsities.tolist())))
@@ -297,8 +297,8 @@ class WeightObjective:
         start = time.perf_counter()
         raw = np.array([trial.suggest_float(_param(n), 0.0, p.high) for n in p.costs.names])
         sparsities = project_sparsities(p.costs, raw, p.limit, p.high)
-        model, before, accuracy = finetune(p, sparsities, s, s.finetune_epochs, s.seed + trial.number,
-                                           self.quiet, f"trial {trial.number}")
+        model, before, accuracy = finetune_sparse(p, sparsities, s, s.finetune_epochs, s.seed + trial.number,
+                                                  self.quiet, f"trial {trial.number}")
         nonzero = count_nonzero(model)
         trial.set_user_attr("sparsities", dict(zip(p.costs.names, sparsities.round(6).tolist())))
         trial.set_user_attr("nonzero_params", nonzero)
@@ -336,8 +336,8 @@ def export_weights(problem: WeightProblem, sparsities: np.ndarray, out: Path, se
                    plan: Plan, **record: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune the winner longer with masks held, test it once, write it with its sizes."""
     p = problem
-    model, _, val_accuracy = finetune(p, sparsities, settings, settings.final_epochs, settings.seed, quiet,
-                                      "final fine-tune")
+    model, _, val_accuracy = finetune_sparse(p, sparsities, settings, settings.final_epochs, settings.seed, quiet,
+                                             "final fine-tune")
     test_loader = p.data.loader("test", 256)
     base_test = evaluate(p.model, test_loader, p.device, p.data.task)
     test_accuracy = evaluate(model, test_loader, p.device, p.data.task)
@@ -416,9 +416,11 @@ def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: 
     if not quiet:
         print(f"base {name} on {data.name}: val {base_val:.2%} | {human(costs.base)} {LABEL} | "
               f"{len(costs.names)} layers | budget {budget}: ≤ {human(limit)} nonzero params")
-    table = scan(base, costs, data, base_val, device, out / "sensitivity.csv", grid, o.bn_batches, quiet, base_id)
-    problem = WeightProblem(base, data, costs, limit, max_ratio, equal_drop(table, costs, limit, max_ratio),
-                            base_val, device, distill_outputs(r, o))
+    table = scan_sparsities(base, costs, data, base_val, device, out / "sensitivity.csv", grid, o.bn_batches,
+                            quiet, base_id)
+    seeded = equal_drop_sparsities(table, costs, limit, max_ratio)
+    problem = WeightProblem(base, data, costs, limit, max_ratio, seeded, base_val, device,
+                            distill_outputs(r, o))
     run_trials(problem, the_study, settings, quiet)
     chosen = best_trial(the_study)
     sparsities = np.array([chosen.user_attrs["sparsities"][n] for n in costs.names])

@@ -1,5 +1,6 @@
 """Workers that share one study: who runs each trial, heartbeats, dead workers' trials
-failed and retried, and which started trial is one too many.
+failed and retried, which started trial is one too many, and the worker processes a search
+starts on this machine (:func:`spawn_worker`).
 
 Optuna's own heartbeat exists only for RDB storages and journal files have none,
 so liveness is kept here the same way for every storage: each running trial
@@ -10,16 +11,20 @@ method sets a trial's system attributes or state by id.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
+import sys
 import threading
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import optuna
+import torch
 
 from autoprune.errors import AutopruneError
 
@@ -192,3 +197,60 @@ def trial_workers(study: optuna.Study) -> set[tuple[str, int]]:
     """The (host, pid) of every process that ran or runs a trial of ``study``."""
     return {(w["host"], w["pid"]) for t in study.get_trials(deepcopy=False)
             if (w := t.system_attrs.get("autoprune:worker"))}
+
+
+def sampler_stream(shared: bool) -> int:
+    """This process's sampler stream: workers on other machines (a ``shared`` storage) must not draw
+    the same candidates, so each process gets its own; 0 where only this machine works on the study."""
+    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) if shared else 0
+
+
+def spawn_worker(target: Callable[..., object], args: tuple, index: int, workers: int) -> multiprocessing.Process:
+    """Start worker process ``index`` of ``workers``: ``target(*args, _worker=index)`` on its share of the cores.
+
+    ``target`` is the search itself, handed in: the API that holds it sits above this module.
+    """
+    process = multiprocessing.get_context("spawn").Process(
+        target=_worker_main, args=(target, args, index, os.getpid(), max(1, torch.get_num_threads() // workers)),
+        name=f"autoprune-worker-{index}")
+    process.start()
+    return process
+
+
+def _worker_main(target: Callable[..., object], args: tuple, index: int, parent: int, threads: int) -> None:
+    """Body of a spawned worker: run trials; die with the parent rather than outlive it."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)  # the parent was killed: its next run fails and retries this worker's trial
+
+    threading.Thread(target=watch, daemon=True).start()
+    torch.set_num_threads(threads)
+    try:
+        target(*args, _worker=index)
+    except KeyboardInterrupt:  # Ctrl-C reaches every process; the parent says what to do
+        raise SystemExit(130) from None
+    except AutopruneError as err:
+        print(f"autoprune: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def join_workers(children: list[multiprocessing.Process], check: bool = True) -> None:
+    """Wait for the worker processes; with ``check``, one that stopped with an error is an error here."""
+    for child in children:
+        child.join()
+    failed = [c.name for c in children if c.exitcode]
+    if failed and check:
+        raise AutopruneError(f"{', '.join(failed)} stopped with an error (see above); "
+                             "run the same command again to resume")
+
+
+@contextmanager
+def share_cores(workers: int) -> Iterator[None]:
+    """Share the CPU cores among the worker processes while they run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -22,7 +22,7 @@ SHORT, LONG = 6.0, 12.0  # seconds: the two time budgets of the smoke run
 # seed-matched's wall time passes its time budget by what its final fine-tune does besides training: the
 # cut, BatchNorm recalibration (8 batches) and the step that runs past the clock; autoprune's final
 # fine-tune passes it by as much. Here, on an idle core, 0.25 s; the slack allows for a loaded test machine.
-SLACK = 3.0
+SLACK = 5.0  # the last step, the cut and BatchNorm recalibration, on a loaded machine
 QUICK = ["bench", "--quick", "--models", f"{TINY}:tiny_resnet", "--budgets", "0.4", "--quiet"]
 
 
@@ -40,6 +40,7 @@ def anytime_run(tmp_path_factory):
                            seconds=time.perf_counter() - started)
 
 
+@pytest.mark.slow  # the bench's smoke run, twice over (~3 min)
 def test_the_curve_has_rows_per_time_budget_and_resumes(anytime_run):
     first, second, third = anytime_run.first, anytime_run.second, anytime_run.third
     assert list(zip(first["method"], first["time_budget"])) == [("seed-matched", SHORT)]
@@ -58,16 +59,20 @@ def test_the_curve_has_rows_per_time_budget_and_resumes(anytime_run):
         assert rows.loc["uniform-matched", "note"].startswith(f"{rows.loc['autoprune', 'wall_seconds']:.0f}s")
 
 
+@pytest.mark.slow  # the bench's smoke run, twice over (~3 min)
 def test_seed_matched_meets_the_budget_within_its_time(anytime_run):
     rows = anytime_run.second[anytime_run.second["method"] == "seed-matched"]
     assert len(rows) == 2 and (rows["flops_share"] <= 0.4 + 1e-9).all()  # thop, on the final model
     assert (rows["trials"] == 0).all()  # no race
     for row in rows.itertuples():
         assert row.time_budget - 1.0 <= row.wall_seconds <= row.time_budget + SLACK  # reserve here: ~0.01 s
-    short, long = rows.sort_values("time_budget")["final_epochs"]
-    assert long > short > 0  # the longer time budget went to its fine-tune
+    assert (rows["final_epochs"] > 0).all()
+    for row in rows.itertuples():  # what the scan left went to the fine-tune (a longer scan may take the rest)
+        tuned, scanned = (float(part.split("s ")[0]) for part in row.note.replace("after a ", "").split(" fine-tune "))
+        assert row.time_budget - 1.5 <= tuned + scanned <= row.time_budget
 
 
+@pytest.mark.slow  # the bench's smoke run, twice over (~3 min)
 def test_the_report_draws_the_curve(anytime_run):
     text = (anytime_run.out / "BENCHMARKS.md").read_text()
     assert HEADING in text and "Which cheap score ranks candidates?" in text
@@ -155,6 +160,7 @@ def test_the_anytime_table_shows_curve_methods_per_time_budget():
     assert anytime_table(frame[frame["time_budget"] == 120.0], frame["time_budget"], equal_time.METHODS).empty
 
 
+@pytest.mark.slow  # the bench's smoke run, twice over (~3 min)
 def test_the_proxy_sweep_adds_its_columns_once(anytime_run, tmp_path):
     out = tmp_path / "bench"
     shutil.copytree(anytime_run.out, out)

@@ -32,6 +32,9 @@ from the cut, where the quality of the allocation alone shows. Methods:
 ``autoprune-distill`` (on request)
     the default search with knowledge distillation from the base model in
     every fine-tune, its final one included (``--distill``; weight 0.5, T=4).
+``fastnas`` (on request; ``pip install "autoprune[bench-peers]"``)
+    NVIDIA ModelOpt's FastNAS, a peer: its search scored on the same images, then
+    fine-tuned by the clock for the rest of the time budget (:mod:`autoprune.bench.fastnas`).
 
 Results go to ``results/benchmarks/``: ``bench.csv`` (one row per run, written
 after each run so a killed benchmark resumes; it holds each plan, so converged
@@ -55,6 +58,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Subset
 
+from autoprune.bench import fastnas
 from autoprune.bench.markdown import own_sections
 from autoprune.cost.budget import Budget, check_reachable, fit_plan, fits, project
 from autoprune.cost.costmodel import CostModel
@@ -78,8 +82,9 @@ from autoprune.train.distill import kd_loss
 from autoprune.train.loop import evaluate, recalibrate_bn, resolve_device, train
 
 CONVERGED = ("uniform-converged", "seed-converged", "autoprune-converged")
-METHODS = ("uniform", "global", "seed", "random", "autoprune", "uniform-matched", "autoprune-distill", *CONVERGED)
-DEFAULT_METHODS = METHODS[:6]  # distillation and converged rows are asked for with --methods
+METHODS = ("uniform", "global", "seed", "random", "autoprune", "uniform-matched", "autoprune-distill", *CONVERGED,
+           "fastnas")
+DEFAULT_METHODS = METHODS[:6]  # distillation, converged and peer rows are asked for with --methods
 DISTILL = {"distill": {"weight": 0.5, "temperature": 4.0}}
 COLUMNS = ["model", "budget", "seed", "method", "test_accuracy", "val_accuracy", "base_test_accuracy", "flops",
            "params", "flops_share", "params_share", "trials", "pruned", "search_seconds", "final_epochs",
@@ -287,6 +292,8 @@ def _plan_of(method: str, problem: Problem, config: BenchConfig) -> Plan:
 def _run_one(subject: Subject, problem: Problem, method: str, seed: int, config: BenchConfig,
              prior: dict[str, dict]) -> dict:
     """One (method, seed): its plan, its fine-tune, the numbers. ``prior``: this seed's rows so far."""
+    if method == "fastnas":  # a peer: its own search and fine-tune, the same row (autoprune/bench/fastnas.py)
+        return fastnas.fastnas_row(problem, seed, config, scoring_seconds(subject.eval_seconds, problem.data))
     start = time.perf_counter()
     trials = stopped = 0
     epochs, note, weights, charged, overhead = config.final_epochs, "", None, 0.0, float("nan")
@@ -342,6 +349,8 @@ def benchmark(config: BenchConfig) -> pd.DataFrame:
     unknown = set(config.methods) - set(METHODS)
     if unknown:
         raise AutopruneError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    if "fastnas" in config.methods:
+        fastnas.require()  # one line, before any work, without nvidia-modelopt
     device = resolve_device(config.device)
     data = bench_data(config)
     path = config.out / "bench.csv"

@@ -160,7 +160,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--models", type=_names, help="comma-separated models (default: resnet18,mobilenet_v2)")
     bench.add_argument("--budgets", type=_ratios, help="FLOPs shares (default: 0.1,0.05,0.02)")
     bench.add_argument("--seeds", type=_ints, help="comma-separated seeds (default: 0,1,2)")
-    bench.add_argument("--methods", type=_names, help="methods (default: uniform,global,seed,random,autoprune,uniform-matched; add autoprune-distill for the KD row)")
+    bench.add_argument("--methods", type=_names, help="methods (default: uniform,global,seed,random,autoprune,uniform-matched; add autoprune-distill for the KD row, fastnas for NVIDIA ModelOpt's FastNAS: pip install \"autoprune[bench-peers]\")")
     bench.add_argument("--dataset", help="data set (default: fashion-mnist; --quick: digits)")
     bench.add_argument("--task", help="file.py:name of an autoprune.Task factory (default: classification)")
     bench.add_argument("--train-images", type=int,

@@ -32,6 +32,9 @@ from the cut, where the quality of the allocation alone shows. Methods:
 ``autoprune-distill`` (on request)
     the default search with knowledge distillation from the base model in
     every fine-tune, its final one included (``--distill``; weight 0.5, T=4).
+``fastnas`` (on request; ``pip install "autoprune[bench-peers]"``)
+    NVIDIA ModelOpt's FastNAS, a peer: its search scored on the same images, then
+    fine-tuned by the clock for the rest of the time budget (:mod:`autoprune.bench.fastnas`).
 ``seed-matched`` (the anytime curve's; on request otherwise)
     the sensitivity seed plan (``seed``'s) with no race: the scan's time is
     charged as in a search run, the plan is fitted, and the fine-tune trains
@@ -86,6 +89,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Subset
 
+from autoprune.bench import fastnas
 from autoprune.bench.anytime import anytime_lines, anytime_table, plot_anytime
 from autoprune.bench.markdown import own_sections
 from autoprune.cost.budget import Budget, NoFit, check_reachable, fit_plan, fits, project
@@ -100,8 +104,7 @@ from autoprune.inputs.task import Task, load_task
 from autoprune.options import BASE_EPOCHS, BASE_LR, DEFAULTS, FINETUNE_LR
 from autoprune.prune.groups import ChannelGroups
 from autoprune.prune.plan import Plan
-from autoprune.study.halving import (CHECK_EPOCHS, MIN_RUNG_EPOCHS, SCAN_SHARE, Deadline, scoring_seconds,
-                                            timed_search)
+from autoprune.study.halving import CHECK_EPOCHS, MIN_RUNG_EPOCHS, SCAN_SHARE, Deadline, scoring_seconds, timed_search
 from autoprune.study.pipeline import bounded_problem, find_groups, train_base
 from autoprune.study.sensitivity import GRID, coarse_to_fine, scan
 from autoprune.study.space import SearchSpace, resolve
@@ -111,8 +114,9 @@ from autoprune.train.loop import evaluate, recalibrate_bn, resolve_device, train
 from autoprune.train.teacher import TEACHER_OUTPUTS, teacher_outputs
 
 CONVERGED = ("uniform-converged", "seed-converged", "autoprune-converged")
-METHODS = ("uniform", "global", "seed", "random", "autoprune", "uniform-matched", "autoprune-distill", *CONVERGED)
-DEFAULT_METHODS = METHODS[:6]  # distillation and converged rows are asked for with --methods
+METHODS = ("uniform", "global", "seed", "random", "autoprune", "uniform-matched", "autoprune-distill", *CONVERGED,
+           "fastnas")
+DEFAULT_METHODS = METHODS[:6]  # distillation, converged and peer rows are asked for with --methods
 METHODS += ("seed-matched",)  # the anytime curve's (ANYTIME_METHODS)
 DISTILL = {"distill": {"weight": 0.5, "temperature": 4.0}}
 COLUMNS = ["model", "budget", "seed", "method", "test_accuracy", "val_accuracy", "base_test_accuracy", "flops",
@@ -324,6 +328,8 @@ def _plan_of(method: str, problem: Problem, config: BenchConfig) -> Plan:
 def _measure_method(subject: Subject, problem: Problem, method: str, seed: int, config: BenchConfig,
                     prior: dict[str, dict]) -> dict:
     """One (method, seed): its plan, its fine-tune, the numbers. ``prior``: this seed's rows so far."""
+    if method == "fastnas":  # a peer: its own search and fine-tune, the same row (autoprune/bench/fastnas.py)
+        return fastnas.fastnas_row(problem, seed, config, scoring_seconds(subject.eval_seconds, problem.data))
     if method == "seed-matched":
         return seed_matched(subject, problem, config, seed)
     kd = teacher_outputs(subject.model, subject.data, config.out / "cache" / subject.data.name / Path(subject.name).stem
@@ -387,6 +393,8 @@ def benchmark(config: BenchConfig) -> pd.DataFrame:
     unknown = set(config.methods) - set(METHODS)
     if unknown:
         raise AutopruneError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    if "fastnas" in config.methods:
+        fastnas.require()  # one line, before any work, without nvidia-modelopt
     path = config.out / "bench.csv"
     if config.proxy_sweep:
         proxy_sweep(config)

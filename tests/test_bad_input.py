@@ -1,11 +1,16 @@
 """Bad input through the real command: one line on stderr, exit 2, no traceback, nothing written.
 
-Every case runs ``python -m autoprune`` in a subprocess. The cases are started
-together (a few at a time) by one module fixture, since most of each one's time
-is importing torch; each test then checks its own case. Cases that need a
-finished study get their own copy of the shared tiny search.
+Every case runs ``python -m autoprune`` in a process of its own. The cases are started
+together (a few at a time) by one module fixture; each test then checks its own case.
+Cases that need a finished study get their own copy of the shared tiny search.
+
+Most of a fresh command's time is importing torch (about 4 s of CPU), so the default run
+starts the cases from ``command_server.py``, which imports autoprune once and forks a
+child per case that runs ``autoprune/__main__.py`` as ``-m`` does ("preloaded"); the slow
+tier runs every case again in a fresh interpreter, as a user types it ("fresh").
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -157,34 +162,71 @@ def _prepare(case: Case, folder: Path, finished_run: Path) -> list[str]:
     return args
 
 
-def _run(args: list[str], cwd: Path, offline: bool = False) -> subprocess.CompletedProcess:
+PARALLEL = min(4, os.cpu_count() or 1)
+SERVER = Path(__file__).with_name("command_server.py")
+
+
+def _env(cwd: Path, offline: bool = False) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "CI": "1", **(OFFLINE | {"TORCH_HOME": str(cwd / "torch")} if offline else {})}
     env.pop("AUTOPRUNE_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "autoprune", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=600)
+    return env
 
 
-@pytest.fixture(scope="module")
-def results(tiny_run, tmp_path_factory):
+def _fresh(jobs: dict[str, tuple[list[str], Path, bool]], logs: Path) -> dict[str, subprocess.CompletedProcess]:
+    """Each job as ``python -m autoprune ARGS`` in a fresh interpreter, a few at a time."""
+    def one(name: str) -> subprocess.CompletedProcess:
+        args, cwd, offline = jobs[name]
+        return subprocess.run([sys.executable, "-m", "autoprune", *args], capture_output=True, text=True,
+                              cwd=cwd, env=_env(cwd, offline), timeout=600)
+
+    with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
+        return dict(zip(jobs, pool.map(one, jobs)))
+
+
+def _preloaded(jobs: dict[str, tuple[list[str], Path, bool]], logs: Path) -> dict[str, subprocess.CompletedProcess]:
+    """Each job in a process forked from one that imported autoprune already (command_server.py)."""
+    requests = {}
+    for i, (name, (args, cwd, offline)) in enumerate(jobs.items()):
+        requests[name] = {"id": name, "args": args, "cwd": str(cwd), "env": _env(cwd, offline),
+                          "stdout": str(logs / f"{i}.out"), "stderr": str(logs / f"{i}.err")}
+    server = subprocess.run([sys.executable, str(SERVER)], input="".join(json.dumps(r) + "\n" for r in requests.values()),
+                            capture_output=True, text=True, cwd=logs, timeout=1200,
+                            env={**_env(logs), "AUTOPRUNE_TEST_PARALLEL": str(PARALLEL)})
+    assert server.returncode == 0, server.stderr[-3000:]
+    codes = {done["id"]: done["returncode"] for done in map(json.loads, server.stdout.splitlines())}
+    assert codes.keys() == requests.keys(), server.stderr[-3000:]
+    return {name: subprocess.CompletedProcess(r["args"], codes[name], Path(r["stdout"]).read_text(),
+                                              Path(r["stderr"]).read_text()) for name, r in requests.items()}
+
+
+RUNNERS = {"preloaded": _preloaded, "fresh": _fresh}
+
+
+@pytest.fixture(scope="module", params=["preloaded", pytest.param("fresh", marks=pytest.mark.slow)])
+def results(request, tiny_run, tmp_path_factory):
     """Every case run once, a few at a time: (result, the run folder's files before, after)."""
-    root = tmp_path_factory.mktemp("bad")
+    root = tmp_path_factory.mktemp(f"bad-{request.param}")
+    logs = root / "logs"
+    logs.mkdir()
     prepared = {}
     for i, case in enumerate(CASES):
         folder = root / f"case{i}"
         args = _prepare(case, folder, tiny_run)
         prepared[case.name] = (folder, args, _contents(folder / "OUT") if case.finished else None)
+    # root would write into the read-only folder: the search would run (its test skips)
+    jobs = {name: (args, folder, case_of(name).offline) for name, (folder, args, _) in prepared.items()
+            if not (name == "out read-only" and os.geteuid() == 0)}
+    ran = RUNNERS[request.param](jobs, logs)
 
-    def one(name: str):
-        if name == "out read-only" and os.geteuid() == 0:
-            return None  # root would write there: the search would run
-        folder, args, before = prepared[name]
-        result = _run(args, folder, case_of(name).offline)
+    def outcome(name: str):
+        if name not in ran:
+            return None
+        folder, _, before = prepared[name]
         out = folder / "OUT"
-        return result, before, (_contents(out) if case_of(name).finished else out.exists())
+        return ran[name], before, (_contents(out) if case_of(name).finished else out.exists())
 
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        return dict(zip(prepared, pool.map(one, prepared)))
+    return {name: outcome(name) for name in prepared}
 
 
 def case_of(name: str) -> Case:

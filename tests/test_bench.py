@@ -1,12 +1,14 @@
 """`autoprune bench --quick` end to end, on the small residual model."""
 
 import pandas as pd
+import pytest
 
 from autoprune.bench.equal_time import DEFAULT_METHODS as METHODS
 from autoprune.cli import main
 from conftest import TINY
 
 
+@pytest.mark.slow  # --quick still gives each searched method a 20 s time budget, by design
 def test_bench_quick_writes_every_method_within_budget(tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", "--quick", "--models", f"{TINY}:tiny_resnet", "--budgets", "0.4",

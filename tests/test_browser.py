@@ -23,7 +23,7 @@ from autoprune.report.pareto import trials_frame
 from autoprune.study.runs import open_run
 from conftest import RANGE_STUDY
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # Chromium's start and the dashboard's: the slow tier
 ARTIFACTS = Path(__file__).parent / "artifacts"
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 120  # the longest a page may take to draw on a loaded 2-core machine

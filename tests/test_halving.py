@@ -116,6 +116,7 @@ def test_rounding_never_makes_a_budget_unreachable_on_a_narrow_user_model():
     assert keep_counts(costs, np.full(n, space.max_ratio), space.round_to).min() < 8
 
 
+@pytest.mark.slow  # a 45 s run by design
 def test_a_timed_search_ends_within_its_budget_with_a_model_written(tiny_run, tmp_path):
     budget = 45.0
     started = time.perf_counter()

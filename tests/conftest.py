@@ -7,12 +7,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-# One torch thread, here and (through OMP_NUM_THREADS) in every command a test starts: on a 2-core machine
-# shared with other work, two threads per process spin against each other and a training step took 5-8x
-# longer (measured: ~60 ms CPU a step with one thread, ~450 ms with two, on tiny_resnet). Set
-# OMP_NUM_THREADS to give the tests more on a machine of their own.
+# Commands a test starts get one torch thread (OMP_NUM_THREADS): on a 2-core machine shared with other
+# work, two threads per process spin against each other (a training step 5-8x slower). The tests' own
+# process keeps two: the shared searches' results (the range study's front) were tuned with two.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+torch.set_num_threads(2)
 
 from tiny_models import tiny_resnet  # noqa: E402
 

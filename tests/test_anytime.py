@@ -1,6 +1,7 @@
 """`autoprune bench --time-budgets` (the anytime curve), seed-matched's time accounting, the scan a shorter
 time budget sees, and `--proxy-sweep`: on digits with the small residual model, a few seconds per run."""
 
+import re
 import shutil
 import time
 from types import SimpleNamespace
@@ -22,7 +23,8 @@ SHORT, LONG = 6.0, 12.0  # seconds: the two time budgets of the smoke run
 # seed-matched's wall time passes its time budget by what its final fine-tune does besides training: the
 # cut, BatchNorm recalibration (8 batches) and the step that runs past the clock; autoprune's final
 # fine-tune passes it by as much. Here, on an idle core, 0.25 s; the slack allows for a loaded test machine.
-SLACK = 5.0  # the last step, the cut and BatchNorm recalibration, on a loaded machine
+SLACK = 10.0  # the last step, the cut and BatchNorm recalibration, on a loaded machine (the accounting
+# check below is the exact one)
 QUICK = ["bench", "--quick", "--models", f"{TINY}:tiny_resnet", "--budgets", "0.4", "--quiet"]
 
 
@@ -67,9 +69,9 @@ def test_seed_matched_meets_the_budget_within_its_time(anytime_run):
     for row in rows.itertuples():
         assert row.time_budget - 1.0 <= row.wall_seconds <= row.time_budget + SLACK  # reserve here: ~0.01 s
     assert (rows["final_epochs"] > 0).all()
-    for row in rows.itertuples():  # what the scan left went to the fine-tune (a longer scan may take the rest)
-        tuned, scanned = (float(part.split("s ")[0]) for part in row.note.replace("after a ", "").split(" fine-tune "))
-        assert row.time_budget - 1.5 <= tuned + scanned <= row.time_budget
+    for row in rows.itertuples():  # scan, plan and fine-tune fill the budget (the scoring reserve is ~0.01 s here)
+        tuned, scanned = map(float, re.fullmatch(r"([\d.]+)s fine-tune after a ([\d.]+)s scan", row.note).groups())
+        assert row.time_budget - 0.5 <= scanned + row.search_seconds + tuned <= row.time_budget + 0.2
 
 
 @pytest.mark.slow  # the bench's smoke run, twice over (~3 min)

@@ -38,11 +38,10 @@ def test_search_to_budget_meets_thop_budget_on_a_step_function(monkeypatch):
 
     class Fake:
         def __init__(self, problem, seed, folder):
-            self.scored, self.searches, self.asked = 10, 0, []
+            self.scored, self.searches, self.counted = 10, 0, {}
 
         def search(self, share):
             self.searches += 1
-            self.asked.append(share)
             got = max(t for s, t in steps if s <= share)
             return SimpleNamespace(got=got)
 
@@ -75,11 +74,14 @@ def test_fastnas_row_on_the_tiny_model(tmp_path, monkeypatch):
     monkeypatch.setattr(fastnas, "BN_BATCHES", 4)  # the digits' training split is 19 batches
     out = tmp_path / "bench"
     assert main(["bench", "--quick", "--models", f"{TINY}:tiny_resnet", "--budgets", "0.4", "--methods", "fastnas",
-                 "--time-budget", "20", "--train-epochs", "6", "--rank-plans", "0", "--out", str(out), "--quiet"]) == 0
+                 "--time-budget", "40", "--train-epochs", "6", "--rank-plans", "0", "--out", str(out), "--quiet"]) == 0
     row = pd.read_csv(out / "bench.csv").set_index("method").loc["fastnas"]
     assert 0 < row["flops_share"] <= 0.4 and 0 < row["params_share"] < 1 and 0 <= row["test_accuracy"] <= 1
-    assert row["trials"] > 0 and row["time_budget"] == 20 and "FastNAS" in row["note"]
-    assert row["wall_seconds"] == pytest.approx(20, abs=5) or "overran" in row["note"]
+    assert row["trials"] > 0 and row["time_budget"] == 40 and "FastNAS" in row["note"]
+    if "no time left to fine-tune" in row["note"]:  # the search took the whole time budget (a loaded machine)
+        assert row["final_epochs"] == 0
+    else:  # the rest of the time budget was fine-tuned by the clock
+        assert row["final_epochs"] > 0 and row["wall_seconds"] == pytest.approx(40, abs=5)
     model, cost, _ = found[0]  # the fine-tuned model (trained in place), counted again by thop
     images = torch.rand(4, 3, 32, 32)
     again = count(model, images[:1])

@@ -117,6 +117,7 @@ class _Searcher:
         self.checkpoint = folder / "fastnas_search.pth"
         self.scored = 0  # candidates FastNAS scored (the sensitivity map, and the base)
         self.searches = 0
+        self.counted: dict[int, float] = {}  # id(subnet): its FLOPs as FastNAS counts them, a share of the base
         data, device = problem.data, problem.device
         self.example = to_device(problem.groups.example_input, device)
         self.score_loader = data.loader("score", 256)
@@ -142,15 +143,25 @@ class _Searcher:
         self.searches += 1
         try:
             with _quiet():
-                model, _ = mtp.prune(model, mode=_mode(p.round_to), constraints={"flops": f"{100 * share:.6g}%"},
-                                     dummy_input=_args(self.example), config=config)
+                model, state = mtp.prune(model, mode=_mode(p.round_to), constraints={"flops": f"{100 * share:.6g}%"},
+                                         dummy_input=_args(self.example), config=config)
         except ValueError as err:
             if "NOT all constraints can be satisfied" in str(err):
                 return None
             raise AutopruneError(f"FastNAS failed on this model: {why(err)}"[:400]) from err
         except (RuntimeError, AssertionError, KeyError, TypeError, AttributeError) as err:  # the row says so
             raise AutopruneError(f"FastNAS failed on this model: {why(err)}"[:400]) from err
+        self.counted[id(model)] = state["best"]["constraints"]["flops"] / self.base_flops()
         return model
+
+    def base_flops(self) -> float:
+        """The base model's FLOPs as FastNAS counts them (torchprofile: 2 × MACs, BatchNorm left out)."""
+        if not hasattr(self, "_base_flops"):
+            from modelopt.torch.nas.utils import inference_flops
+
+            with _quiet():
+                self._base_flops = float(inference_flops(self.problem.model, dummy_input=_args(self.example), unit=1.0))
+        return self._base_flops
 
 
 def search_to_budget(problem: Problem, seed: int, folder: Path) -> tuple[nn.Module, Cost, dict]:
@@ -163,12 +174,16 @@ def search_to_budget(problem: Problem, seed: int, folder: Path) -> tuple[nn.Modu
     share, low, high = goal / base, 0.0, math.inf  # FastNAS shares known to fit / to overshoot thop's budget
     best: tuple[nn.Module, Cost, float] | None = None
     shares: list[tuple[float, float]] = []  # (FastNAS share asked, thop share got)
+    seconds: list[float] = []  # each search's (the first scores the sensitivity map)
     for _ in range(SEARCHES):
+        clock = time.perf_counter()
         model = searcher.search(share)
+        seconds.append(time.perf_counter() - clock)
         if model is None:
             if not shares:
                 raise AutopruneError(f"FastNAS cannot reach this budget: no subnet of its search space has "
                                      f"{share:.1%} of the base's FLOPs as it counts them")
+            shares.append((share, math.nan))
             low = max(low, share)  # smaller than its smallest subnet: as good as fitting, for the bracket
             share = (low + min(high, 1.0)) / 2 if high < math.inf else share * 1.5
             continue
@@ -196,7 +211,7 @@ def search_to_budget(problem: Problem, seed: int, folder: Path) -> tuple[nn.Modu
                              + ", ".join(f"{a:.2%} -> {b:.2%}" for a, b in shares) + ")")
     model, cost, share = best
     return model, cost, {"scored": searcher.scored, "searches": searcher.searches, "share": share,
-                         "shares": shares}
+                         "shares": shares, "counted": searcher.counted.get(id(model), math.nan), "seconds": seconds}
 
 
 def widths(model: nn.Module) -> dict[str, int]:
@@ -220,12 +235,13 @@ def fastnas_row(problem: Problem, seed: int, config: BenchConfig, reserve: float
         model, cost, info = search_to_budget(problem, seed, Path(folder))
     search_seconds = time.perf_counter() - start
     settings = Settings(final_epochs=config.final_epochs, seed=seed)
-    seconds = max(config.time_budget - search_seconds - reserve, 1e-3) if config.time_budget else None
+    seconds = max(config.time_budget - search_seconds - reserve, 0.0) if config.time_budget else None
     clock = time.perf_counter()
     loader = data.loader("train", settings.batch_size, shuffle=True, seed=seed)
     torch.manual_seed(seed)
     model = model.to(device)
-    recalibrate_bn(model, loader, device, settings.bn_batches, task=data.task)
+    if seconds != 0.0:  # no time left: the subnet as FastNAS left it (BatchNorm calibrated on its queue)
+        recalibrate_bn(model, loader, device, settings.bn_batches, task=data.task)
     steps = [0]
     train(model, loader, settings.final_epochs, device, lr=settings.lr, desc="final fine-tune", quiet=True,
           after_step=lambda _: steps.__setitem__(0, steps[0] + 1), seconds=seconds, task=data.task)
@@ -233,10 +249,12 @@ def fastnas_row(problem: Problem, seed: int, config: BenchConfig, reserve: float
     base, cost = problem.costs.base, count(model, problem.groups.example_input)  # the final model, as thop counts it
     if not fits(cost, problem.limits):  # fine-tuning keeps the architecture: a guard, not a step
         raise AutopruneError(f"fastnas: the fine-tuned model has {cost.flops / base.flops:.2%} of the base's FLOPs")
-    over = search_seconds - config.time_budget if config.time_budget else 0.0
-    note = (f"FastNAS {info['searches']} search(es), {info['scored']} candidates scored, constraint "
-            f"{info['share']:.2%} of the base as FastNAS counts FLOPs for {cost.flops / base.flops:.2%} as thop does"
-            + (f"; the search overran the time budget by {over:.0f}s, no fine-tune" if over > 0 else ""))
+    trace = ", ".join(f"{a:.2%}->{b:.2%} in {t:.0f}s" for (a, b), t in zip(info["shares"], info["seconds"]))
+    note = (f"FastNAS: {info['scored']} candidates scored, {info['searches']} search(es) (FLOPs share asked as FastNAS "
+            f"counts -> got as thop counts: {trace}); the subnet kept has {info['counted']:.2%} of the base's FLOPs "
+            f"as FastNAS counts them, {cost.flops / base.flops:.2%} as thop does"
+            + (f"; the search took {search_seconds:.0f}s of the {config.time_budget:g}s time budget: no time left to "
+               "fine-tune" if seconds == 0.0 else ""))
     return {"test_accuracy": evaluate(model, data.loader("test", 256), device, data.task),
             "val_accuracy": evaluate(model, data.loader("val", 256), device, data.task),
             "flops": cost.flops, "params": cost.params, "flops_share": cost.flops / base.flops,

@@ -10,6 +10,7 @@ writes the winner.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +32,7 @@ from autoprune.options import DEFAULTS, EXPORT_DEFAULTS, ExportOptions, SearchOp
 from autoprune.prune.groups import apply_plan
 from autoprune.prune.plan import Plan
 from autoprune.report.pareto import best_under
-from autoprune.study.halving import SCAN_SHARE, Deadline, parse_duration, search_by_the_clock
+from autoprune.study.halving import SCAN_SHARE, Deadline, parse_duration, races, search_by_the_clock
 from autoprune.study.pipeline import (Prepared, Result, as_data, base_line, bounded_problem, budget_limits,
                                       distill_outputs, find_groups, prepare, range_targets, refuse_before_training,
                                       score_base)
@@ -90,7 +91,7 @@ def search(
     space = for_search(model, o)
     r = prepare(model, data, budget, o, before_training=refuse_before_training(space, budget, o))
     deadline = Deadline(seconds) if seconds else None  # the time budget counts from here
-    settings = Settings.of(o, extra)
+    settings = replace(Settings.of(o, extra), race=races(seconds or 0.0, o.race))  # race: time budgets only
     groups = find_groups(r.base, r.data.example_input(), space, r.data, o.batch_size, o.seed, base_model=r.base_id,
                          device=r.device)
     latency = with_device(latency, r.device, r.data.input_shape, isinstance(r.data.example_input(), list))

@@ -90,6 +90,10 @@ def _base_budget_and_study(search: argparse.ArgumentParser) -> None:
                         help="wall time for the run, e.g. 30m, 1h30m, 600 (seconds), counted once the base "
                              "model is ready: it plans the scan, a successive-halving search and a final "
                              "fine-tune that fills the rest, and ends on time (--final-epochs is then ignored)")
+    search.add_argument("--race", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --time-budget: race candidates by successive halving (--race), or check the "
+                             "sensitivity seed against uniform and give it the rest (--no-race); default: a race "
+                             "under 10m only, where it was measured to pay (docs/time-budgets.md)")
     search.add_argument("--study", help="study name (default: MODEL-DATASET-BUDGET)")
     search.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the run directory)")
     search.add_argument("--out", help="run directory (default: results/STUDY)")
@@ -168,7 +172,8 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--time-budget", help="wall time of each search run, scan included, e.g. 120 or 2m "
                        "(default: 120 s; 0: the trial-count search)")
     bench.add_argument("--time-budgets", type=_names, help="the anytime curve: each method at each of these wall "
-                       "times, e.g. 2m,10m,30m (default methods: seed-matched,autoprune,uniform-matched,random)")
+                       "times, e.g. 2m,10m,30m (default methods: seed-matched,autoprune,autoprune-race where autoprune does "
+                       "not race, uniform-matched, random at the longest)")
     bench.add_argument("--random-every-time", action="store_true",
                        help="with --time-budgets, run random at each time budget, not only the longest")
     bench.add_argument("--proxy-sweep", action="store_true", help="only re-measure proxies.csv's plans: "

@@ -60,12 +60,14 @@ class SearchOptions:
     new_study: bool = False
     # The search: trials the study reaches (pruned ones count), worker processes on this machine,
     # "median" stops candidates below the median part-way (None: median; "none": never),
-    # a wall-time budget ("30m") that plans scan, successive halving and final fine-tune to end on time,
+    # a wall-time budget ("30m") that plans scan, successive halving and final fine-tune to end on time
+    # (racing candidates under 10m, or as ``race`` says),
     # "channel" pruning or per-layer "weight" sparsity under a nonzero-params budget.
     trials: int = 12
     workers: int = 1
     pruner: str | None = None
     time_budget: str | float | None = None
+    race: bool | None = None
     granularity: str = "channel"
     # The search space (a SearchSpace, YAML file or shipped name; default: the architecture's) and
     # overrides of its sensitivity grid, largest ratio, channel importance and channel rounding.
@@ -111,6 +113,9 @@ class SearchOptions:
     def check(self) -> None:
         """Refuse any number no search can run with, each blamed on its own flag, before anything is written
         (the latency settings check their own: :class:`autoprune.cost.latency.LatencySettings`)."""
+        if self.race is not None and self.time_budget is None:
+            raise AutopruneError("--race and --no-race choose how a --time-budget search spends its time; "
+                                 "give --time-budget too, or leave them out")
         if self.granularity not in ("channel", "weight"):
             raise AutopruneError(f"unknown granularity {self.granularity!r}; use channel or weight")
         for flag, value, least in (("--trials", self.trials, 1), ("--workers", self.workers, 1),

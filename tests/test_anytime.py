@@ -16,7 +16,7 @@ from autoprune.bench.equal_time import (BenchConfig, Subject, at_time, methods_a
                                         row_times, seed_matched, sweep_columns, time_budgets)
 from autoprune.cli import main
 from autoprune.inputs.task import load_task
-from autoprune.study.halving import SCAN_SHARE
+from autoprune.study.halving import RACE_BELOW, SCAN_SHARE
 from conftest import TINY
 
 SHORT, LONG = 6.0, 12.0  # seconds: the two time budgets of the smoke run
@@ -135,6 +135,12 @@ def test_time_budgets_and_legacy_rows():
     assert methods_at(config, 1800.0, time_budgets(config)) == ["autoprune", "random"]
     every = BenchConfig(time_budgets=(60.0, 120.0), methods=("random",), random_every_time=True)
     assert methods_at(every, 60.0, time_budgets(every)) == ["random"]
+    # The forced race runs only where autoprune's default does not race already (from RACE_BELOW on).
+    raced = BenchConfig(time_budgets=(120.0, RACE_BELOW), methods=("autoprune", "autoprune-race"))
+    assert methods_at(raced, 120.0, time_budgets(raced)) == ["autoprune"]
+    assert methods_at(raced, RACE_BELOW, time_budgets(raced)) == ["autoprune", "autoprune-race"]
+    alone = BenchConfig(time_budgets=(120.0,), methods=("autoprune-race",))
+    assert methods_at(alone, 120.0, time_budgets(alone)) == ["autoprune-race"]
     # A floor row written before every row carried its time budget counts as made at --time-budget.
     frame = pd.DataFrame({"time_budget": [np.nan, 120.0, 600.0]})
     assert row_times(frame, config).tolist() == [120.0, 120.0, 600.0]

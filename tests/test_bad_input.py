@@ -102,6 +102,7 @@ CASES = [
          "mixes a share and a count"),
     Case("budget range with a time budget", (*FRESH, "--out", "OUT", "--budget", "flops=0.1..0.5",
                                              "--time-budget", "60"), "leave out --time-budget"),
+    Case("race without a time budget", (*FRESH, "--out", "OUT", "--no-race"), "give --time-budget too"),
     Case("weight with workers", (*WEIGHT, "--out", "OUT", "--workers", "2"), "--workers runs channel searches"),
     Case("weight with pruner", (*WEIGHT, "--out", "OUT", "--pruner", "none"), "--pruner stops channel-search"),
     Case("weight budget above the base", (*FRESH, "--out", "OUT", "--granularity", "weight", "--budget",

@@ -14,8 +14,9 @@ from autoprune.cost.budget import Budget, fit_plan, keep_counts, project, round_
 from autoprune.cost.costmodel import CostModel
 from autoprune.errors import AutopruneError
 from autoprune.prune.groups import ChannelGroups
-from autoprune.study.halving import (CHECK_EPOCHS, ETA, MIN_RUNG_EPOCHS, SCAN_SHARE, SEARCH_SHARE, Bracket,
-                                     bracket_rungs, parse_duration, plan_bracket)
+from autoprune.study import halving
+from autoprune.study.halving import (CHECK_EPOCHS, ETA, MIN_RUNG_EPOCHS, RACE_BELOW, SCAN_SHARE, SEARCH_SHARE,
+                                     Bracket, bracket_rungs, parse_duration, plan_bracket, races)
 from autoprune.study.sensitivity import coarse_to_fine
 from autoprune.study.space import load_space
 from tiny_models import TinyResNet
@@ -85,6 +86,30 @@ def test_the_bracket_respects_the_candidate_cap_and_a_short_budget():
     # Too short to rank three, long enough to check the seed against uniform for a tenth of an epoch.
     assert plan_bracket(seconds=30, epoch_seconds=10, overhead=1, most=100) == Bracket(2, 1, CHECK_EPOCHS)
     assert plan_bracket(seconds=30, epoch_seconds=10, overhead=1, most=1) == Bracket(1, 1, 0.0)
+
+
+def test_the_race_is_the_default_under_ten_minutes_only():
+    assert RACE_BELOW == 600.0 and races(120.0) and races(RACE_BELOW - 1.0)
+    assert not races(RACE_BELOW) and not races(1800.0)
+    assert races(1800.0, race=True) and not races(120.0, race=False)  # --race / --no-race win
+
+
+def test_without_a_race_the_seed_is_only_checked_against_uniform(tiny_run, tmp_path, monkeypatch):
+    """A budget the default does not race (RACE_BELOW lowered to a test's seconds) plans two candidates at
+    most, the seed and uniform; ``race=True`` plans up to ``trials``. The summary says which ran."""
+    asked, real = [], halving.plan_bracket
+    monkeypatch.setattr(halving, "plan_bracket", lambda *args: asked.append(args[3]) or real(*args))
+    monkeypatch.setattr(halving, "RACE_BELOW", 4.0)
+    for race in (None, True):
+        out = tmp_path / f"race-{race}"
+        result = autoprune.search(TinyResNet(10), "digits", "flops=0.4", weights=str(tiny_run / "base.pt"),
+                                  time_budget="5s", race=race, trials=9, out=out, quiet=True, grid=[0.5])
+        assert json.loads((out / "summary.json").read_text())["race"] is bool(race)
+        assert result.summary["flops_share"] <= 0.4 + 1e-9
+    assert asked == [2, 9]
+    with pytest.raises(AutopruneError, match="give --time-budget too"):
+        autoprune.search(TinyResNet(10), "digits", "flops=0.4", race=False, out=tmp_path / "refused", quiet=True)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_coarse_to_fine_covers_the_grid_once_largest_first():

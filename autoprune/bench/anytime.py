@@ -21,7 +21,7 @@ from autoprune.files import atomic_path
 from autoprune.inputs.task import Task
 
 # The curve's methods, in the order they run: uniform-matched needs that time budget's autoprune row first.
-ANYTIME_METHODS = ("seed-matched", "autoprune", "uniform-matched", "random")
+ANYTIME_METHODS = ("seed-matched", "autoprune", "autoprune-race", "uniform-matched", "random")
 HEADING = "## Accuracy against wall time (anytime)"
 
 
@@ -65,11 +65,13 @@ def anytime_lines(table: pd.DataFrame, task: Task, picture: str = "anytime.png")
     labels = [duration_label(t) for t in times]
     lines = [HEADING, "",
              "Each method run at each wall time (`autoprune bench --time-budgets`), the sensitivity scan's share "
-             "of that time included: `autoprune` (scan, successive halving, final fine-tune), `seed-matched` (the "
+             "of that time included: `autoprune` (its default: scan, successive halving and final fine-tune "
+             "under 10 minutes; from 10 minutes on, the seed checked against uniform, then fine-tuned), "
+             "`autoprune-race` (`--race`: the race where the default does not race), `seed-matched` (the "
              "sensitivity seed plan alone, no race, fine-tuned by the clock for all the time the scan left), "
              "`uniform-matched` (the uniform plan fine-tuned as long as that time budget's autoprune run took) "
              "and `random` (Optuna's random sampler in autoprune's place, at the longest time budget only unless "
-             "asked). autoprune against seed-matched is what the race and the sampler add. Test "
+             "asked). The race against seed-matched is what the race and the sampler add. Test "
              f"{task.name}: mean ± std over seeds (runs); in brackets, the candidates raced (autoprune, random) "
              "and the final fine-tune's epochs.", "",
              "| model | budget | method | " + " | ".join(labels) + " |",

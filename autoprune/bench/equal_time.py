@@ -21,7 +21,9 @@ from the cut, where the quality of the allocation alone shows. Methods:
 ``autoprune``
     ``autoprune search --time-budget``: successive halving from the sensitivity
     seed and the uniform plan, TPE, survivors carrying their weights into the
-    final fine-tune (:mod:`autoprune.study.halving`); without a time budget, the
+    final fine-tune (:mod:`autoprune.study.halving`), under 10 minutes; from 10
+    minutes on, its default: the seed checked against uniform, then trained on
+    (:func:`~autoprune.study.halving.races`); without a time budget, the
     trial-count search with the median pruner;
 ``uniform-matched``
     uniform, fine-tuned for as long as the autoprune run took (scan included):
@@ -42,6 +44,10 @@ from the cut, where the quality of the allocation alone shows. Methods:
     reserve a search keeps (:func:`autoprune.study.halving.scoring_seconds`).
     Against ``autoprune`` at the same time budget it shows what the race and
     the sampler add.
+``autoprune-race`` (the anytime curve's; on request otherwise)
+    ``autoprune search --time-budget --race``: the race at every time budget.
+    Under 10 minutes it is ``autoprune`` itself, so the curve runs it from 10
+    minutes on only.
 
 **The anytime curve.** ``time_budgets`` (``--time-budgets 2m,10m,30m``) runs
 each method at each wall time, :data:`autoprune.bench.anytime.ANYTIME_METHODS`
@@ -104,7 +110,8 @@ from autoprune.inputs.task import Task, load_task
 from autoprune.options import BASE_EPOCHS, BASE_LR, DEFAULTS, FINETUNE_LR
 from autoprune.prune.groups import ChannelGroups
 from autoprune.prune.plan import Plan
-from autoprune.study.halving import CHECK_EPOCHS, MIN_RUNG_EPOCHS, SCAN_SHARE, Deadline, scoring_seconds, timed_search
+from autoprune.study.halving import (CHECK_EPOCHS, MIN_RUNG_EPOCHS, SCAN_SHARE, Deadline, races, scoring_seconds,
+                                     timed_search)
 from autoprune.study.pipeline import bounded_problem, find_groups, train_base
 from autoprune.study.sensitivity import GRID, coarse_to_fine, scan
 from autoprune.study.space import SearchSpace, resolve
@@ -117,7 +124,8 @@ CONVERGED = ("uniform-converged", "seed-converged", "autoprune-converged")
 METHODS = ("uniform", "global", "seed", "random", "autoprune", "uniform-matched", "autoprune-distill", *CONVERGED,
            "fastnas")
 DEFAULT_METHODS = METHODS[:6]  # distillation, converged and peer rows are asked for with --methods
-METHODS += ("seed-matched",)  # the anytime curve's (ANYTIME_METHODS)
+METHODS += ("seed-matched", "autoprune-race")  # the anytime curve's (ANYTIME_METHODS)
+RACING = ("random", "autoprune-race")  # searches that race at any time budget (autoprune: under RACE_BELOW)
 DISTILL = {"distill": {"weight": 0.5, "temperature": 4.0}}
 COLUMNS = ["model", "budget", "seed", "method", "test_accuracy", "val_accuracy", "base_test_accuracy", "flops",
            "params", "flops_share", "params_share", "trials", "pruned", "search_seconds", "final_epochs",
@@ -273,14 +281,14 @@ def _seed(problem: Problem, config: BenchConfig) -> Plan:
 
 
 def _searched(problem: Problem, config: BenchConfig, seed: int, sampler: optuna.samplers.BaseSampler | None,
-              extra: dict, folder: Path, deadline: Deadline | None,
-              reserve: float) -> tuple[Plan, Path | None, optuna.Study, float, float]:
+              extra: dict, folder: Path, deadline: Deadline | None, reserve: float,
+              race: bool | None = None) -> tuple[Plan, Path | None, optuna.Study, float, float]:
     """Run a search as ``autoprune search`` does: the plan, the weights its final fine-tune starts
     from, the study, and the final fine-tune's epochs and seconds (with a ``deadline``: trained by
-    the clock until it, less ``reserve``)."""
+    the clock until it, less ``reserve``; ``race`` as ``--race``/``--no-race``, None: the default)."""
     study = optuna.create_study(direction="maximize")
     settings = Settings(config.trials, config.finetune_epochs, config.final_epochs, seed=seed, extra=extra,
-                        pruner=config.pruner)
+                        pruner=config.pruner, race=races(config.time_budget, race))
     problem = replace(problem, checkpoints=folder)
     if deadline is not None:
         chosen, seconds = timed_search(problem, study, settings, deadline, reserve, quiet=True, sampler=sampler,
@@ -346,13 +354,13 @@ def _measure_method(subject: Subject, problem: Problem, method: str, seed: int, 
             if source is None or not isinstance(source.get("plan"), str):
                 raise AutopruneError(f"{method} needs the {method.removesuffix('-converged')} row of this seed first")
             plan, epochs = Plan.from_dict(json.loads(source["plan"])), config.converged_epochs
-        elif method in ("random", "autoprune", "autoprune-distill"):
+        elif method in ("random", "autoprune", "autoprune-distill", "autoprune-race"):
             sampler = optuna.samplers.RandomSampler(seed=seed) if method == "random" else None
             charged = subject.scan_seconds + (kd.seconds if kd else 0.0) if config.time_budget else 0.0
             deadline = Deadline(config.time_budget - charged) if config.time_budget else None
             reserve = scoring_seconds(subject.eval_seconds, problem.data)
             plan, weights, study, epochs, seconds = _searched(problem, config, seed, sampler, extra, Path(folder),
-                                                              deadline, reserve)
+                                                              deadline, reserve, True if method in RACING else None)
             trials = len(study.get_trials(deepcopy=False, states=(COMPLETE, PRUNED)))
             stopped = count_pruned(study)
             overhead = _overhead(study)
@@ -463,10 +471,11 @@ def row_times(frame: pd.DataFrame, config: BenchConfig) -> pd.Series:
 
 def methods_at(config: BenchConfig, time_budget: float, times: Sequence[float]) -> list[str]:
     """The methods run at ``time_budget``: with several time budgets, random only at the longest
-    (unless ``config.random_every_time``)."""
-    if len(times) > 1 and time_budget != max(times) and not config.random_every_time:
-        return [m for m in config.methods if m != "random"]
-    return list(config.methods)
+    (unless ``config.random_every_time``); autoprune-race only where autoprune does not race already."""
+    skip = {"random"} if len(times) > 1 and time_budget != max(times) and not config.random_every_time else set()
+    if "autoprune" in config.methods and races(time_budget):
+        skip.add("autoprune-race")
+    return [m for m in config.methods if m not in skip]
 
 
 def at_time(subject: Subject, time_budget: float) -> Subject:

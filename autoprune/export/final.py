@@ -140,7 +140,7 @@ def finish_search(problem: Problem, study: optuna.Study, chosen: optuna.trial.Fr
                   warm_start=start and str(start.relative_to(out)), **extra,
                   **_latency_record(chosen, limits, problem.meter))
     if time_budget:  # a rerun keeps the export it planned, not one planned anew
-        record["time_budget_seconds"] = time_budget
+        record.update(time_budget_seconds=time_budget, race=settings.race)
         previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
         if all(previous.get(k) == record[k] for k in ("study", "trial", "time_budget_seconds")):
             record["final_epochs"] = previous.get("final_epochs", record["final_epochs"])

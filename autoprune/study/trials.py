@@ -106,6 +106,7 @@ class Settings:
     trial_bn_batches: int = 2  # BatchNorm recalibration before a trial's cheap score
     checks: int = 1  # validation checks (chances to be pruned) during a trial's fine-tune
     final_seconds: float = 0.0  # with a time budget: the final fine-tune trains this long, not final_epochs
+    race: bool = True  # with a time budget: race candidates, or only check the seed against uniform (halving.races)
 
     @classmethod
     def of(cls, options: SearchOptions, extra: dict[str, Any]) -> Settings:

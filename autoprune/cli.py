@@ -172,8 +172,8 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--time-budget", help="wall time of each search run, scan included, e.g. 120 or 2m "
                        "(default: 120 s; 0: the trial-count search)")
     bench.add_argument("--time-budgets", type=_names, help="the anytime curve: each method at each of these wall "
-                       "times, e.g. 2m,10m,30m (default methods: seed-matched,autoprune,autoprune-race where autoprune does "
-                       "not race, uniform-matched, random at the longest)")
+                       "times, e.g. 2m,10m,30m (default methods: seed-matched, autoprune, autoprune-race where "
+                       "autoprune does not race, uniform-matched, random at the longest)")
     bench.add_argument("--random-every-time", action="store_true",
                        help="with --time-budgets, run random at each time budget, not only the longest")
     bench.add_argument("--proxy-sweep", action="store_true", help="only re-measure proxies.csv's plans: "

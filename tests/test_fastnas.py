@@ -38,12 +38,12 @@ def test_search_to_budget_meets_thop_budget_on_a_step_function(monkeypatch):
 
     class Fake:
         def __init__(self, problem, seed, folder):
-            self.scored, self.searches, self.counted = 10, 0, {}
+            self.scored, self.searches = 10, 0
 
         def search(self, share):
             self.searches += 1
             got = max(t for s, t in steps if s <= share)
-            return SimpleNamespace(got=got)
+            return SimpleNamespace(got=got), share
 
     monkeypatch.setattr(fastnas, "_Searcher", Fake)
     monkeypatch.setattr(fastnas, "count", lambda model, example: Cost(model.got * base, 1.0))
@@ -51,6 +51,7 @@ def test_search_to_budget_meets_thop_budget_on_a_step_function(monkeypatch):
                               groups=SimpleNamespace(example_input=None))
     model, cost, info = fastnas.search_to_budget(problem, 0, None)
     assert cost.flops == 270.0 and model.got == 0.27  # the next step up, 0.36, is over
+    assert info["counted"] == info["share"]  # FastNAS's own count of the subnet kept, not of the last one searched
     assert len(info["shares"]) == info["searches"] <= fastnas.SEARCHES
     assert {got for _, got in info["shares"]} <= {0.27, 0.36}  # asked near the budget, not far off
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib
 import io
 import json
@@ -118,7 +119,6 @@ class _Searcher:
         self.checkpoint = folder / "fastnas_search.pth"
         self.scored = 0  # candidates FastNAS scored (the sensitivity map, and the base)
         self.searches = 0
-        self.counted: dict[int, float] = {}  # id(subnet): its FLOPs as FastNAS counts them, a share of the base
         data, device = problem.data, problem.device
         self.example = to_device(problem.groups.example_input, device)
         self.score_loader = data.loader("score", 256)
@@ -129,9 +129,9 @@ class _Searcher:
         self.scored += 1
         return evaluate(model, self.score_loader, self.problem.device, self.problem.data.task)
 
-    def search(self, share: float) -> nn.Module | None:
-        """The exported subnet FastNAS picks under ``share`` of the base's FLOPs as it counts them
-        (None: no subnet of its search space is that small)."""
+    def search(self, share: float) -> tuple[nn.Module, float] | None:
+        """The exported subnet FastNAS picks under ``share`` of the base's FLOPs as it counts them, and
+        the share it counts for that subnet (None: no subnet of its search space is that small)."""
         import modelopt.torch.prune as mtp
 
         p, task = self.problem, self.problem.data.task
@@ -152,17 +152,15 @@ class _Searcher:
             raise AutopruneError(f"FastNAS failed on this model: {why(err)}"[:400]) from err
         except (RuntimeError, AssertionError, KeyError, TypeError, AttributeError) as err:  # the row says so
             raise AutopruneError(f"FastNAS failed on this model: {why(err)}"[:400]) from err
-        self.counted[id(model)] = state["best"]["constraints"]["flops"] / self.base_flops()
-        return model
+        return model, state["best"]["constraints"]["flops"] / self.base_flops
 
+    @functools.cached_property
     def base_flops(self) -> float:
         """The base model's FLOPs as FastNAS counts them (torchprofile: 2 × MACs, BatchNorm left out)."""
-        if not hasattr(self, "_base_flops"):
-            from modelopt.torch.nas.utils import inference_flops
+        from modelopt.torch.nas.utils import inference_flops
 
-            with _quiet():
-                self._base_flops = float(inference_flops(self.problem.model, dummy_input=_args(self.example), unit=1.0))
-        return self._base_flops
+        with _quiet():
+            return float(inference_flops(self.problem.model, dummy_input=_args(self.example), unit=1.0))
 
 
 def search_to_budget(problem: Problem, seed: int, folder: Path) -> tuple[nn.Module, Cost, dict]:
@@ -173,14 +171,14 @@ def search_to_budget(problem: Problem, seed: int, folder: Path) -> tuple[nn.Modu
     searcher = _Searcher(problem, seed, folder)
     goal, base = problem.limits.flops, problem.costs.base.flops
     share, low, high = goal / base, 0.0, math.inf  # FastNAS shares known to fit / to overshoot thop's budget
-    best: tuple[nn.Module, Cost, float] | None = None
+    best: tuple[nn.Module, Cost, float, float] | None = None  # subnet, its cost, share asked, share FastNAS counted
     shares: list[tuple[float, float]] = []  # (FastNAS share asked, thop share got)
     seconds: list[float] = []  # each search's (the first scores the sensitivity map)
     for _ in range(SEARCHES):
         clock = time.perf_counter()
-        model = searcher.search(share)
+        found = searcher.search(share)
         seconds.append(time.perf_counter() - clock)
-        if model is None:
+        if found is None:
             if not shares:
                 raise AutopruneError(f"FastNAS cannot reach this budget: no subnet of its search space has "
                                      f"{share:.1%} of the base's FLOPs as it counts them")
@@ -188,12 +186,13 @@ def search_to_budget(problem: Problem, seed: int, folder: Path) -> tuple[nn.Modu
             low = max(low, share)  # smaller than its smallest subnet: as good as fitting, for the bracket
             share = (low + min(high, 1.0)) / 2 if high < math.inf else share * 1.5
             continue
+        model, counted = found
         cost = count(model, problem.groups.example_input)
         shares.append((share, cost.flops / base))
         if fits(cost, problem.limits):
             low = share
             if best is None or cost.flops > best[1].flops:
-                best = (model, cost, share)
+                best = (model, cost, share, counted)
             if cost.flops >= (1 - TOLERANCE) * goal:
                 break
         else:
@@ -210,9 +209,9 @@ def search_to_budget(problem: Problem, seed: int, folder: Path) -> tuple[nn.Modu
         raise AutopruneError(f"FastNAS found no subnet within the budget as thop counts it in {SEARCHES} "
                              f"searches (FastNAS share asked -> thop share got: "
                              + ", ".join(f"{a:.2%} -> {b:.2%}" for a, b in shares) + ")")
-    model, cost, share = best
+    model, cost, share, counted = best
     return model, cost, {"scored": searcher.scored, "searches": searcher.searches, "share": share,
-                         "shares": shares, "counted": searcher.counted.get(id(model), math.nan), "seconds": seconds}
+                         "shares": shares, "counted": counted, "seconds": seconds}
 
 
 def widths(model: nn.Module) -> dict[str, int]:

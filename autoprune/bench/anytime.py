@@ -22,6 +22,7 @@ from autoprune.inputs.task import Task
 
 # The curve's methods, in the order they run: uniform-matched needs that time budget's autoprune row first.
 ANYTIME_METHODS = ("seed-matched", "autoprune", "autoprune-race", "uniform-matched", "random")
+ON_REQUEST = ("autoprune-distill", "uniform-matched-distill")  # drawn even where run at one time budget only
 HEADING = "## Accuracy against wall time (anytime)"
 
 
@@ -38,7 +39,7 @@ def anytime_table(frame: pd.DataFrame, times: pd.Series, order: Sequence[str]) -
     """Mean and spread of test accuracy over seeds per (model, budget, method, time budget).
 
     ``times`` is each row's time budget (legacy rows' filled in by the caller).
-    Methods: those of :data:`ANYTIME_METHODS` and any other measured at more
+    Methods: those of :data:`ANYTIME_METHODS` and :data:`ON_REQUEST` and any other measured at more
     than one time budget (the floor methods, measured at one, are left out).
     Empty unless the rows span at least two time budgets. Methods in :data:`ANYTIME_METHODS`'s order,
     then ``order``'s.
@@ -47,11 +48,11 @@ def anytime_table(frame: pd.DataFrame, times: pd.Series, order: Sequence[str]) -
     if rows["time_budget"].nunique() < 2:
         return pd.DataFrame()
     spans = rows.groupby("method")["time_budget"].nunique()
-    rows = rows[rows["method"].isin(ANYTIME_METHODS) | rows["method"].map(spans).gt(1)]
+    rows = rows[rows["method"].isin(ANYTIME_METHODS + ON_REQUEST) | rows["method"].map(spans).gt(1)]
     table = rows.groupby(["model", "budget", "method", "time_budget"], sort=False).agg(
         test_mean=("test_accuracy", "mean"), test_std=("test_accuracy", "std"), runs=("test_accuracy", "size"),
         wall=("wall_seconds", "mean"), epochs=("final_epochs", "mean"), trials=("trials", "mean")).reset_index()
-    rank = {method: i for i, method in enumerate(dict.fromkeys([*ANYTIME_METHODS, *order]))}
+    rank = {method: i for i, method in enumerate(dict.fromkeys([*ANYTIME_METHODS, *ON_REQUEST, *order]))}
     table = table.sort_values(["model", "budget", "method", "time_budget"], ascending=[True, False, True, True],
                               kind="stable", key=lambda c: c.map(rank) if c.name == "method" else c)
     return table.reset_index(drop=True).fillna({"test_std": 0.0})

@@ -32,8 +32,13 @@ from the cut, where the quality of the allocation alone shows. Methods:
     that method's plan (same seed) cut from the base and fine-tuned
     ``converged_epochs``: the allocations compared with training equalised.
 ``autoprune-distill`` (on request)
-    the default search with knowledge distillation from the base model in
-    every fine-tune, its final one included (``--distill``; weight 0.5, T=4).
+    the search with knowledge distillation from the base model's cached
+    outputs in every fine-tune, its final one included (``--distill``; weight
+    0.5, T=4);
+``uniform-matched-distill`` (on request)
+    uniform-matched with the same distillation, fine-tuned as long as that
+    seed's ``autoprune-distill`` run took: is the gain the search's or
+    distillation's?
 ``fastnas`` (on request; ``pip install "autoprune[bench-peers]"``)
     NVIDIA ModelOpt's FastNAS, a peer: its search scored on the same images, then
     fine-tuned by the clock for the rest of the time budget (:mod:`autoprune.bench.fastnas`).
@@ -124,7 +129,8 @@ CONVERGED = ("uniform-converged", "seed-converged", "autoprune-converged")
 METHODS = ("uniform", "global", "seed", "random", "autoprune", "uniform-matched", "autoprune-distill", *CONVERGED,
            "fastnas")
 DEFAULT_METHODS = METHODS[:6]  # distillation, converged and peer rows are asked for with --methods
-METHODS += ("seed-matched", "autoprune-race")  # the anytime curve's (ANYTIME_METHODS)
+METHODS += ("seed-matched", "autoprune-race", "uniform-matched-distill")  # the anytime curve's (ANYTIME_METHODS)
+DISTILLED = ("autoprune-distill", "uniform-matched-distill")  # fine-tuned against the base's cached outputs
 RACING = ("random", "autoprune-race")  # searches that race at any time budget (autoprune: under RACE_BELOW)
 DISTILL = {"distill": {"weight": 0.5, "temperature": 4.0}}
 COLUMNS = ["model", "budget", "seed", "method", "test_accuracy", "val_accuracy", "base_test_accuracy", "flops",
@@ -326,7 +332,7 @@ def _read(path: Path) -> pd.DataFrame:
 
 def _plan_of(method: str, problem: Problem, config: BenchConfig) -> Plan:
     """The plan of a method that does not search."""
-    if method in ("uniform", "uniform-matched"):
+    if method in ("uniform", "uniform-matched", "uniform-matched-distill"):
         return _uniform(problem, config)
     if method == "global":
         return _global(problem, config)
@@ -341,13 +347,13 @@ def _measure_method(subject: Subject, problem: Problem, method: str, seed: int, 
     if method == "seed-matched":
         return seed_matched(subject, problem, config, seed)
     kd = teacher_outputs(subject.model, subject.data, config.out / "cache" / subject.data.name / Path(subject.name).stem
-                         / TEACHER_OUTPUTS, subject.device, quiet=config.quiet) if method == "autoprune-distill" else None
+                         / TEACHER_OUTPUTS, subject.device, quiet=config.quiet) if method in DISTILLED else None
     problem = replace(problem, teacher_outputs=kd)  # the base's outputs, computed once per base, charged as the scan
     start = time.perf_counter()
     trials = stopped = 0
     epochs, note, weights, charged, overhead = config.final_epochs, "", None, 0.0, float("nan")
     seconds = 0.0  # a fine-tune by the clock: a time budget's rest, or the wall time uniform-matched gets
-    extra = DISTILL if method == "autoprune-distill" else {}
+    extra = DISTILL if method in DISTILLED else {}
     with tempfile.TemporaryDirectory(prefix="autoprune-bench-") as folder:
         if method in CONVERGED:
             source = prior.get(method.removesuffix("-converged"))
@@ -367,12 +373,14 @@ def _measure_method(subject: Subject, problem: Problem, method: str, seed: int, 
         else:
             plan = _plan_of(method, problem, config)
         search_seconds = time.perf_counter() - start
-        if method == "uniform-matched":  # the autoprune run's wall time, trained by the clock
-            searched = prior.get("autoprune", {}).get("wall_seconds")
+        if method.startswith("uniform-matched"):  # the matching search's wall time, trained by the clock
+            source = "autoprune-distill" if kd else "autoprune"
+            searched = prior.get(source, {}).get("wall_seconds")
             if searched is None or searched != searched:
-                raise AutopruneError("uniform-matched needs the autoprune row of this seed first")
-            seconds = max(searched - search_seconds, 1e-3)
-            note = f"{searched:.0f}s of autoprune"
+                raise AutopruneError(f"{method} needs the {source} row of this seed first")
+            charged = kd.seconds if kd else 0.0  # the base's outputs, charged as the search was charged them
+            seconds = max(searched - charged - search_seconds, 1e-3)
+            note = f"{searched:.0f}s of {source}"
         result = finish(problem, plan, epochs, seed, weights, extra, seconds)
     wall, trained = charged + search_seconds + result.pop("finetune_seconds"), result.pop("final_epochs")
     return {**result, "trials": trials, "pruned": stopped, "search_seconds": round(search_seconds, 1),

@@ -34,8 +34,8 @@ from autoprune.prune.plan import Plan
 from autoprune.report.pareto import best_under
 from autoprune.study.halving import SCAN_SHARE, Deadline, parse_duration, races, search_by_the_clock
 from autoprune.study.pipeline import (Prepared, Result, as_data, base_line, bounded_problem, budget_limits,
-                                      distill_outputs, find_groups, prepare, range_targets, refuse_before_training,
-                                      score_base)
+                                      distill_outputs, distillation, extra_settings, find_groups, prepare,
+                                      range_targets, refuse_before_training, score_base)
 from autoprune.study.runs import open_run, rebuild_problem, start_study
 from autoprune.study.sensitivity import scan
 from autoprune.study.space import SearchSpace, for_search, resolve
@@ -43,7 +43,6 @@ from autoprune.study.storage import SharedTable
 from autoprune.study.trials import Settings, best_trial, counted_search, run
 from autoprune.study.weights import search_weights
 from autoprune.study.workers import sampler_stream
-from autoprune.train.distill import Distill
 
 
 def search(
@@ -81,17 +80,18 @@ def search(
     o = (options or DEFAULTS).replace(**changes)
     o.check()
     torch.manual_seed(o.seed)
-    extra = extra_settings(o)
+    extra_settings(o)  # refuses bad distillation or soft-pruning numbers before any work
     _refuse_range(budget, o)
     if o.granularity == "weight":
-        return _weight_search(model, data, budget, o, extra)
+        return _weight_search(model, data, budget, o)
     budget = parse_budget(budget)
     latency = LatencySettings(o.latency_backend, o.latency_batch, o.latency_threads)
     seconds = _time_budget(o)
     space = for_search(model, o)
     r = prepare(model, data, budget, o, before_training=refuse_before_training(space, budget, o))
     deadline = Deadline(seconds) if seconds else None  # the time budget counts from here
-    settings = replace(Settings.of(o, extra), race=races(seconds or 0.0, o.race))  # race: time budgets only
+    o = distillation(r, o)
+    settings = replace(Settings.of(o, extra_settings(o)), race=races(seconds or 0.0, o.race))  # race: time budgets
     groups = find_groups(r.base, r.data.example_input(), space, r.data, o.batch_size, o.seed, base_model=r.base_id,
                          device=r.device)
     latency = with_device(latency, r.device, r.data.input_shape, isinstance(r.data.example_input(), list))
@@ -145,8 +145,7 @@ def _worker_call(model: nn.Module | str, data: Any, budget: Budget | BudgetRange
             budget, worker)
 
 
-def _weight_search(model: nn.Module | str, data: Any, budget: Any, o: SearchOptions,
-                   extra: dict[str, Any]) -> Result:
+def _weight_search(model: nn.Module | str, data: Any, budget: Any, o: SearchOptions) -> Result:
     """The weight-level search, refusing the options it does not take."""
     for given, flag, why in ((o.workers > 1, "--workers", "runs channel searches only"),
                              (o.pruner is not None, "--pruner", "stops channel-search trials only"),
@@ -154,18 +153,7 @@ def _weight_search(model: nn.Module | str, data: Any, budget: Any, o: SearchOpti
                              (o.soft_epochs > 0, "--soft-epochs", "prunes channels")):
         if given:  # e.g. --workers: the weight search's trial loop has no heartbeat or dead-worker recovery
             raise AutopruneError(f"{flag} {why}; leave it out with --granularity weight")
-    return search_weights(model, data, budget, o, extra)
-
-
-def extra_settings(o: SearchOptions) -> dict[str, Any]:
-    """The optional fine-tune modes, as stored with the study (absent when off, so older studies resume)."""
-    extra: dict[str, Any] = {}
-    if o.distill:
-        Distill(nn.Identity(), o.distill_weight, o.temperature)  # validates the numbers before any work
-        extra["distill"] = {"weight": float(o.distill_weight), "temperature": float(o.temperature)}
-    if o.soft_epochs:
-        extra["soft_epochs"] = float(o.soft_epochs)
-    return extra
+    return search_weights(model, data, budget, o)
 
 
 def load_pruned(

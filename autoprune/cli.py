@@ -132,8 +132,10 @@ def _finetune_and_space(search: argparse.ArgumentParser) -> None:
 
 
 def _modes_latency_and_device(search: argparse.ArgumentParser) -> None:
-    search.add_argument("--distill", action="store_true",
-                        help="fine-tune against the unpruned model's softened outputs (knowledge distillation)")
+    search.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
+                        help="fine-tune against the unpruned model's softened outputs (knowledge distillation); "
+                             "default: on for a classifier whose outputs can be computed once (no random "
+                             "augmentation), a resumed study as it was made")
     search.add_argument("--distill-weight", type=float, default=D.distill_weight,
                         help="share of the KD term in the loss, the rest cross-entropy (default: %(default)s)")
     search.add_argument("--temperature", type=float, default=D.temperature,
@@ -164,7 +166,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--models", type=_names, help="comma-separated models (default: resnet18,mobilenet_v2)")
     bench.add_argument("--budgets", type=_ratios, help="FLOPs shares (default: 0.1,0.05,0.02)")
     bench.add_argument("--seeds", type=_ints, help="comma-separated seeds (default: 0,1,2)")
-    bench.add_argument("--methods", type=_names, help="methods (default: uniform,global,seed,random,autoprune,uniform-matched; add autoprune-distill for the KD row, fastnas for NVIDIA ModelOpt's FastNAS: pip install \"autoprune[bench-peers]\")")
+    bench.add_argument("--methods", type=_names, help="methods (default: uniform,global,seed,random,autoprune,uniform-matched; add autoprune-distill and uniform-matched-distill for the rows that distill, fastnas for NVIDIA ModelOpt's FastNAS: pip install \"autoprune[bench-peers]\")")
     bench.add_argument("--dataset", help="data set (default: fashion-mnist; --quick: digits)")
     bench.add_argument("--task", help="file.py:name of an autoprune.Task factory (default: classification)")
     bench.add_argument("--train-images", type=int,

@@ -83,9 +83,10 @@ class SearchOptions:
     lr: float = FINETUNE_LR
     batch_size: int = 64
     bn_batches: int = 8
-    # Knowledge distillation from the unpruned model (share of the KD term, softmax temperature),
+    # Knowledge distillation from the unpruned model (None: a classifier whose outputs can be cached
+    # distills, a resumed study as it was made; share of the KD term, softmax temperature),
     # and soft pruning of the winner for this many epochs before its channels are cut.
-    distill: bool = False
+    distill: bool | None = None
     distill_weight: float = 0.5
     temperature: float = 4.0
     soft_epochs: float = 0.0

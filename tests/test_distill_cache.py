@@ -20,10 +20,11 @@ from autoprune.errors import AutopruneError
 from autoprune.files import sweep
 from autoprune.inputs.data import digits, from_splits
 from autoprune.options import DEFAULTS
-from autoprune.study.pipeline import distill_outputs, prepare
+from autoprune.study.pipeline import distill_outputs, distillation, extra_settings, prepare
+from autoprune.study.storage import open_study
 from autoprune.train.distill import Distill, from_settings, kd_loss
 from autoprune.train.loop import train
-from autoprune.train.teacher import TEACHER_OUTPUTS, teacher_outputs, with_indices
+from autoprune.train.teacher import TEACHER_OUTPUTS, teacher_outputs, uncached, with_indices
 from conftest import TINY
 from tiny_models import tiny_resnet
 from user_tasks import regression, regression_data, regressor, segmentation, segmentation_data, segmenter
@@ -227,6 +228,43 @@ def test_distill_is_refused_for_a_task_without_its_own_loss_and_taken_with_one(t
     outputs = distill_outputs(prepared, options)
     assert outputs is not None and (tmp_path / "b" / TEACHER_OUTPUTS).is_file()
     assert distill_outputs(prepared, options.replace(distill=False)) is None
+    # Left out, a task of the user's own does not distill: it opts in with --distill.
+    assert distillation(prepared, options.replace(distill=None)).distill is False
+
+
+def test_by_default_a_classifier_distills_a_resumed_study_as_it_was_made_and_the_flags_decide(digits_data,
+                                                                                              tmp_path):
+    options = DEFAULTS.replace(train_epochs=0.0, quiet=True, device="cpu", out=tmp_path / "run")
+    assert options.distill is None
+    run = prepare(tiny_resnet(10), digits_data, "flops=0.5", options)
+    assert distillation(run, options).distill is True
+    assert not (tmp_path / "run").exists()  # decided before anything is written
+    assert extra_settings(options.replace(distill=True))["distill"] == {"weight": 0.5, "temperature": 4.0}
+    assert distillation(run, options.replace(distill=False)).distill is False
+    # A study made without distillation (before it was the default) resumes without it, unless asked.
+    open_study(run.study, run.storage, {"seed": 0})
+    assert distillation(run, options).distill is False
+    assert distillation(run, options.replace(distill=True)).distill is True
+    assert distillation(run, options.replace(new_study=True)).distill is True  # a fresh study: the default
+    open_study(run.study, run.storage, extra_settings(options.replace(distill=True)), new=True)  # made with it
+    assert distillation(run, options).distill is True
+    # A classifier's logits too large to keep: the teacher would run live, so the default does not distill.
+    assert "GiB" in uncached(replace(digits_data, num_classes=10**6)) and uncached(digits_data) is None
+
+
+def test_by_default_augmented_data_are_not_distilled_and_with_distill_the_teacher_runs_live(teacher, digits_data,
+                                                                                          tmp_path, capsys):
+    data = replace(digits_data, train=Jittered(digits_data.train))
+    options = DEFAULTS.replace(train_epochs=0.0, device="cpu", out=tmp_path / "run")
+    run = prepare(teacher, data, "flops=0.5", options)
+    capsys.readouterr()
+    assert distillation(run, options).distill is False
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("distillation: off (--distill runs the teacher live in every step)")
+    assert "augmentation" in line
+    assert distillation(run, options.replace(distill=True)).distill is True
+    assert distill_outputs(run, options.replace(distill=True)) is None  # the live teacher, as asked
+    assert "teacher runs live in every step" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # two small searches end to end (~10 s on an idle machine)

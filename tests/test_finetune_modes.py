@@ -60,6 +60,7 @@ def test_search_with_thinet_distillation_and_soft_pruning(tmp_path, monkeypatch)
 
 def test_bad_fine_tune_options_are_one_line_errors(capsys):
     assert main(["search", "--distill", "--distill-weight", "2", "--quiet"]) == 2
+    assert main(["search", "--distill-weight", "2", "--quiet"]) == 2  # the default may distill: checked too
     assert main(["search", "--granularity", "weight", "--soft-epochs", "1", "--budget", "params=0.3"]) == 2
     err = capsys.readouterr().err
     assert "distillation weight must lie in [0, 1]" in err and "--soft-epochs prunes channels" in err

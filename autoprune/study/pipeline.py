@@ -42,10 +42,12 @@ from autoprune.prune.plan import Plan
 from autoprune.prune.thinet import rerank
 from autoprune.study.checks import check_run, claim_run
 from autoprune.study.sensitivity import bounds, equal_drop
+from autoprune.study.storage import stored_config
 from autoprune.study.space import SearchSpace
 from autoprune.study.trials import Problem, Stratum
+from autoprune.train.distill import Distill
 from autoprune.train.loop import evaluate, resolve_device, train
-from autoprune.train.teacher import TEACHER_OUTPUTS, TeacherOutputs, teacher_outputs
+from autoprune.train.teacher import TEACHER_OUTPUTS, TeacherOutputs, teacher_outputs, uncached
 
 
 @dataclass
@@ -183,14 +185,52 @@ def prepare(model: nn.Module | str, data: Data | str | Sequence, budget: Any, op
                fingerprint(base.state_dict()))
 
 
+def distillation(prepared: Prepared, options: SearchOptions) -> SearchOptions:
+    """``options`` with ``distill`` decided, before anything is written.
+
+    ``--distill`` or ``--no-distill`` decides. Left out (``distill=None``), a resumed study distills as it
+    was made, and a new one distills a classifier whose outputs can be computed once
+    (:func:`~autoprune.train.teacher.uncached`): at equal wall time that gained about a point of test
+    accuracy on both benchmark models (``docs/benchmarks.md``). Where they cannot (random augmentation,
+    ...) it does not, as a live teacher slows every step, and one line says why. A task of the user's
+    own opts in with ``--distill`` and its ``distill_loss``.
+    """
+    o, r = options, prepared
+    if o.distill is not None:
+        return o
+    stored = None if o.new_study else stored_config(r.study, r.storage)
+    if stored is not None or not r.data.task.is_classification:  # as it was made; a task opts in
+        return o.replace(distill=stored is not None and "distill" in stored)
+    why = uncached(r.data)
+    if why and not o.quiet:
+        print(f"distillation: off (--distill runs the teacher live in every step): {why}")
+    return o.replace(distill=not why)
+
+
 def distill_outputs(prepared: Prepared, options: SearchOptions) -> TeacherOutputs | None:
-    """With ``--distill``, the base model's outputs on the training set, computed once into the run
+    """Where it distills, the base model's outputs on the training set, computed once into the run
     folder (``teacher_outputs.pt``) and reused by every fine-tune and by a resumed run (None: the teacher
     runs live, or no distillation). Call it after the run folder is claimed: it may write there."""
     if not options.distill:
         return None
     r = prepared
     return teacher_outputs(r.base, r.data, r.out / TEACHER_OUTPUTS, r.device, base_id=r.base_id, quiet=options.quiet)
+
+
+def extra_settings(o: SearchOptions) -> dict[str, Any]:
+    """The optional fine-tune modes, as stored with the study (absent when off, so older studies resume).
+
+    Called before :func:`distillation` decides (``distill=None``), it checks the numbers a default
+    distillation would use, so a bad ``--temperature`` is refused before any work.
+    """
+    extra: dict[str, Any] = {}
+    if o.distill is not False:
+        Distill(nn.Identity(), o.distill_weight, o.temperature)  # validates the numbers
+    if o.distill:
+        extra["distill"] = {"weight": float(o.distill_weight), "temperature": float(o.temperature)}
+    if o.soft_epochs:
+        extra["soft_epochs"] = float(o.soft_epochs)
+    return extra
 
 
 def find_groups(model: nn.Module, example: Any, space: SearchSpace, data: Data, batch_size: int,

@@ -82,6 +82,18 @@ def open_study(name: str, storage: str, config: dict[str, Any], new: bool = Fals
     return study
 
 
+def stored_config(name: str, storage: str) -> dict[str, Any] | None:
+    """The configuration study ``name`` was made with (None: no such study in ``storage`` yet). Makes
+    nothing: a storage file that is not there holds no study."""
+    if not storage.startswith(("postgresql", "mysql")) and not Path(storage.removeprefix("sqlite:///")).is_file():
+        return None
+    try:
+        study = optuna.load_study(study_name=name, storage=storage_for(storage))
+    except KeyError:
+        return None
+    return study.user_attrs.get("config")
+
+
 class SharedTable:
     """Sensitivity cells kept on the study itself, one system attribute per cell.
 

@@ -37,7 +37,7 @@ from autoprune.options import SearchOptions
 from autoprune.prune.groups import ROOT_TYPES
 from autoprune.prune.plan import Plan
 from autoprune.study.checks import claim_run
-from autoprune.study.pipeline import Result, distill_outputs, prepare
+from autoprune.study.pipeline import Result, distill_outputs, distillation, extra_settings, prepare
 from autoprune.study.runs import record_run
 from autoprune.study.sensitivity import GRID, curves, ratio_at_drop
 from autoprune.study.storage import open_study
@@ -381,7 +381,7 @@ def _weight_limit(base: nn.Module, budget: Budget, max_ratio: float) -> tuple[We
 
 
 def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: str | Budget,
-                   options: SearchOptions, extra: dict[str, Any] | None = None) -> Result:
+                   options: SearchOptions) -> Result:
     """:func:`autoprune.search` with ``granularity="weight"``: per-layer sparsity under a nonzero budget.
 
     Of ``options`` it takes the base model's, the data's, the study's and the fine-tune's; its
@@ -400,7 +400,8 @@ def search_weights(model: nn.Module | str, data: Data | str | Sequence, budget: 
     r = prepare(model, data, budget, o, kind="weight",
                 before_training=lambda base, _: _weight_limit(base, budget, max_ratio))
     data, out, base, device, base_id, name, study_name = r.data, r.out, r.base, r.device, r.base_id, r.name, r.study
-    extra = extra or {}
+    o = distillation(r, o)
+    extra = extra_settings(o)
     settings = Settings.of(o, extra)
     costs, limit = _weight_limit(base, budget, max_ratio)
     config = config_dict(model=name, base_model=base_id, dataset=data.name, budget=str(budget), granularity="weight",

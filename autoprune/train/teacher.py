@@ -142,14 +142,11 @@ def teacher_outputs(teacher: nn.Module, data: Data, path: str | Path, device: to
     ``base_id`` is the fingerprint of ``teacher``'s weights (computed when not given).
     """
     dataset, path = data.train, Path(path)
+    why = uncached(data)
+    if why:
+        return _live(why, quiet)
     with _rng_kept():
-        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
-            return _live("the training data cannot be indexed (an iterable dataset)", quiet)
-        probes = _probe_indices(len(dataset))
-        first = [dataset[i] for i in probes]
-        if not all(_same(a, dataset[i]) for a, i in zip(first, probes)):
-            return _live("reading a training sample twice gave two different samples (random augmentation?), "
-                         "so outputs computed once would not match what the student sees", quiet)
+        first = [dataset[i] for i in _probe_indices(len(dataset))]
         key = _key(base_id or fingerprint(teacher.state_dict()), data, first)
         found = _read(path, key, dataset)
         if found is not None:
@@ -165,6 +162,34 @@ def teacher_outputs(teacher: nn.Module, data: Data, path: str | Path, device: to
         print(f"distillation: the teacher's outputs on {len(dataset)} training samples computed once "
               f"({seconds:.1f}s) into {path}")
     return TeacherOutputs(outputs, dataset, key, seconds)
+
+
+def uncached(data: Data) -> str | None:
+    """Why the teacher's outputs on ``data``'s training set cannot be computed once and looked up, as far
+    as can be told before the teacher runs (None: they can): a dataset without indices, random
+    augmentation (a sample read twice differs), a classifier's logits over :data:`MAX_BYTES`. Every
+    random generator is left as it was found.
+
+    Example:
+        >>> uncached(digits())  # no augmentation, a few MB of logits
+    """
+    dataset = data.train
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+        return "the training data cannot be indexed (an iterable dataset)"
+    with _rng_kept():
+        if not all(_same(dataset[i], dataset[i]) for i in _probe_indices(len(dataset))):
+            return ("reading a training sample twice gave two different samples (random augmentation?), "
+                    "so outputs computed once would not match what the student sees")
+    if data.task.is_classification and data.num_classes:
+        return _too_large(len(dataset) * data.num_classes * 2)  # float16 logits
+    return None
+
+
+def _too_large(total: int) -> str | None:
+    """Why ``total`` bytes of outputs are not kept (None: they fit)."""
+    if total > MAX_BYTES:
+        return f"they would take {total / 2**30:.1f} GiB (more than {MAX_BYTES / 2**30:.0f} GiB)"
+    return None
 
 
 class _Uncacheable(Exception):
@@ -210,8 +235,8 @@ def _compute(teacher: nn.Module, data: Data, device: torch.device) -> Any:
             half = task.is_classification and all(t.dtype == torch.float32 for t in leaves)
             shape = _tree_map(lambda t: tuple(t.shape[1:]), output)
             total = len(dataset) * sum(t[0].numel() * (2 if half else t.element_size()) for t in leaves)
-            if total > MAX_BYTES:
-                raise _Uncacheable(f"they would take {total / 2**30:.1f} GiB (more than {MAX_BYTES / 2**30:.0f} GiB)")
+            if _too_large(total):
+                raise _Uncacheable(_too_large(total))
         elif _tree_map(lambda t: tuple(t.shape[1:]), output) != shape:
             raise _Uncacheable("the teacher's outputs change shape from batch to batch")
         parts.append(_tree_map(lambda t: _stored(t, half), output))

@@ -151,21 +151,36 @@ def test_the_anytime_table_shows_curve_methods_per_time_budget():
     rows = []
     for budget_s in (120.0, 600.0):
         for seed in (0, 1):
-            for method, acc in (("seed-matched", 0.80), ("autoprune", 0.82), ("uniform", 0.7)):
-                if method == "uniform" and budget_s == 600.0:
-                    continue  # a floor method, measured at one time budget: left out
+            for method, acc in (("seed-matched", 0.80), ("autoprune", 0.82), ("uniform", 0.7),
+                                ("uniform-matched-distill", 0.84)):
+                if method in ("uniform", "uniform-matched-distill") and budget_s == 600.0:
+                    continue  # a floor method, measured at one time budget: left out (a distilled row: kept)
                 rows.append({"model": "m", "budget": 0.1, "seed": seed, "method": method,
                              "test_accuracy": acc + 0.01 * seed + (0.05 if budget_s == 600.0 else 0.0),
                              "wall_seconds": budget_s, "final_epochs": 1.0, "trials": 3.0 if method == "autoprune"
                              else 0.0, "time_budget": budget_s})
     frame = pd.DataFrame(rows)
     table = anytime_table(frame, frame["time_budget"], equal_time.METHODS)
-    assert set(table["method"]) == {"seed-matched", "autoprune"}
+    assert set(table["method"]) == {"seed-matched", "autoprune", "uniform-matched-distill"}
     auto = table[(table["method"] == "autoprune") & (table["time_budget"] == 600.0)].iloc[0]
     assert auto.test_mean == pytest.approx(0.875) and auto.runs == 2
     lines = anytime_lines(table, load_task(None))
     assert lines[0] == HEADING and "| model | budget | method | 2m | 10m |" in lines
     assert anytime_table(frame[frame["time_budget"] == 120.0], frame["time_budget"], equal_time.METHODS).empty
+
+
+@pytest.mark.slow  # two 6 s runs and their cut
+def test_uniform_matched_distill_trains_as_long_as_the_distilled_search_took(tmp_path):
+    out, run = tmp_path / "kd", [*QUICK, "--out", str(tmp_path / "kd"), "--time-budget", f"{SHORT:g}", "--methods"]
+    assert main([*run, "uniform-matched-distill"]) == 0  # nothing to match yet: a row that says so
+    assert "needs the autoprune-distill row" in pd.read_csv(out / "bench.csv")["note"].iloc[0]
+    assert main([*run, "autoprune-distill,uniform-matched-distill"]) == 0  # the failed row is tried again
+    rows = pd.read_csv(out / "bench.csv").set_index("method")
+    assert len(list(out.rglob("teacher_outputs.pt"))) == 1  # the base's outputs, computed once for both rows
+    searched, matched = rows.loc["autoprune-distill"], rows.loc["uniform-matched-distill"]
+    assert matched["note"] == f"{searched['wall_seconds']:.0f}s of autoprune-distill"
+    assert matched["wall_seconds"] == pytest.approx(searched["wall_seconds"], abs=2.0)
+    assert matched["flops_share"] <= 0.4 + 1e-9 and matched["final_epochs"] > 0
 
 
 @pytest.mark.slow  # the bench's smoke run, twice over (~3 min)

@@ -66,11 +66,14 @@ def anytime_lines(table: pd.DataFrame, task: Task, picture: str = "anytime.png")
     labels = [duration_label(t) for t in times]
     lines = [HEADING, "",
              "Each method run at each wall time (`autoprune bench --time-budgets`), the sensitivity scan's share "
-             "of that time included: `autoprune` (its default: scan, successive halving and final fine-tune "
-             "under 10 minutes; from 10 minutes on, the seed checked against uniform, then fine-tuned), "
+             "of that time included: `autoprune` (without distillation: scan, successive halving and final "
+             "fine-tune under 10 minutes; from 10 minutes on, the seed checked against uniform, then fine-tuned), "
+             "`autoprune-distill` (the same, distilling from the base model's cached outputs: the default for a "
+             "classifier), "
              "`autoprune-race` (`--race`: the race where the default does not race), `seed-matched` (the "
              "sensitivity seed plan alone, no race, fine-tuned by the clock for all the time the scan left), "
-             "`uniform-matched` (the uniform plan fine-tuned as long as that time budget's autoprune run took) "
+             "`uniform-matched` (the uniform plan fine-tuned as long as that time budget's autoprune run took; "
+             "`-distill`: distilled, as long as autoprune-distill took) "
              "and `random` (Optuna's random sampler in autoprune's place, at the longest time budget only unless "
              "asked). The race against seed-matched is what the race and the sampler add. Test "
              f"{task.name}: mean ± std over seeds (runs); in brackets, the candidates raced (autoprune, random) "

@@ -19,7 +19,7 @@ from the cut, where the quality of the allocation alone shows. Methods:
 ``random``
     Optuna's random sampler, everything else as autoprune (no seed or uniform start);
 ``autoprune``
-    ``autoprune search --time-budget``: successive halving from the sensitivity
+    ``autoprune search --time-budget --no-distill``: successive halving from the sensitivity
     seed and the uniform plan, TPE, survivors carrying their weights into the
     final fine-tune (:mod:`autoprune.study.halving`), under 10 minutes; from 10
     minutes on, its default: the seed checked against uniform, then trained on
@@ -33,8 +33,9 @@ from the cut, where the quality of the allocation alone shows. Methods:
     ``converged_epochs``: the allocations compared with training equalised.
 ``autoprune-distill`` (on request)
     the search with knowledge distillation from the base model's cached
-    outputs in every fine-tune, its final one included (``--distill``; weight
-    0.5, T=4);
+    outputs in every fine-tune, its final one included (weight 0.5, T=4):
+    ``autoprune search --time-budget`` as it runs on a classifier by default
+    (``autoprune`` keeps its name from before distillation was the default);
 ``uniform-matched-distill`` (on request)
     uniform-matched with the same distillation, fine-tuned as long as that
     seed's ``autoprune-distill`` run took: is the gain the search's or

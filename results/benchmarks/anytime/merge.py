@@ -10,16 +10,18 @@ from autoprune.files import write_text
 root = Path("results/benchmarks/anytime")  # run from the repository root
 KEY = ["model", "budget", "seed", "method", "time_budget"]
 # Folders whose rows were made at f24e515, where autoprune raced at every time budget, and those made at
-# 4785e75, where autoprune no longer races from 10 minutes on.
+# 4785e75, where autoprune no longer races from 10 minutes on (-e, -f and -g at b4b9372: the same search).
 RACED = {"mobilenet_v2": ("mobilenet_v2-30m-a", "mobilenet_v2-30m-b"), "resnet18": ()}
-LATER = {"mobilenet_v2": ("mobilenet_v2-30m-c", "mobilenet_v2-30m-d"), "resnet18": ("resnet18-10m-e",)}
+LATER = {"mobilenet_v2": ("mobilenet_v2-30m-c", "mobilenet_v2-30m-d", "mobilenet_v2-30m-e", "mobilenet_v2-30m-f"),
+         "resnet18": ("resnet18-10m-e", "resnet18-10m-f", "resnet18-10m-g")}
 MOBILENET = ("OMP_NUM_THREADS=1 autoprune bench --models mobilenet_v2 --budgets 0.05 --time-budgets 30m "
              "--seeds 0,2 --methods autoprune,uniform-matched --out results/benchmarks/anytime/mobilenet_v2-30m-a "
-             "(and the other 30 and 10 minute commands in docs/benchmarks.md, into mobilenet_v2-30m-b, -c and -d); "
+             "(and the other 30 and 10 minute commands in docs/benchmarks.md, into mobilenet_v2-30m-b to -f); "
              "rows merged here")
 RESNET = ("OMP_NUM_THREADS=1 autoprune bench --models resnet18 --budgets 0.02 --seeds 0,1,2 --time-budgets 2m,10m "
           "--methods seed-matched,autoprune,uniform-matched --out results/benchmarks/anytime/resnet18 (and "
-          "autoprune-distill at 10 minutes into resnet18-10m-e, docs/benchmarks.md); rows merged here")
+          "autoprune-distill and uniform-matched-distill at 10 minutes into resnet18-10m-e to -g, "
+          "docs/benchmarks.md); rows merged here")
 COMMANDS = {"resnet18": (RESNET, (120.0, 600.0), 0.02), "mobilenet_v2": (MOBILENET, (120.0, 600.0, 1800.0), 0.05)}
 
 

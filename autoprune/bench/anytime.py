@@ -108,7 +108,7 @@ def plot_anytime(table: pd.DataFrame, path: Path, task: Task, order: Sequence[st
     scale, unit = (100, ", %") if "%" in task.format else (1, "")
     times = sorted(table["time_budget"].unique())
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    colours = {method: f"C{i % 10}" for i, method in enumerate(dict.fromkeys([*ANYTIME_METHODS, *order]))}
+    colours = {method: f"C{i % 10}" for i, method in enumerate(dict.fromkeys([*ANYTIME_METHODS, *ON_REQUEST, *order]))}
     for ax, (model, budget) in zip(axes[0], panels):
         part = table[(table["model"] == model) & (table["budget"] == budget)]
         for method, rows in part.groupby("method", sort=False):

@@ -328,7 +328,12 @@ def finish(problem: Problem, plan: Plan, epochs: float, seed: int, start: Path |
 
 
 def _read(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=COLUMNS)
+    return _with_columns(pd.read_csv(path) if path.is_file() else pd.DataFrame())
+
+
+def _with_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every column of :data:`COLUMNS` (rows that all failed carry only a note)."""
+    return frame.reindex(columns=list(dict.fromkeys([*COLUMNS, *frame.columns])))
 
 
 def _plan_of(method: str, problem: Problem, config: BenchConfig) -> Plan:
@@ -796,6 +801,7 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
 def report(frame: pd.DataFrame, config: BenchConfig) -> None:
     """Write ``BENCHMARKS.md`` and ``bench.png`` from every row measured so far (those of
     ``config.time_budget``), and the anytime section and ``anytime.png`` where rows span time budgets."""
+    frame = _with_columns(frame)
     whole, frame = frame, frame[row_times(frame, config) == float(config.time_budget)]
     table = summarise(frame)
     task = load_task(config.task)

@@ -332,8 +332,9 @@ def _read(path: Path) -> pd.DataFrame:
 
 
 def _with_columns(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with every column of :data:`COLUMNS` (rows that all failed carry only a note)."""
-    return frame.reindex(columns=list(dict.fromkeys([*COLUMNS, *frame.columns])))
+    """``frame`` with every column of :data:`COLUMNS` (rows that all failed carry only a note), those it
+    has in their order: a resumed file is rewritten as it was."""
+    return frame.reindex(columns=list(dict.fromkeys([*frame.columns, *COLUMNS])))
 
 
 def _plan_of(method: str, problem: Problem, config: BenchConfig) -> Plan:

@@ -381,7 +381,7 @@ def _measure_method(subject: Subject, problem: Problem, method: str, seed: int, 
             plan = _plan_of(method, problem, config)
         search_seconds = time.perf_counter() - start
         if method.startswith("uniform-matched"):  # the matching search's wall time, trained by the clock
-            source = "autoprune-distill" if kd else "autoprune"
+            source = "autoprune-distill" if method in DISTILLED else "autoprune"  # even where the teacher runs live
             searched = prior.get(source, {}).get("wall_seconds")
             if searched is None or searched != searched:
                 raise AutopruneError(f"{method} needs the {source} row of this seed first")

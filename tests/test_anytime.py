@@ -169,11 +169,13 @@ def test_the_anytime_table_shows_curve_methods_per_time_budget():
     assert anytime_table(frame[frame["time_budget"] == 120.0], frame["time_budget"], equal_time.METHODS).empty
 
 
-@pytest.mark.slow  # two 6 s runs and their cut
+@pytest.mark.slow  # three 6 s runs and their cut
 def test_uniform_matched_distill_trains_as_long_as_the_distilled_search_took(tmp_path):
     out, run = tmp_path / "kd", [*QUICK, "--out", str(tmp_path / "kd"), "--time-budget", f"{SHORT:g}", "--methods"]
-    assert main([*run, "uniform-matched-distill"]) == 0  # nothing to match yet: a row that says so
-    assert "needs the autoprune-distill row" in pd.read_csv(out / "bench.csv")["note"].iloc[0]
+    untimed = [*QUICK, "--out", str(tmp_path / "untimed"), "--time-budget", "0", "--methods"]
+    assert main([*untimed, "uniform-matched-distill"]) == 0  # nothing to match, no time budget: a row that says so
+    note = pd.read_csv(tmp_path / "untimed" / "bench.csv")["note"][0]
+    assert note == "uniform-matched-distill needs the autoprune-distill row of this seed, or a time budget"
     assert main([*run, "autoprune-distill,uniform-matched-distill"]) == 0  # the failed row is tried again
     rows = pd.read_csv(out / "bench.csv").set_index("method")
     assert len(list(out.rglob("teacher_outputs.pt"))) == 1  # the base's outputs, computed once for both rows
@@ -181,6 +183,12 @@ def test_uniform_matched_distill_trains_as_long_as_the_distilled_search_took(tmp
     assert matched["note"] == f"{searched['wall_seconds']:.0f}s of autoprune-distill"
     assert matched["wall_seconds"] == pytest.approx(searched["wall_seconds"], abs=2.0)
     assert matched["flops_share"] <= 0.4 + 1e-9 and matched["final_epochs"] > 0
+    # Under a time budget with no row of its search (only the default's was run), the time budget itself.
+    alone = tmp_path / "alone"
+    assert main([*QUICK, "--out", str(alone), "--time-budget", f"{SHORT:g}", "--methods", "uniform-matched"]) == 0
+    row = pd.read_csv(alone / "bench.csv").iloc[0]
+    assert row["note"] == f"{SHORT:.0f}s time budget (no row of its search)"
+    assert row["wall_seconds"] == pytest.approx(SHORT, abs=2.0) and row["final_epochs"] > 0
 
 
 @pytest.mark.slow  # the bench's smoke run, twice over (~3 min)

@@ -27,7 +27,9 @@ from the cut, where the quality of the allocation alone shows. Methods:
     trial-count search with the median pruner;
 ``uniform-matched``
     uniform, fine-tuned for as long as the autoprune run took (scan included):
-    was the search worth its compute?
+    was the search worth its compute? Under a time budget, where that seed has
+    no autoprune row (only today's default, ``autoprune-distill``, was run), it
+    is given the time budget itself: a search stops a second or two before it.
 ``uniform-converged``, ``seed-converged``, ``autoprune-converged``
     that method's plan (same seed) cut from the base and fine-tuned
     ``converged_epochs``: the allocations compared with training equalised.
@@ -382,12 +384,14 @@ def _measure_method(subject: Subject, problem: Problem, method: str, seed: int, 
         search_seconds = time.perf_counter() - start
         if method.startswith("uniform-matched"):  # the matching search's wall time, trained by the clock
             source = "autoprune-distill" if method in DISTILLED else "autoprune"  # even where the teacher runs live
-            searched = prior.get(source, {}).get("wall_seconds")
+            searched, note = prior.get(source, {}).get("wall_seconds"), f"of {source}"
+            if (searched is None or searched != searched) and config.time_budget:
+                searched, note = float(config.time_budget), "time budget (no row of its search)"
             if searched is None or searched != searched:
-                raise AutopruneError(f"{method} needs the {source} row of this seed first")
+                raise AutopruneError(f"{method} needs the {source} row of this seed, or a time budget")
             charged = kd.seconds if kd else 0.0  # the base's outputs, charged as the search was charged them
             seconds = max(searched - charged - search_seconds, 1e-3)
-            note = f"{searched:.0f}s of {source}"
+            note = f"{searched:.0f}s {note}"
         result = finish(problem, plan, epochs, seed, weights, extra, seconds)
     wall, trained = charged + search_seconds + result.pop("finetune_seconds"), result.pop("final_epochs")
     return {**result, "trials": trials, "pruned": stopped, "search_seconds": round(search_seconds, 1),

@@ -10,10 +10,12 @@ from autoprune.files import write_text
 root = Path("results/benchmarks/anytime")  # run from the repository root
 KEY = ["model", "budget", "seed", "method", "time_budget"]
 # Folders whose rows were made at f24e515, where autoprune raced at every time budget, and those made at
-# 4785e75, where autoprune no longer races from 10 minutes on (-e, -f and -g at b4b9372: the same search).
+# 4785e75, where autoprune no longer races from 10 minutes on (-e, -f and -g at b4b9372: the same search;
+# resnet18's 30-minute rows, -j and -l, at 460c489: uniform-matched given the time budget where only the
+# default, autoprune-distill, was run).
 RACED = {"mobilenet_v2": ("mobilenet_v2-30m-a", "mobilenet_v2-30m-b"), "resnet18": ()}
 LATER = {"mobilenet_v2": ("mobilenet_v2-30m-c", "mobilenet_v2-30m-d", "mobilenet_v2-30m-e", "mobilenet_v2-30m-f"),
-         "resnet18": ("resnet18-10m-e", "resnet18-10m-f", "resnet18-10m-g")}
+         "resnet18": ("resnet18-10m-e", "resnet18-10m-f", "resnet18-10m-g", "resnet18-30m-j", "resnet18-30m-l")}
 MOBILENET = ("OMP_NUM_THREADS=1 autoprune bench --models mobilenet_v2 --budgets 0.05 --time-budgets 30m "
              "--seeds 0,2 --methods autoprune,uniform-matched --out results/benchmarks/anytime/mobilenet_v2-30m-a "
              "(and the other 30 and 10 minute commands in docs/benchmarks.md, into mobilenet_v2-30m-b to -f); "
@@ -21,8 +23,9 @@ MOBILENET = ("OMP_NUM_THREADS=1 autoprune bench --models mobilenet_v2 --budgets 
 RESNET = ("OMP_NUM_THREADS=1 autoprune bench --models resnet18 --budgets 0.02 --seeds 0,1,2 --time-budgets 2m,10m "
           "--methods seed-matched,autoprune,uniform-matched --out results/benchmarks/anytime/resnet18 (and "
           "autoprune-distill and uniform-matched-distill at 10 minutes into resnet18-10m-e to -g, "
-          "docs/benchmarks.md); rows merged here")
-COMMANDS = {"resnet18": (RESNET, (120.0, 600.0), 0.02), "mobilenet_v2": (MOBILENET, (120.0, 600.0, 1800.0), 0.05)}
+          "autoprune-distill and uniform-matched at 30 minutes into resnet18-30m-j and -l, docs/benchmarks.md); "
+          "rows merged here")
+COMMANDS = {"resnet18": (RESNET, (120.0, 600.0, 1800.0), 0.02), "mobilenet_v2": (MOBILENET, (120.0, 600.0, 1800.0), 0.05)}
 
 
 def raced(frame: pd.DataFrame) -> pd.DataFrame:

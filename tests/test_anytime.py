@@ -176,7 +176,7 @@ def test_uniform_matched_distill_trains_as_long_as_the_distilled_search_took(tmp
     assert main([*untimed, "uniform-matched-distill"]) == 0  # nothing to match, no time budget: a row that says so
     note = pd.read_csv(tmp_path / "untimed" / "bench.csv")["note"][0]
     assert note == "uniform-matched-distill needs the autoprune-distill row of this seed, or a time budget"
-    assert main([*run, "autoprune-distill,uniform-matched-distill"]) == 0  # the failed row is tried again
+    assert main([*run, "autoprune-distill,uniform-matched-distill"]) == 0  # the search's row first, then matched
     rows = pd.read_csv(out / "bench.csv").set_index("method")
     assert len(list(out.rglob("teacher_outputs.pt"))) == 1  # the base's outputs, computed once for both rows
     searched, matched = rows.loc["autoprune-distill"], rows.loc["uniform-matched-distill"]

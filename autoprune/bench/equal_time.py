@@ -385,10 +385,10 @@ def _measure_method(subject: Subject, problem: Problem, method: str, seed: int, 
         if method.startswith("uniform-matched"):  # the matching search's wall time, trained by the clock
             source = "autoprune-distill" if method in DISTILLED else "autoprune"  # even where the teacher runs live
             searched, note = prior.get(source, {}).get("wall_seconds"), f"of {source}"
-            if (searched is None or searched != searched) and config.time_budget:
+            if searched is None or searched != searched:  # no row, or one that failed
+                if not config.time_budget:
+                    raise AutopruneError(f"{method} needs the {source} row of this seed, or a time budget")
                 searched, note = float(config.time_budget), "time budget (no row of its search)"
-            if searched is None or searched != searched:
-                raise AutopruneError(f"{method} needs the {source} row of this seed, or a time budget")
             charged = kd.seconds if kd else 0.0  # the base's outputs, charged as the search was charged them
             seconds = max(searched - charged - search_seconds, 1e-3)
             note = f"{searched:.0f}s {note}"
